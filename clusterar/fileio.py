@@ -1,0 +1,126 @@
+"""Atomic file writes, safetensors helpers and content fingerprints.
+
+Nothing is ever written in place: a crash or Ctrl-C leaves either the old file or the new one, never
+half of one. Everything we save is safetensors (weights, optimizer state, token files) with a JSON
+header, or plain JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ClusterarError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterarError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ClusterarError(f"{what} {path} is not valid JSON ({e}); delete it or pass another file") from e
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Save tensors to a safetensors file atomically, with `meta` stored as JSON in its header."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"clusterar": json.dumps(dict(meta))})
+
+
+def read_meta(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """Read the JSON metadata of a clusterar safetensors file without loading its tensors."""
+    header, _ = read_safetensors_header(path, what)
+    raw = header.get("__metadata__", {}).get("clusterar")
+    if raw is None:
+        raise ClusterarError(f"{what} {path} is a safetensors file but was not written by clusterar (no metadata)")
+    return json.loads(raw)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load all tensors and the clusterar metadata of a safetensors file."""
+    meta = read_meta(path, what)
+    return load_file(str(path)), meta
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, Any], int]:
+    """Return (header dict, byte offset of the data section) of a safetensors file.
+
+    Used to memory-map tensors with numpy directly, and to give a clear error for a file that is
+    missing, truncated or not safetensors at all.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ClusterarError(f"{what} not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ClusterarError(f"{what} {path} is empty or truncated ({size} bytes); write it again")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise ClusterarError(f"{what} {path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ClusterarError(f"{what} {path} is not a safetensors file (unreadable header)") from e
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ClusterarError(f"{what} {path} is truncated ({size} bytes, expected {8 + n + end}); write it again")
+    return header, 8 + n
+
+
+_NP_DTYPES = {"U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F32": np.float32}
+
+
+def mmap_tensor(path: str | os.PathLike, name: str, what: str = "file") -> np.ndarray:
+    """Memory-map one tensor of a safetensors file as a read-only numpy array (no copy, no load)."""
+    header, offset = read_safetensors_header(path, what)
+    if name not in header:
+        raise ClusterarError(f"{what} {path} has no tensor '{name}'")
+    info = header[name]
+    begin, _ = info["data_offsets"]
+    return np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"]))
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
+    """A short content hash (sha256, 16 hex digits) of tensors: names, shapes, dtypes and values."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = {"": tensors}
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
