@@ -37,9 +37,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> None:
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
@@ -52,7 +56,9 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise ClusterarError(f"{what} {path} is not valid JSON ({e}); delete it or pass another file") from e
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> None:
     """Save tensors to a safetensors file atomically, with `meta` stored as JSON in its header."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
@@ -64,11 +70,15 @@ def read_meta(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
     header, _ = read_safetensors_header(path, what)
     raw = header.get("__metadata__", {}).get("clusterar")
     if raw is None:
-        raise ClusterarError(f"{what} {path} is a safetensors file but was not written by clusterar (no metadata)")
+        raise ClusterarError(
+            f"{what} {path} is a safetensors file but was not written by clusterar (no metadata)"
+        )
     return json.loads(raw)
 
 
-def load_tensors(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_tensors(
+    path: str | os.PathLike, what: str = "file"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load all tensors and the clusterar metadata of a safetensors file."""
     meta = read_meta(path, what)
     return load_file(str(path)), meta
@@ -97,11 +107,20 @@ def read_safetensors_header(path: str | os.PathLike, what: str = "file") -> tupl
             raise ClusterarError(f"{what} {path} is not a safetensors file (unreadable header)") from e
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
-        raise ClusterarError(f"{what} {path} is truncated ({size} bytes, expected {8 + n + end}); write it again")
+        raise ClusterarError(
+            f"{what} {path} is truncated ({size} bytes, expected {8 + n + end}); write it again"
+        )
     return header, 8 + n
 
 
-_NP_DTYPES = {"U8": np.uint8, "I16": np.int16, "U16": np.uint16, "I32": np.int32, "I64": np.int64, "F32": np.float32}
+_NP_DTYPES = {
+    "U8": np.uint8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F32": np.float32,
+}
 
 
 def mmap_tensor(path: str | os.PathLike, name: str, what: str = "file") -> np.ndarray:
@@ -111,7 +130,9 @@ def mmap_tensor(path: str | os.PathLike, name: str, what: str = "file") -> np.nd
         raise ClusterarError(f"{what} {path} has no tensor '{name}'")
     info = header[name]
     begin, _ = info["data_offsets"]
-    return np.memmap(path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"]))
+    return np.memmap(
+        path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"])
+    )
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:

@@ -1,0 +1,313 @@
+"""Training and evaluating the VQ tokenizer (`clusterar tokenizer train|eval`).
+
+The loss is LlamaGen's without the parts that need downloaded weights (LPIPS) or long schedules (GAN):
+L2 reconstruction + codebook + 0.25 x commitment. Large codebooks lose codes ("dead codes") when only a
+few codes win the early nearest-neighbour races, and a dead code never receives a gradient again; every
+`restart_every` steps we re-seed the codes that no latent chose in that window with random encoder
+latents of the current batch. This is what keeps most of a 4096-code codebook in use on MNIST.
+
+Runs are resumable and bit-exact: the data order is a function of (seed, epoch), restarts draw from a
+generator seeded by (seed, step), and the checkpoint holds model, optimizer and step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoints import load_checkpoint, save_checkpoint
+from .data import ImageDataset, load_dataset, to_float, to_uint8
+from .errors import ClusterarError
+from .fileio import read_meta, write_json, write_text_atomic
+from .runtime import autocast, pick_device
+from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
+from .viz import plot_curves, save_grid
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class TokenizerTrainConfig:
+    data: str = "mnist"
+    preset: str = "cpu-32"
+    image_size: int = 32
+    codebook_size: int | None = None  # override the preset's
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this
+    warmup: int = 100
+    restart_every: int = 100  # dead-code restart window in steps; 0 turns it off
+    restart_until: float = 0.9  # no restarts in the last 10% of training, so every code settles
+    eval_every: int = 1000
+    ckpt_every: int = 500
+    log_every: int = 25
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    on_error: str = "fail"
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The index batches of one epoch: a permutation that depends only on (seed, epoch); last partial batch dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g)
+    return [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def fetch(dataset: ImageDataset, idx: torch.Tensor) -> torch.Tensor:
+    """uint8 images for the indices; fast path for in-memory datasets."""
+    images = getattr(dataset, "images", None)
+    if images is not None:  # bundled grayscale sets may keep one channel in memory
+        return images[idx].expand(-1, 3, -1, -1)
+    items = [dataset[int(i)][0] for i in idx]
+    bad = [dataset.path(int(i)) for i, im in zip(idx, items, strict=True) if im is None]
+    if bad:
+        raise ClusterarError(f"cannot train on unreadable images: {bad[:5]}")
+    return torch.stack(items)
+
+
+def lr_at(step: int, cfg: TokenizerTrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB between uint8 images (peak 255)."""
+    mse = ((x.float() - y.float()) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return 10 * torch.log10(255.0**2 / mse)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop log records written after the checkpoint we resume from, so curves do not double back."""
+    if path.exists():
+        keep = [
+            line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+        ]
+        write_text_atomic(path, "".join(line + "\n" for line in keep))
+
+
+@torch.no_grad()
+def restart_dead_codes(
+    model: VQModel,
+    opt: torch.optim.Optimizer,
+    counts: torch.Tensor,
+    latents: torch.Tensor,
+    gen: torch.Generator,
+) -> int:
+    """Re-seed codes with zero uses in the window with random current latents; reset their Adam moments."""
+    dead = (counts == 0).nonzero().squeeze(1)
+    if dead.numel() == 0:
+        return 0
+    z = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()
+    if model.config.l2_norm:
+        z = F.normalize(z, dim=-1)
+    pick = torch.randint(0, z.shape[0], (dead.numel(),), generator=gen).to(z.device)
+    noise = torch.randn(dead.numel(), z.shape[1], generator=gen).to(z.device) * 1e-3
+    weight = model.quantize.embedding.weight
+    weight[dead] = (z[pick] + noise).to(weight.dtype)
+    state = opt.state.get(weight, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key][dead] = 0
+    return int(dead.numel())
+
+
+@torch.no_grad()
+def evaluate_tokenizer(
+    model: VQModel, dataset: ImageDataset, device: torch.device, batch_size: int = 256, progress: bool = False
+) -> dict:
+    """Mean PSNR (dB) of reconstructions, and the share of codes used, over a dataset."""
+    model.eval()
+    k = model.config.codebook_size
+    used = torch.zeros(k, dtype=torch.bool, device=device)
+    scores = []
+    n = len(dataset)
+    for i in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+        x8 = fetch(dataset, torch.arange(i, min(n, i + batch_size))).to(device)
+        with autocast(device):
+            ids = model.encode(to_float(x8))
+            rec = model.decode(ids)
+        used[ids.flatten()] = True
+        scores.append(psnr(to_uint8(rec.float()), x8).cpu())
+    s = torch.cat(scores)
+    return {
+        "psnr": float(s.mean()),
+        "psnr_min": float(s.min()),
+        "usage": float(used.float().mean()),
+        "codes_used": int(used.sum()),
+        "images": n,
+    }
+
+
+def reconstruction_grid(
+    model: VQModel, dataset: ImageDataset, path: Path, device: torch.device, n: int = 32
+) -> None:
+    """Originals on odd rows, their reconstructions below them."""
+    idx = torch.linspace(0, len(dataset) - 1, n).long()
+    x8 = fetch(dataset, idx).to(device)
+    with torch.no_grad(), autocast(device):
+        rec = to_uint8(model.decode(model.encode(to_float(x8))).float())
+    per_row = 8
+    rows = [t for i in range(0, n, per_row) for t in (x8[i : i + per_row], rec[i : i + per_row])]
+    save_grid(torch.cat(rows).cpu(), path, nrow=per_row, scale=max(1, 128 // x8.shape[-1]))
+
+
+def train_tokenizer(
+    cfg: TokenizerTrainConfig,
+    out: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> dict | None:
+    """Train a tokenizer into folder `out`; return the final evaluation. See the module docstring.
+
+    `stop_at` ends this session after that many steps with a checkpoint (time-sliced jobs; tests of resume);
+    the run is then finished with `resume=True`, and None is returned.
+    """
+    out = Path(out)
+    device = pick_device(cfg.device)
+    ckpt = out / CHECKPOINT
+    if ckpt.exists() and not resume:
+        step = read_meta(ckpt, "checkpoint").get("step", "?")
+        raise ClusterarError(
+            f"{out} already holds a tokenizer run (checkpoint at step {step}); pass --resume to continue it, "
+            "or choose another --out"
+        )
+    train = load_dataset(cfg.data, "train", cfg.image_size, on_error=cfg.on_error)
+    val = load_dataset(cfg.data, "val", cfg.image_size, on_error=cfg.on_error)
+    if len(train) < cfg.batch_size:
+        raise ClusterarError(
+            f"--batch-size {cfg.batch_size} is larger than the train split ({len(train)} images)"
+        )
+    model_cfg = get_preset(cfg.preset, codebook_size=cfg.codebook_size)
+    if cfg.image_size % model_cfg.downsample:
+        raise ClusterarError(
+            f"--image-size {cfg.image_size} is not a multiple of the preset's downsampling factor {model_cfg.downsample}"
+        )
+    torch.manual_seed(cfg.seed)
+    model = VQModel(model_cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    step = 0
+    counts = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)
+    if resume and ckpt.exists():
+        meta, extra = load_checkpoint(ckpt, model, opt)
+        if meta["train_config"] != asdict(cfg):
+            diff = {
+                k: (meta["train_config"].get(k), v)
+                for k, v in asdict(cfg).items()
+                if meta["train_config"].get(k) != v
+            }
+            raise ClusterarError(
+                f"cannot resume {ckpt}: settings differ from the saved run (saved, now): {diff}"
+            )
+        step, counts = meta["step"], extra["code_counts"].to(device)
+        truncate_log(out / "log.jsonl", step)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict()})
+    log = open(out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
+    per_epoch = len(train) // cfg.batch_size
+    bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
+    tic, seen = time.perf_counter(), 0
+    try:
+        while step < cfg.steps:
+            epoch, pos = divmod(step, per_epoch)
+            batches = epoch_batches(len(train), cfg.batch_size, cfg.seed, epoch)
+            for idx in batches[pos:]:
+                if step >= cfg.steps or step == stop_at:
+                    break
+                model.train()
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(step, cfg)
+                x = to_float(fetch(train, idx).to(device))
+                with autocast(device):
+                    latents = model.latents(x)
+                    z_q, ids, q_losses = model.quantize(latents)
+                    recon = model.decoder(model.post_quant_conv(z_q))
+                parts = vq_loss(x, recon, q_losses)
+                if not torch.isfinite(parts["loss"]):
+                    raise ClusterarError(
+                        f"tokenizer loss became {parts['loss'].item()} at step {step}; the last good checkpoint is "
+                        f"kept in {ckpt}. Lower --lr and resume with --resume."
+                    )
+                opt.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                parts = {k: v.detach() for k, v in parts.items()}
+                opt.step()
+                counts += torch.bincount(ids.flatten(), minlength=counts.numel())
+                step += 1
+                seen += len(idx)
+                restarted = 0
+                if cfg.restart_every and step % cfg.restart_every == 0:
+                    if step < cfg.restart_until * cfg.steps:
+                        gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+                        restarted = restart_dead_codes(model, opt, counts, latents.detach(), gen)
+                    counts.zero_()
+                if step % cfg.log_every == 0 or step == cfg.steps or restarted:
+                    rec = {"step": step, "epoch": epoch, "lr": lr_at(step - 1, cfg)}
+                    rec.update({k: round(v.item(), 6) for k, v in parts.items()})
+                    rec["batch_psnr"] = round(
+                        float(psnr(to_uint8(recon.detach().float()), to_uint8(x)).mean()), 3
+                    )
+                    if restarted:
+                        rec["restarted"] = restarted
+                    rec["img_per_s"] = round(seen / (time.perf_counter() - tic), 1)
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['batch_psnr']:.1f}")
+                if step % cfg.eval_every == 0 and step < cfg.steps:
+                    ev = evaluate_tokenizer(model, val, device)
+                    log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
+                    log.flush()
+                if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
+                    meta = {
+                        "kind": "clusterar.tokenizer-checkpoint",
+                        "step": step,
+                        "train_config": asdict(cfg),
+                    }
+                    save_checkpoint(ckpt, model, opt, meta, extra={"code_counts": counts})
+                bar.update(1)
+            if step == stop_at:
+                return None
+    finally:
+        bar.close()
+        log.close()
+    return finalize(model, cfg, out, train, val, device, train_seconds=time.perf_counter() - tic)
+
+
+def finalize(
+    model: VQModel,
+    cfg: TokenizerTrainConfig,
+    out: Path,
+    train: ImageDataset,
+    val: ImageDataset,
+    device: torch.device,
+    train_seconds: float,
+) -> dict:
+    """Evaluate on val (and usage on train), write tokenizer.safetensors, eval.json, curves and a recon grid."""
+    ev = evaluate_tokenizer(model, val, device)
+    ev["train_usage"] = evaluate_tokenizer(model, train, device)["usage"]
+    ev.update(data=cfg.data, preset=cfg.preset, steps=cfg.steps, params=num_params(model))
+    ev["train_seconds_this_session"] = round(train_seconds, 1)
+    save_tokenizer(
+        model, out / TOKENIZER_FILE, info={"eval": ev, "data": cfg.data, "image_size": cfg.image_size}
+    )
+    write_json(out / "eval.json", ev)
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    plot_curves(
+        records,
+        ["loss", "batch_psnr", "val_psnr", "val_usage"],
+        out / "curves.png",
+        title="tokenizer training",
+    )
+    reconstruction_grid(model, val, out / "recon.png", device)
+    return ev

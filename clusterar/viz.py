@@ -1,0 +1,70 @@
+"""Pictures: image grids (PIL) and training curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .fileio import atomic_path
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> Image.Image:
+    """uint8 images [N, 3, H, W] -> one PIL image, `nrow` per row, white padding, integer upscale."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = arr[i] if c == 3 else arr[i].repeat(3, axis=-1)
+    img = Image.fromarray(grid)
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    return img
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> None:
+    """Save uint8 images [N, 3, H, W] as one PNG grid, atomically."""
+    with atomic_path(path) as tmp:
+        image_grid(images, nrow=nrow, scale=scale).save(tmp, format="PNG")
+
+
+def plot_curves(
+    records: Sequence[dict],
+    keys: Sequence[str],
+    path: str | os.PathLike,
+    x: str = "step",
+    title: str = "",
+    logy: Sequence[str] = (),
+) -> None:
+    """One subplot per key of the JSONL log records, against `x`; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in r for r in records)]
+    if not keys:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        pts = [(r[x], r[key]) for r in records if key in r and x in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="." if len(pts) < 30 else None)
+        ax.set_xlabel(x)
+        ax.set_title(key)
+        if key in logy:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,168 @@
+"""Token files: encode a dataset split into one memory-mapped file, metadata, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clusterar import ClusterarError
+from clusterar.cli import main
+from clusterar.data import load_dataset, make_views, to_float
+from clusterar.tokenizer import VQConfig, VQModel, save_tokenizer
+from clusterar.tokens import TokenFile, encode_dataset, smallest_dtype, write_token_file
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> VQModel:
+    torch.manual_seed(0)
+    cfg = VQConfig(
+        ch=32,
+        ch_mult=(1, 2),
+        z_channels=32,
+        codebook_size=300,
+        codebook_dim=4,
+        enc_res_blocks=1,
+        dec_res_blocks=1,
+    )
+    return VQModel(cfg).eval()
+
+
+def test_smallest_dtype():
+    assert smallest_dtype(256) == np.uint8
+    assert smallest_dtype(257) == np.int16
+    assert smallest_dtype(16384) == np.int16
+    assert smallest_dtype(65536) == np.int32
+
+
+def test_encode_split_matches_direct_encoding(tokenizer, tmp_path):
+    tf = encode_dataset(
+        tokenizer, "digits", "val", tmp_path / "val.safetensors", image_size=16, views="flip", progress=False
+    )
+    ds = load_dataset("digits", "val", 16)
+    assert tf.codes.shape == (len(ds), 2, 64)
+    assert tf.codes.dtype == np.int16  # 300 codes do not fit uint8
+    assert isinstance(tf.codes, np.memmap)
+    assert np.array_equal(tf.labels, ds.labels.numpy())
+    assert tf.grid == (8, 8) and tf.codebook_size == 300 and tf.num_classes == 10
+    assert tf.meta["tokenizer_fingerprint"] == tokenizer.fingerprint()
+    # rows equal encoding the views directly, view 1 is the horizontal flip
+    images = torch.stack([ds[i][0] for i in range(5)])
+    direct = tokenizer.encode(to_float(make_views(images, "flip", 16).flatten(0, 1))).reshape(5, 2, 64)
+    assert np.array_equal(tf.codes[:5], direct.numpy())
+    codes, labels = tf.batch(np.array([3, 1]), np.array([1, 0]))
+    assert torch.equal(codes, direct[[3, 1], [1, 0]])
+    assert codes.dtype == torch.int64 and labels.tolist() == ds.labels[[3, 1]].tolist()
+    # no partial files remain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val.safetensors"]
+
+
+def test_encode_resumes_from_partial_state(tokenizer, tmp_path):
+    out = tmp_path / "val.safetensors"
+    full = encode_dataset(
+        tokenizer, "digits", "val", tmp_path / "ref.safetensors", image_size=16, views="none", progress=False
+    )
+    # simulate an interruption: a partial file with the first 100 images done and garbage after them
+    encode_dataset(tokenizer, "digits", "val", out, image_size=16, views="none", progress=False)
+    tf = TokenFile.open(out)
+    part = np.lib.format.open_memmap(
+        out.with_name(out.name + ".partial.npy"), mode="w+", dtype=tf.codes.dtype, shape=tf.codes.shape
+    )
+    part[:100] = tf.codes[:100]
+    part[100:] = 0
+    part.flush()
+    settings = {k: v for k, v in tf.meta.items() if k not in ("kind", "skipped")}
+    state = {"settings": settings, "shape": list(tf.codes.shape), "done": 100, "skipped": []}
+    out.with_name(out.name + ".partial.json").write_text(json.dumps(state))
+    out.unlink()
+    again = encode_dataset(tokenizer, "digits", "val", out, image_size=16, views="none", progress=False)
+    assert np.array_equal(np.asarray(again.codes), np.asarray(full.codes))
+
+
+def test_ten_crop_views_and_skip_policy(tokenizer, tmp_path):
+    root = tmp_path / "imgs"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 50, 3), np.uint8)).save(
+                root / cls / f"{i}.png"
+            )
+    (root / "dog" / "broken.png").write_bytes(b"")
+    with pytest.raises(ClusterarError, match="broken.png"):
+        encode_dataset(
+            tokenizer, f"folder:{root}", "train", tmp_path / "t.safetensors", image_size=16, progress=False
+        )
+    tf = encode_dataset(
+        tokenizer,
+        f"folder:{root}",
+        "train",
+        tmp_path / "t.safetensors",
+        image_size=16,
+        views="ten-crop",
+        on_error="skip",
+        progress=False,
+    )
+    assert tf.codes.shape == (6, 10, 64)
+    assert tf.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert len(tf.meta["skipped"]) == 1 and tf.meta["skipped"][0].endswith("broken.png")
+
+
+def test_token_file_errors(tokenizer, tmp_path):
+    with pytest.raises(ClusterarError, match="not found"):
+        TokenFile.open(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(ClusterarError, match="truncated"):
+        TokenFile.open(tmp_path / "junk.safetensors")
+    save_tokenizer(tokenizer, tmp_path / "tok.safetensors")
+    with pytest.raises(ClusterarError, match="not a token file"):
+        TokenFile.open(tmp_path / "tok.safetensors")
+    write_token_file(
+        tmp_path / "t.safetensors",
+        np.zeros((2, 1, 4), np.uint8),
+        np.zeros(2, np.int64),
+        {"tokenizer_fingerprint": "abc"},
+    )
+    raw = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[:-3])
+    with pytest.raises(ClusterarError, match="truncated"):
+        TokenFile.open(tmp_path / "cut.safetensors")
+    with pytest.raises(ClusterarError, match="re-encode"):
+        TokenFile.open(tmp_path / "t.safetensors").check_tokenizer(tokenizer)
+    with pytest.raises(ClusterarError, match="--views"):
+        encode_dataset(
+            tokenizer, "digits", "val", tmp_path / "v.safetensors", image_size=16, views="five-crop"
+        )
+
+
+def test_cli_encode_and_info(tokenizer, tmp_path, capsys):
+    save_tokenizer(tokenizer, tmp_path / "tok.safetensors")
+    rc = main(
+        [
+            "encode",
+            "--tokenizer",
+            str(tmp_path / "tok.safetensors"),
+            "--data",
+            "digits",
+            "--splits",
+            "val",
+            "--image-size",
+            "16",
+            "--views",
+            "none",
+            "--out",
+            str(tmp_path / "tokens"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    assert TokenFile.open(tmp_path / "tokens" / "val.safetensors").codes.shape[1:] == (1, 64)
+    assert main(["info", str(tmp_path / "tokens" / "val.safetensors")]) == 0
+    assert '"kind": "clusterar.tokens"' in capsys.readouterr().out
+    # bad input: one clear line on stderr, exit status 2, no traceback
+    rc = main(["encode", "--tokenizer", str(tmp_path / "nope.safetensors"), "--data", "digits"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "nope.safetensors" in err and "Traceback" not in err
