@@ -28,7 +28,7 @@ from .tokens import TokenFile, encode_dataset
 def demo_tokenizer_config(quick: bool, device: str) -> TokenizerTrainConfig:
     if quick:
         return TokenizerTrainConfig(
-            steps=60, restart_every=20, eval_every=10_000, ckpt_every=30, device=device
+            steps=40, warmup=10, restart_every=10, eval_every=10_000, ckpt_every=20, device=device
         )
     return TokenizerTrainConfig(steps=1000, device=device)
 

@@ -246,21 +246,23 @@ def train_tokenizer(
                 counts += torch.bincount(ids.flatten(), minlength=counts.numel())
                 step += 1
                 seen += len(idx)
-                restarted = 0
+                restarted, window_usage = 0, None
                 if cfg.restart_every and step % cfg.restart_every == 0:
+                    window_usage = float((counts > 0).float().mean())
                     if step < cfg.restart_until * cfg.steps:
                         gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
                         restarted = restart_dead_codes(model, opt, counts, latents.detach(), gen)
                     counts.zero_()
-                if step % cfg.log_every == 0 or step == cfg.steps or restarted:
+                if step % cfg.log_every == 0 or step == cfg.steps or window_usage is not None:
                     rec = {"step": step, "epoch": epoch, "lr": lr_at(step - 1, cfg)}
+                    if window_usage is not None:
+                        rec.update(window_usage=round(window_usage, 4), restarted=restarted)
                     rec.update({k: round(v.item(), 6) for k, v in parts.items()})
                     rec["batch_psnr"] = round(
                         float(psnr(to_uint8(recon.detach().float()), to_uint8(x)).mean()), 3
                     )
-                    if restarted:
-                        rec["restarted"] = restarted
                     rec["img_per_s"] = round(seen / (time.perf_counter() - tic), 1)
+                    rec["elapsed_s"] = round(time.perf_counter() - tic, 1)
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['batch_psnr']:.1f}")
@@ -302,6 +304,8 @@ def finalize(
         model, out / TOKENIZER_FILE, info={"eval": ev, "data": cfg.data, "image_size": cfg.image_size}
     )
     write_json(out / "eval.json", ev)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": cfg.steps, "val_psnr": ev["psnr"], "val_usage": ev["usage"]}) + "\n")
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     plot_curves(
         records,
