@@ -72,6 +72,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, device: str = "
     return report
 
 
+def _grid(cfg: dict) -> str:
+    side = cfg["train"]["image_size"] // 2 ** (len(cfg["model"]["ch_mult"]) - 1)
+    return f"{side}x{side}"
+
+
 def render_report(
     out: Path, tok_dir: Path, token_files: dict[str, TokenFile], timings: dict[str, float]
 ) -> str:
@@ -87,7 +92,7 @@ def render_report(
         "## 1. Tokenizer",
         "",
         f"Preset `{cfg['train']['preset']}`: {ev['params']:,} parameters, codebook {cfg['model']['codebook_size']} "
-        f"x {cfg['model']['codebook_dim']}, {32 // 2 ** (len(cfg['model']['ch_mult']) - 1)}-pixel tokens; "
+        f"x {cfg['model']['codebook_dim']}, {_grid(cfg)} tokens per image; "
         f"{cfg['train']['steps']} steps of batch {cfg['train']['batch_size']}.",
         "",
         "| metric | value |",
