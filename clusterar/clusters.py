@@ -1,0 +1,1012 @@
+"""Clustering of a VQ codebook: k-means (CTF), balanced k-means (IAR), random (the ablation), IAR's file.
+
+Both papers cluster the L2-normalised codebook rows (the tokenizer looks codes up by cosine), so every
+method here normalises the rows first; the objective is the within-cluster sum of squares (WCSS) of those
+unit rows around their cluster means.
+
+Balanced k-means (IAR: n clusters of exactly m = K/n codes) alternates an optimal equal-size assignment
+with a mean update. The assignment is a transportation problem (K points into n sinks of capacity m),
+solved exactly as a min-cost circulation on the n-node "cluster graph", whose edge a -> b costs the
+cheapest move of one member of a into b:
+
+1. start from any feasible assignment (a vectorised greedy one, or the previous iteration's labels);
+2. cancel negative cycles: a negative cycle is an improving rotation (one code moves along each edge, so
+   sizes stay equal). A vectorised Bellman-Ford over each cluster's nearest centres finds them, and bulk
+   pairwise swaps go first;
+3. certify: the Bellman-Ford distances are a potential that prices every cluster; one dense pass over all
+   (code, cluster) pairs checks that no move beats those prices. If one does, its edge joins the graph
+   and step 2 resumes; if none does, no negative cycle exists among ALL cluster pairs, which is the
+   optimality condition: the assignment is the exact optimum (up to float rounding), not an estimate.
+
+Between Lloyd iterations the labels, the graph's extra edges and the potential carry over, so late
+iterations cost little. An auction (every free code bids at once) settles most codes in a few rounds too,
+but its tail is hundreds of one-code rounds with tiny price steps; cycle cancelling moves whole chains.
+
+The centre update is the plain mean, not re-normalised (as IAR): the mean minimises the WCSS for fixed
+labels, so assignment and update both never increase it and the iteration stops when labels repeat.
+
+IAR's own script (`iar_greedy_balanced_kmeans`, kept as the reference baseline) assigns greedily in Python
+loops: minutes per run, not converged, ~6% of codes outside their nearest centre.
+
+`CodebookClusters` holds a result (labels, sizes, the permutation that makes every cluster a contiguous id
+block, and the fingerprint of the codebook it belongs to) and saves it as safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ClusterarError
+from .fileio import fingerprint, load_tensors, save_tensors
+
+METHODS = ("kmeans", "balanced", "random")
+FORMAT = "codebook_clusters"
+FORMAT_VERSION = 1
+_TOL = 1e-10  # strict-improvement threshold on costs of order 1: float64 noise never counts as a gain
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _points(x: torch.Tensor, what: str = "codebook") -> torch.Tensor:
+    """Validate a [K, D] codebook and return its L2-normalised rows in float64 (same device)."""
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.dim() != 2:
+        raise ClusterarError(f"{what} must be a 2-D tensor [K codes, D dims], got shape {tuple(x.shape)}")
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ClusterarError(f"{what} is empty (shape {tuple(x.shape)})")
+    if not (x.is_floating_point() or x.is_complex()):
+        x = x.double()
+    x = x.detach().double()
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).any(1).nonzero()[:, 0]
+        raise ClusterarError(
+            f"{what} has NaN or infinite values in {bad.numel()} rows (first: {bad[:5].tolist()}); "
+            "the tokenizer is probably corrupt or diverged in training"
+        )
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _divisors(k: int) -> list[int]:
+    small = [d for d in range(1, math.isqrt(k) + 1) if k % d == 0]
+    return sorted(set(small + [k // d for d in small]))
+
+
+def _check_n_clusters(k: int, n: int, balanced: bool) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise ClusterarError(f"n_clusters must be an integer, got {n!r}")
+    n = int(n)
+    if n < 1 or n > k:
+        raise ClusterarError(f"n_clusters must be between 1 and the number of codes K={k}, got {n}")
+    if balanced and k % n:
+        divs = _divisors(k)
+        below = max(d for d in divs if d < n)
+        above = min((d for d in divs if d > n), default=None)
+        near = f"{below}" if above is None else f"{below} or {above}"
+        raise ClusterarError(
+            f"balanced clusters need K={k} codes to split evenly, but {k} is not divisible by "
+            f"n_clusters={n}; the nearest valid values are {near}"
+        )
+    return n
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+
+def _cluster_means(x: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means [n, D], sizes [n]), summed in a fixed order so that results are deterministic on GPU too."""
+    sizes = torch.bincount(labels, minlength=n)
+    if x.device.type == "cpu":
+        sums = x.new_zeros(n, x.shape[1]).index_add_(0, labels, x)
+    else:  # atomic adds would make the float sums order-dependent: segment sums of sorted rows instead
+        order = torch.argsort(labels, stable=True)
+        csum = torch.cat([x.new_zeros(1, x.shape[1]), torch.cumsum(x[order], 0)])
+        ends = torch.cumsum(sizes, 0)
+        sums = csum[ends] - csum[ends - sizes]
+    return sums / sizes.clamp_min(1)[:, None].to(x.dtype), sizes
+
+
+def wcss(x: torch.Tensor, labels: torch.Tensor, n_clusters: int | None = None) -> float:
+    """Within-cluster sum of squares of the L2-normalised rows of `x` around their cluster means."""
+    xn = _points(x)
+    labels = torch.as_tensor(labels).to(xn.device).long()
+    n = int(labels.max()) + 1 if n_clusters is None else n_clusters
+    means, _ = _cluster_means(xn, labels, n)
+    return float(((xn - means[labels]) ** 2).sum())
+
+
+def _kmeanspp(x: torch.Tensor, n: int, gen: torch.Generator, trials: int | None = None) -> torch.Tensor:
+    """Greedy k-means++ seeding (D^2 sampling, best of a few candidates per step), drawn on CPU so that a
+    seed gives the same centres on every device."""
+    xc = x.cpu()
+    k = xc.shape[0]
+    trials = trials or 2 + int(math.log(n))
+    sq = (xc * xc).sum(1)
+    first = int(torch.randint(k, (1,), generator=gen))
+    idx = [first]
+    d2 = ((xc - xc[first]) ** 2).sum(1)
+    for _ in range(1, n):
+        w = d2.clamp_min(0)
+        if float(w.sum()) <= 0:  # fewer distinct points than clusters: any unused point will do
+            w = torch.ones(k, dtype=xc.dtype)
+            w[idx] = 0
+        cand = torch.multinomial(w, trials, replacement=True, generator=gen)
+        cd2 = torch.addmm(sq[cand][:, None] + sq[None], xc[cand], xc.T, alpha=-2.0)
+        cd2 = torch.minimum(d2[None], cd2)
+        best = int(torch.argmin(cd2.sum(1)))
+        idx.append(int(cand[best]))
+        d2 = cd2[best]
+    return x[torch.tensor(idx, device=x.device)]
+
+
+def _nearest(
+    x: torch.Tensor,
+    centres: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    values: bool = False,
+    rows: int = 1024,
+):
+    """argmin_j ||x_i - c_j||^2 + offset_j (up to a per-row constant) for every row, computed in x's dtype
+    in cache-sized row blocks without a [K, n] temporary. Returns labels, or (values, labels)."""
+    c = centres.to(x.dtype)
+    sq = (c * c).sum(1)
+    if offset is not None:
+        sq = sq + offset.to(x.dtype)
+    buf = x.new_empty(min(rows, x.shape[0]), c.shape[0])
+    vals = x.new_empty(x.shape[0])
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        j = min(i + rows, x.shape[0])
+        out = buf[: j - i]
+        torch.addmm(sq, x[i:j], c.T, alpha=-2.0, out=out)
+        torch.min(out, 1, out=(vals[i:j], labels[i:j]))
+    return (vals, labels) if values else labels
+
+
+def _lloyd(
+    x: torch.Tensor, centres: torch.Tensor, iters: int
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Plain Lloyd iterations from `centres` until the labels repeat; returns (labels, centres, iters,
+    converged). Empty clusters are re-seeded at the points farthest from their centre."""
+    n = centres.shape[0]
+    x32 = x.float()
+    labels = None
+    it, converged = 0, False
+    while it < iters:
+        it += 1
+        new = _nearest(x32, centres)
+        if labels is not None and torch.equal(new, labels):
+            converged = True
+            break
+        labels = new
+        centres, sizes = _cluster_means(x, labels, n)
+        empty = (sizes == 0).nonzero()[:, 0]
+        if empty.numel():
+            far = ((x - centres[labels]) ** 2).sum(1).topk(empty.numel()).indices
+            centres[empty] = x[far]
+    return labels, centres, it, converged
+
+
+# ----------------------------------------------------------------------------- k-means (CTF)
+
+
+def kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    *,
+    n_init: int = 3,
+    iters: int = 300,
+    seed: int = 0,
+    info: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """k-means on the L2-normalised rows of x [K, D]: k-means++ seeding, Lloyd iterations, `n_init` restarts.
+
+    Returns (labels int64 [K], centres [n, D] float64, objective = WCSS), keeping the restart with the lowest
+    objective. Runs on x.device; the seeding is drawn on CPU, so a seed gives the same start everywhere.
+    A restart stops when its labels repeat (then every label is the nearest centre, compared in float32)
+    or after `iters` iterations.
+    """
+    xn = _points(x)
+    n = _check_n_clusters(xn.shape[0], n_clusters, balanced=False)
+    gen = _generator(seed)
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    runs = []
+    for _ in range(max(1, int(n_init))):
+        labels, centres, it, converged = _lloyd(xn, _kmeanspp(xn, n, gen), iters)
+        centres, _ = _cluster_means(xn, labels, n)
+        obj = float(((xn - centres[labels]) ** 2).sum())
+        runs.append({"iters": it, "converged": converged, "objective": obj})
+        if best is None or obj < best[2]:
+            best = (labels, centres, obj)
+    if info is not None:
+        info.update(
+            runs=runs, iters=sum(r["iters"] for r in runs), converged=all(r["converged"] for r in runs)
+        )
+    return best
+
+
+# ----------------------------------------------------------------------------- balanced assignment
+
+
+def _greedy_start(x: torch.Tensor, centres: torch.Tensor, m: int) -> torch.Tensor:
+    """A feasible equal-size assignment to improve from: in rounds, every unplaced point proposes to its
+    nearest centre with room and each centre accepts its closest proposers up to its free capacity."""
+    k, n = x.shape[0], centres.shape[0]
+    dev = x.device
+    labels = torch.full((k,), -1, dtype=torch.long, device=dev)
+    room = torch.full((n,), m, dtype=torch.long, device=dev)
+    free = torch.arange(k, device=dev)
+    sq = (centres * centres).sum(1)
+    while free.numel():
+        cost = sq - 2.0 * (x[free] @ centres.T)
+        cost[:, room == 0] = math.inf
+        dist, want = cost.min(1)
+        order = torch.argsort(dist, stable=True)
+        order = order[torch.argsort(want[order], stable=True)]
+        want = want[order]
+        counts = torch.bincount(want, minlength=n)
+        rank = torch.arange(order.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[want]
+        take = rank < room[want]
+        labels[free[order[take]]] = want[take]
+        room -= torch.bincount(want[take], minlength=n)
+        free = free[order[~take]]
+    return labels
+
+
+def _pred_cycles(pred: torch.Tensor) -> list[list[int]]:
+    """Cycles of a predecessor graph (pred[b] = a for an edge a -> b, -1 = root), nodes in edge order."""
+    n = pred.numel()
+    up = torch.where(pred < 0, torch.arange(n, device=pred.device), pred)
+    for _ in range(math.ceil(math.log2(max(n, 2))) + 1):  # >= n hops: every walk now sits on its cycle
+        up = up[up]
+    ends = up[pred[up] >= 0].unique().tolist()
+    p = pred.tolist()
+    cycles, seen = [], set()
+    for v in ends:
+        if v in seen:
+            continue
+        cyc = []
+        while v not in seen:
+            seen.add(v)
+            cyc.append(v)
+            v = p[v]
+        cycles.append(cyc[::-1])
+    return cycles
+
+
+class _Balanced:
+    """An equal-size assignment of points to fixed centres, improved until it is optimal.
+
+    Kept as members [n, m] (point ids per cluster). The cluster graph has an edge a -> b to each of the
+    `neighbours` centres nearest to a (plus edges `solve` found necessary); its weight is the cheapest
+    cost change of moving one member of a into b. A negative cycle is an improving rotation (one point
+    moves along each edge, so sizes stay equal); with none left in the graph of ALL cluster pairs, the
+    assignment is optimal. `solve` checks all pairs in one dense pass using the Bellman-Ford distances
+    as potentials, so the dense graph itself is never searched.
+    """
+
+    def __init__(self, x: torch.Tensor, centres: torch.Tensor, labels: torch.Tensor, neighbours: int):
+        self.x = x
+        self.n = centres.shape[0]
+        self.m = x.shape[0] // self.n
+        self.neighbours = neighbours
+        self.extra = torch.empty(0, dtype=torch.long, device=x.device)  # a * n + b: edges added by solve
+        self.members = torch.argsort(labels, stable=True).view(self.n, self.m)
+        self.slot = torch.empty_like(labels)
+        self.slot[self.members.reshape(-1)] = torch.arange(x.shape[0], device=x.device)
+        self.potential: torch.Tensor | None = None  # proof of optimality for the current centres
+        self.start: torch.Tensor | None = None  # the last potential: a warm start for the next search
+        self.set_centres(centres)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        labels = torch.empty(self.x.shape[0], dtype=torch.long, device=self.x.device)
+        labels[self.members.reshape(-1)] = torch.arange(self.n, device=self.x.device).repeat_interleave(
+            self.m
+        )
+        return labels
+
+    def set_centres(self, centres: torch.Tensor) -> None:
+        """New centres: rebuild the neighbour lists (nearest centres plus certified extras) and all edges."""
+        self.centres = centres
+        self.sq = (centres * centres).sum(1)
+        self.potential = None
+        n, dev = self.n, centres.device
+        width = min(self.neighbours, n - 1)
+        d = torch.cdist(centres, centres)
+        d.fill_diagonal_(-1.0)
+        knn = d.topk(width + 1, dim=1, largest=False).indices[:, 1:]  # drop the centre itself
+        pairs = (torch.arange(n, device=dev)[:, None] * n + knn).reshape(-1)
+        if self.extra.numel():
+            pairs = torch.cat([pairs, self.extra]).unique()
+        src, dst = pairs // n, pairs % n
+        counts = torch.bincount(src, minlength=n)
+        width = int(counts.max())
+        col = torch.arange(pairs.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[src]
+        nbr = torch.full((n, width), -1, dtype=torch.long, device=dev)
+        nbr[src, col] = dst
+        self.nbr = nbr
+        self.valid = nbr >= 0
+        e = n * width
+        # source cluster of every edge; edge e is the padding edge (weight inf)
+        self.src = torch.cat([torch.arange(n, device=dev).repeat_interleave(width), nbr.new_zeros(1)])
+        self.dst = nbr.clamp_min(0).reshape(-1)
+        self.w_ext = centres.new_full((e + 1,), math.inf)
+        self.w = self.w_ext[:e].view(n, width)
+        self.arg = torch.zeros(n, width, dtype=torch.long, device=dev)
+        # incoming edges of every cluster, padded with edge e (weight inf): Bellman-Ford reads them densely
+        eid = self.valid.reshape(-1).nonzero()[:, 0]
+        eid = eid[torch.argsort(self.dst[eid], stable=True)]
+        into = self.dst[eid]
+        counts = torch.bincount(into, minlength=n)
+        col = torch.arange(eid.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[into]
+        self.in_eid = torch.full((n, max(1, int(counts.max()))), e, dtype=torch.long, device=dev)
+        self.in_eid[into, col] = eid
+        self.in_src = self.src[self.in_eid]
+        self.refresh(torch.arange(n, device=dev))
+
+    def refresh(self, clusters: torch.Tensor) -> None:
+        """Recompute the outgoing edges of `clusters` (after their members changed)."""
+        width = self.nbr.shape[1]
+        chunk = max(1, (1 << 22) // (self.m * width))
+        for i in range(0, clusters.numel(), chunk):
+            cl = clusters[i : i + chunk]
+            pts = self.members[cl]
+            xp = self.x[pts]
+            own = self.sq[cl][:, None] - 2.0 * (xp * self.centres[cl][:, None, :]).sum(-1)
+            tgt = self.nbr[cl].clamp_min(0)
+            to = self.sq[tgt][:, None, :] - 2.0 * torch.bmm(xp, self.centres[tgt].transpose(1, 2))
+            w, a = (to - own[..., None]).min(1)
+            self.w[cl] = w.masked_fill(~self.valid[cl], math.inf)
+            self.arg[cl] = pts.gather(1, a)
+
+    def rotate(self, cycles: list[list[int]], refresh: bool = True) -> torch.Tensor:
+        """Move one point along every edge of the given disjoint cycles (edge ids); returns the clusters
+        changed, whose outgoing edges are refreshed now or, with refresh=False, disabled until refreshed."""
+        dev = self.w.device
+        edges = torch.tensor([e for c in cycles for e in c], device=dev)
+        nxt = torch.tensor([c[(i + 1) % len(c)] for c in cycles for i in range(len(c))], device=dev)
+        arg = self.arg.reshape(-1)
+        # each point takes the slot of the point leaving its target cluster
+        pts, slots = arg[edges], self.slot[arg[nxt]]
+        self.members.view(-1)[slots] = pts
+        self.slot[pts] = slots
+        changed = self.src[edges].unique()
+        if refresh:
+            self.refresh(changed)
+        else:
+            self.w[changed] = math.inf
+        return changed
+
+    def swaps(self) -> int:
+        """Apply at once every improving pairwise swap between mutually best cluster pairs; returns moves."""
+        n, width = self.nbr.shape
+        flat = self.valid.reshape(-1)
+        back = torch.full((n, n), math.inf, dtype=self.w.dtype, device=self.w.device)
+        src = self.src[:-1]
+        back[src[flat], self.dst[flat]] = self.w.reshape(-1)[flat]
+        gain = self.w + back.T[src, self.dst].view(n, width)  # w[a, b] + w[b, a]
+        best, col = gain.min(1)
+        partner = self.nbr.gather(1, col[:, None])[:, 0].clamp_min(0)
+        mutual = (partner[partner] == torch.arange(n, device=partner.device)) & (best < -_TOL)
+        a = mutual.nonzero()[:, 0]
+        a = a[a < partner[a]]
+        if a.numel() == 0:
+            return 0
+        b = partner[a]
+        pairs = zip((a * width + col[a]).tolist(), (b * width + col[b]).tolist(), strict=True)
+        self.rotate([[e1, e2] for e1, e2 in pairs])
+        return 2 * a.numel()
+
+    def optimise(self, check: int = 4) -> int:
+        """Cancel negative cycles of the graph until none is left; returns the number of points moved.
+
+        Bulk pairwise swaps first, then one running Bellman-Ford from a virtual source: each cycle of its
+        predecessor graph is rotated as soon as it appears, the rotated clusters' outgoing edges are
+        disabled until the search stalls, then refreshed together, and the search goes on from the current
+        distances. It ends when no edge relaxes and none is stale; the distances are then a feasible
+        potential (kept for `solve`), which proves that no negative cycle is left.
+        """
+        moved = 0
+        while step := self.swaps():
+            moved += step
+        n, dev = self.n, self.w.device
+        # any start is valid; the last potential is nearly feasible after a small move of the centres
+        dist = torch.zeros(n, dtype=self.w.dtype, device=dev) if self.start is None else self.start.clone()
+        edge = torch.full((n,), -1, dtype=torch.long, device=dev)  # predecessor edge of each cluster
+        stale: list[torch.Tensor] = []
+        passes = since = 0
+        while True:
+            new, arg = (dist[self.in_src] + self.w_ext[self.in_eid]).min(1)
+            better = new < dist - _TOL
+            if not bool(better.any()):
+                if not stale:
+                    self.potential = self.start = dist
+                    return moved
+                self.refresh(torch.cat(stale).unique())
+                stale = []
+                continue
+            edge = torch.where(better, self.in_eid.gather(1, arg[:, None])[:, 0], edge)
+            dist = torch.where(better, new, dist)
+            passes += 1
+            since += 1
+            if passes % check:
+                continue
+            pred = torch.where(edge >= 0, self.src[edge.clamp_min(0)], -1)
+            cycles = [[int(edge[v]) for v in cyc] for cyc in _pred_cycles(pred)]
+            w = self.w_ext
+            cycles = [c for c in cycles if float(w[c].sum()) < -_TOL]  # stale pointers can close others
+            if cycles:
+                changed = self.rotate(cycles, refresh=False)
+                stale.append(changed)
+                moved += sum(len(c) for c in cycles)
+                edge[changed] = -1
+                since = 0
+            elif since > 4 * n + 16:  # no cycle shows up for too long: restart the search afresh
+                dist.zero_()
+                edge.fill_(-1)
+                since = 0
+
+    def solve(self) -> int:
+        """Make the assignment optimal for the current centres; returns the number of points moved.
+
+        Cancels negative cycles in the neighbour graph, then checks every (code, cluster) pair at once
+        against the potential that proves the neighbour graph optimal. Where a move beats the potential,
+        edges to the mover's cheapest clusters join the graph (for the following iterations too; after
+        several rounds every list is widened) and the search goes on; when none does, the assignment is
+        optimal among all equal-size assignments.
+        """
+        moved = self.optimise()
+        rounds = 0
+        while True:
+            pot = self.potential
+            labels = self.labels
+            own = self.sq[labels] - 2.0 * (self.x * self.centres[labels]).sum(1) - pot[labels]
+            best, _ = _nearest(self.x, self.centres, offset=-pot, values=True)
+            bad = best < own - _TOL
+            if not bool(bad.any()):
+                return moved
+            # add edges from each violating point's cluster to its few cheapest clusters under the prices
+            pts = bad.nonzero()[:, 0]
+            price = self.sq - pot - 2.0 * (self.x[pts] @ self.centres.T)
+            top = price.topk(min(8, self.n), dim=1, largest=False).indices
+            self.extra = torch.cat([self.extra, (labels[pts, None] * self.n + top).reshape(-1)]).unique()
+            self.extra = self.extra[self.extra // self.n != self.extra % self.n]
+            rounds += 1
+            if rounds > 3:  # the nearest centres keep missing moves (e.g. many coinciding centres): widen
+                self.neighbours = min(2 * self.neighbours, self.n - 1)
+            self.set_centres(self.centres)
+            moved += self.optimise()
+
+
+def balanced_assign(x: torch.Tensor, centres: torch.Tensor, *, neighbours: int = 48) -> torch.Tensor:
+    """The optimal assignment of the normalised rows of x [K, D] to `centres` [n, D] with exactly K/n
+    points per centre (minimum summed squared distance; exact up to float rounding).
+
+    Greedy start, then negative-cycle cancelling in the cluster graph over each cluster's `neighbours`
+    nearest centres, until a dense check over all cluster pairs certifies optimality.
+    """
+    xn = _points(x)
+    centres = torch.as_tensor(centres).to(xn)
+    if centres.dim() != 2 or centres.shape[1] != xn.shape[1]:
+        raise ClusterarError(f"centres must be [n, {xn.shape[1]}], got shape {tuple(centres.shape)}")
+    n = _check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
+    if n == 1:
+        return torch.zeros(xn.shape[0], dtype=torch.long, device=xn.device)
+    state = _Balanced(xn, centres, _greedy_start(xn, centres, xn.shape[0] // n), neighbours)
+    state.solve()
+    return state.labels
+
+
+def balanced_kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    *,
+    iters: int = 300,
+    seed: int = 0,
+    n_init: int = 1,
+    warmup: int = 300,
+    init: torch.Tensor | None = None,
+    neighbours: int = 48,
+    info: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Balanced k-means on the L2-normalised rows of x [K, D]: exactly K/n codes per cluster.
+
+    k-means++ seeding and `warmup` plain Lloyd iterations (cheap, and they leave little for the constrained
+    ones to do), or the given `init` centres; then alternate the optimal equal-size assignment (see the
+    module docstring) with the mean update (not re-normalised) until the labels repeat: a fixed point where
+    the assignment is optimal for the centres and the centres are the means. Every step lowers the WCSS,
+    so started from another method's result it can only improve on it. Returns (labels, centres,
+    objective) of the best of `n_init` starts. Deterministic under `seed`.
+    """
+    xn = _points(x)
+    k = xn.shape[0]
+    n = _check_n_clusters(k, n_clusters, balanced=True)
+    m = k // n
+    gen = _generator(seed)
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    runs = []
+    if init is not None:
+        init = torch.as_tensor(init).to(xn)
+        if init.shape != (n, xn.shape[1]):
+            raise ClusterarError(f"init must be centres [{n}, {xn.shape[1]}], got shape {tuple(init.shape)}")
+    for _ in range(1 if init is not None else max(1, int(n_init))):
+        if init is not None:
+            centres = init
+        else:
+            centres = _kmeanspp(xn, n, gen)
+            if warmup:  # unconstrained Lloyd is cheap and lands near a balanced optimum on codebook-like data
+                centres = _lloyd(xn, centres, warmup)[1]
+        if n == 1:
+            labels = torch.zeros(k, dtype=torch.long, device=xn.device)
+            centres, _ = _cluster_means(xn, labels, n)
+            runs.append({"iters": 0, "converged": True, "moved": 0})
+        else:
+            state = _Balanced(xn, centres, _greedy_start(xn, centres, m), neighbours)
+            it, converged, moved = 0, False, 0
+            for it in range(1, iters + 1):
+                step = state.solve()
+                if step == 0 and it > 1:  # the labels repeat: a fixed point
+                    converged = True
+                    break
+                moved += step
+                centres, _ = _cluster_means(xn, state.labels, n)
+                state.set_centres(centres)
+            labels = state.labels
+            centres, _ = _cluster_means(xn, labels, n)
+            runs.append({"iters": it, "converged": converged, "moved": moved})
+        obj = float(((xn - centres[labels]) ** 2).sum())
+        runs[-1]["objective"] = obj
+        if best is None or obj < best[2]:
+            best = (labels, centres, obj)
+    if info is not None:
+        info.update(
+            runs=runs, iters=sum(r["iters"] for r in runs), converged=all(r["converged"] for r in runs)
+        )
+    return best
+
+
+# ----------------------------------------------------------------------------- IAR's script (baseline)
+
+
+def _greedy_assign(xn: torch.Tensor, centres: torch.Tensor, m: int, fast_loops: bool = False) -> torch.Tensor:
+    """IAR's assignment step: points in order of their nearest-centre distance, each into its nearest
+    centre that still has room. Python loops over torch scalars as in their script, or over numpy
+    scalars with `fast_loops` (the same decisions, about 20x faster)."""
+    k, n = xn.shape[0], centres.shape[0]
+    dist = torch.cdist(xn, centres)
+    prefs = torch.argsort(dist, dim=1)
+    visit = torch.argsort(dist.min(dim=1).values)
+    if fast_loops:
+        prefs_np, out, room = prefs.numpy(), np.full(k, -1, dtype=np.int64), [m] * n
+        for i in visit.tolist():
+            for c in prefs_np[i]:
+                if room[c]:
+                    out[i] = c
+                    room[c] -= 1
+                    break
+        return torch.from_numpy(out)
+    labels = torch.full((k,), -1, dtype=torch.long)
+    counts = torch.zeros(n, dtype=torch.long)
+    for i in visit:
+        for c in prefs[i]:
+            if counts[c] < m:
+                labels[i] = c
+                counts[c] += 1
+                break
+    return labels
+
+
+def iar_greedy_assign(x: torch.Tensor, centres: torch.Tensor, *, fast_loops: bool = False) -> torch.Tensor:
+    """The greedy equal-size assignment of IAR's script (reference baseline; see `balanced_assign`)."""
+    xn = _points(x).float().cpu()
+    centres = torch.as_tensor(centres).float().cpu()
+    n = _check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
+    return _greedy_assign(xn, centres, xn.shape[0] // n, fast_loops)
+
+
+def iar_greedy_balanced_kmeans(
+    x: torch.Tensor,
+    n_clusters: int,
+    *,
+    iters: int = 100,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    fast_loops: bool = False,
+    info: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Reference baseline, NOT recommended: a faithful re-implementation of IAR's balanced k-means script.
+
+    Random data points as initial centres; each iteration visits the points in order of their distance to
+    the nearest centre and puts each one into its nearest centre that still has room (greedy, capacity
+    m = K/n), then moves every centre to the mean of its members; a fixed number of iterations, no
+    convergence test. The loops run in Python over torch scalars as in their script, which is what makes
+    it slow (seconds per iteration); `fast_loops` makes the same decisions with numpy scalars. The greedy
+    assignment is not optimal: late points land far from their nearest centre. `max_seconds` stops after
+    the iteration that crosses the limit; `info` receives the iterations done and the time.
+    """
+    xn = _points(x).float().cpu()
+    k = xn.shape[0]
+    n = _check_n_clusters(k, n_clusters, balanced=True)
+    m = k // n
+    gen = _generator(seed)
+    centres = xn[torch.randperm(k, generator=gen)[:n]].clone()
+    labels = torch.full((k,), -1, dtype=torch.long)
+    t0 = time.perf_counter()
+    done = 0
+    for _ in range(iters):
+        labels = _greedy_assign(xn, centres, m, fast_loops)
+        centres = torch.stack([xn[labels == c].mean(dim=0) for c in range(n)])
+        done += 1
+        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
+            break
+    obj = float(((xn.double() - centres.double()[labels]) ** 2).sum())
+    if info is not None:
+        info.update(iters=done, seconds=time.perf_counter() - t0)
+    return labels, centres.double(), obj
+
+
+# ----------------------------------------------------------------------------- random clusters
+
+
+def random_clusters(k: int, n_clusters: int, *, balanced: bool = True, seed: int = 0) -> torch.Tensor:
+    """Labels [K] of a random clustering (the papers' ablation): exactly K/n per cluster when `balanced`,
+    otherwise every code in a uniformly drawn cluster (each cluster gets at least one code)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ClusterarError(f"the number of codes K must be a positive integer, got {k!r}")
+    n = _check_n_clusters(int(k), n_clusters, balanced)
+    gen = _generator(seed)
+    order = torch.randperm(k, generator=gen)
+    if balanced:
+        labels = torch.empty(k, dtype=torch.long)
+        labels[order] = torch.arange(k) // (k // n)
+        return labels
+    labels = torch.randint(n, (k,), generator=gen)
+    labels[order[:n]] = torch.arange(n)  # no empty cluster
+    return labels
+
+
+# ----------------------------------------------------------------------------- the result object
+
+
+def _as_tensor(x: Any, what: str) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except (TypeError, ValueError) as e:
+        raise ClusterarError(f"{what} must be a tensor or array, got {type(x).__name__}") from e
+
+
+def _check_codebook(codebook: Any) -> torch.Tensor:
+    """The raw codebook as a tensor, after the checks every method needs (2-D, finite)."""
+    codebook = _as_tensor(codebook, "codebook")
+    _points(codebook)
+    return codebook
+
+
+@dataclass(eq=False)
+class CodebookClusters:
+    """A clustering of a codebook: labels phi (code -> cluster) and the id permutation derived from it.
+
+    `perm` renumbers the codes so that every cluster is a contiguous block of ids (clusters in index order,
+    within a cluster by old id; a mapping imported from IAR's file keeps its own order): new_id =
+    perm[old_id], old_id = inverse[new_id]. The fingerprint ties the result to the exact codebook tensor it
+    was computed on, so it is never applied to another one by mistake.
+    """
+
+    labels: torch.Tensor  # int64 [K]: cluster of each (old) code id
+    n_clusters: int
+    method: str  # "kmeans" | "balanced" | "random" | "iar-file" | ...
+    objective: float  # WCSS of the L2-normalised codebook rows around their cluster means
+    codebook_fingerprint: str
+    seed: int | None = 0
+    mapping: torch.Tensor | None = None  # explicit permutation (IAR's file), else derived from labels
+    source: str | None = field(default=None, repr=False)  # file this was loaded from or saved to
+
+    def __post_init__(self) -> None:
+        labels = _as_tensor(self.labels, "labels")
+        if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ClusterarError(
+                f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}"
+            )
+        self.labels = labels.detach().to("cpu", torch.long).contiguous()
+        self.n_clusters = int(self.n_clusters)
+        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.n_clusters):
+            raise ClusterarError(
+                f"labels must lie in [0, {self.n_clusters}), got {int(self.labels.min())}..{int(self.labels.max())}"
+            )
+        if self.mapping is not None:
+            self.mapping = _check_permutation(self.mapping, self.labels.numel(), "mapping")
+            m = self.block_size
+            if m is None or not torch.equal(self.mapping // m, self.labels):
+                raise ClusterarError(
+                    "mapping does not match the labels: cluster c must own new ids [c*m, (c+1)*m)"
+                )
+
+    # --- derived views
+
+    @property
+    def num_codes(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Members per cluster, int64 [n]."""
+        return torch.bincount(self.labels, minlength=self.n_clusters)
+
+    @property
+    def is_balanced(self) -> bool:
+        return self.num_codes % self.n_clusters == 0 and bool(
+            (self.sizes == self.num_codes // self.n_clusters).all()
+        )
+
+    @property
+    def block_size(self) -> int | None:
+        """Codes per cluster (m) when all clusters have the same size, else None."""
+        return self.num_codes // self.n_clusters if self.is_balanced else None
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """old_id = inverse[new_id], int64 [K]."""
+        if self.mapping is not None:
+            return torch.argsort(self.mapping)
+        return torch.argsort(self.labels, stable=True)
+
+    @property
+    def perm(self) -> torch.Tensor:
+        """new_id = perm[old_id], int64 [K]: every cluster a contiguous block of new ids."""
+        if self.mapping is not None:
+            return self.mapping.clone()
+        perm = torch.empty_like(self.labels)
+        perm[self.inverse] = torch.arange(self.num_codes)
+        return perm
+
+    @property
+    def new_labels(self) -> torch.Tensor:
+        """Cluster of each NEW id (non-decreasing): labels[inverse]."""
+        return self.labels[self.inverse]
+
+    # --- constructors
+
+    @classmethod
+    def fit(
+        cls, codebook: torch.Tensor, method: str, n_clusters: int, seed: int = 0, **kw: Any
+    ) -> CodebookClusters:
+        """Cluster `codebook` [K, D] (raw rows; normalised inside) with "kmeans" (CTF), "balanced" (IAR)
+        or "random" (the ablation; balanced=True by default). Extra keywords go to the algorithm."""
+        if method not in METHODS:
+            raise ClusterarError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
+        codebook = _check_codebook(codebook)
+        if method == "kmeans":
+            labels, _, objective = kmeans(codebook, n_clusters, seed=seed, **kw)
+        elif method == "balanced":
+            labels, _, objective = balanced_kmeans(codebook, n_clusters, seed=seed, **kw)
+        else:
+            labels = random_clusters(codebook.shape[0], n_clusters, seed=seed, **kw)
+            objective = wcss(codebook, labels, n_clusters)
+        return cls(labels.cpu(), n_clusters, method, objective, fingerprint(codebook), seed)
+
+    @classmethod
+    def from_labels(
+        cls,
+        labels: torch.Tensor,
+        codebook: torch.Tensor,
+        method: str = "labels",
+        n_clusters: int | None = None,
+    ) -> CodebookClusters:
+        """Wrap labels computed elsewhere (objective and fingerprint computed here)."""
+        codebook = _check_codebook(codebook)
+        labels = _as_tensor(labels, "labels")
+        if labels.dim() != 1 or labels.numel() != codebook.shape[0]:
+            raise ClusterarError(
+                f"labels must have one entry per code ({codebook.shape[0]}), got {tuple(labels.shape)}"
+            )
+        n = int(labels.max()) + 1 if n_clusters is None else n_clusters
+        out = cls(labels, n, method, 0.0, fingerprint(codebook), None)
+        out.objective = wcss(codebook, out.labels, n)
+        return out
+
+    @classmethod
+    def from_iar_mapping(
+        cls, mapping: torch.Tensor | str | os.PathLike, codebook: torch.Tensor, block_size: int
+    ) -> CodebookClusters:
+        """Import IAR's published permutation: a 1-D int64 tensor [K] (or a .pt file holding one) with
+        new_id = mapping[old_id]; cluster c owns new ids [c*m, (c+1)*m), so labels = mapping // m."""
+        codebook = _check_codebook(codebook)
+        k = codebook.shape[0]
+        source = None
+        if isinstance(mapping, (str, os.PathLike)):
+            source = str(mapping)
+            if not Path(mapping).is_file():
+                raise ClusterarError(f"IAR mapping file not found: {mapping}")
+            try:
+                mapping = torch.load(mapping, map_location="cpu", weights_only=True)
+            except Exception as e:  # any unreadable file gets the same explanation
+                raise ClusterarError(f"cannot read IAR mapping file {source}: {e}") from e
+        what = f"IAR mapping {source}" if source else "IAR mapping"
+        mapping = _check_permutation(mapping, k, what)
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ClusterarError(f"block_size must be a positive integer, got {block_size!r}")
+        if k % block_size:
+            raise ClusterarError(
+                f"block_size {block_size} does not divide the {k} codes; IAR's release uses 128"
+            )
+        n = k // block_size
+        labels = mapping // block_size
+        objective = wcss(codebook, labels, n)
+        return cls(labels, n, "iar-file", objective, fingerprint(codebook), None, mapping, source)
+
+    def to_iar_mapping(self) -> torch.Tensor:
+        """IAR's format: 1-D int64 [K], new_id = mapping[old_id] (equal-size clusters only)."""
+        if not self.is_balanced:
+            sizes = self.sizes
+            raise ClusterarError(
+                f"IAR's mapping format needs equal-size clusters, but these {self.method} clusters have "
+                f"{int(sizes.min())}..{int(sizes.max())} members; use method 'balanced'"
+            )
+        return self.perm
+
+    # --- files
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a safetensors file (labels, and IAR's mapping if imported) with the metadata as JSON."""
+        tensors = {"labels": self.labels}
+        if self.mapping is not None:
+            tensors["mapping"] = self.mapping
+        meta = {
+            "kind": FORMAT,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "n_clusters": self.n_clusters,
+            "num_codes": self.num_codes,
+            "block_size": self.block_size,
+            "objective": self.objective,
+            "codebook_fingerprint": self.codebook_fingerprint,
+            "seed": self.seed,
+        }
+        save_tensors(path, tensors, meta)
+        self.source = str(path)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CodebookClusters:
+        tensors, meta = load_tensors(path, "clusters file")
+        if meta.get("kind") != FORMAT:
+            raise ClusterarError(
+                f"{path} is not a clusters file (it holds a {meta.get('kind', 'unknown')!r}); "
+                "pass the file written by CodebookClusters.save / `clusterar cluster`"
+            )
+        if meta.get("version", 0) > FORMAT_VERSION:
+            raise ClusterarError(
+                f"{path} was written by a newer clusterar (format {meta['version']}); upgrade"
+            )
+        if "labels" not in tensors:
+            raise ClusterarError(
+                f"clusters file {path} has no 'labels' tensor; it is damaged, write it again"
+            )
+        try:
+            out = cls(
+                tensors["labels"],
+                meta["n_clusters"],
+                meta["method"],
+                float(meta["objective"]),
+                meta["codebook_fingerprint"],
+                meta.get("seed"),
+                tensors.get("mapping"),
+                str(path),
+            )
+        except KeyError as e:
+            raise ClusterarError(f"clusters file {path} lacks the metadata field {e}; write it again") from e
+        except ClusterarError as e:
+            raise ClusterarError(f"clusters file {path} is inconsistent: {e}") from e
+        return out
+
+    def check_codebook(self, codebook: torch.Tensor, what: str = "codebook") -> None:
+        """Refuse a codebook other than the one these clusters were computed on."""
+        codebook = _as_tensor(codebook, what)
+        got = fingerprint(codebook)
+        if got == self.codebook_fingerprint:
+            return
+        where = f"the clusters in {self.source}" if self.source else "these clusters"
+        shape = "x".join(map(str, codebook.shape))
+        hint = (
+            f" (it has {codebook.shape[0]} codes, the clusters {self.num_codes})"
+            if codebook.dim() != 2 or codebook.shape[0] != self.num_codes
+            else ""
+        )
+        raise ClusterarError(
+            f"{where} were computed on codebook {self.codebook_fingerprint}, but the {what} given "
+            f"({shape} {str(codebook.dtype).replace('torch.', '')}) has fingerprint {got}{hint}. Recompute the "
+            "clusters on this codebook, or use the tokenizer they were computed for (an already rearranged "
+            "codebook, or one cast to another dtype, also differs)"
+        )
+
+
+def _check_permutation(mapping: Any, k: int, what: str) -> torch.Tensor:
+    mapping = _as_tensor(mapping, what)
+    if mapping.dim() != 1 or mapping.is_floating_point() or mapping.dtype == torch.bool:
+        raise ClusterarError(
+            f"{what} must be a 1-D integer tensor, got {mapping.dtype} {tuple(mapping.shape)}"
+        )
+    if mapping.numel() != k:
+        raise ClusterarError(f"{what} has {mapping.numel()} entries but the codebook has {k} codes")
+    mapping = mapping.detach().to("cpu", torch.long).contiguous()
+    seen = torch.bincount(mapping.clamp(0, k - 1), minlength=k)
+    out_of_range = int(((mapping < 0) | (mapping >= k)).sum())
+    if out_of_range or not bool((seen == 1).all()):
+        missing = (seen == 0).nonzero()[:, 0]
+        raise ClusterarError(
+            f"{what} is not a permutation of 0..{k - 1}: {out_of_range} ids out of range, "
+            f"{missing.numel()} new ids never used (first: {missing[:5].tolist()}), "
+            f"{int((seen > 1).sum())} used more than once"
+        )
+    return mapping
+
+
+# ----------------------------------------------------------------------------- applying the permutation
+
+
+def permute_rows(weight: torch.Tensor, clusters: CodebookClusters) -> torch.Tensor:
+    """Rows in the new id order: out[new_id] = weight[old_id] (i.e. weight[inverse]).
+
+    For every table indexed by token id: the tokenizer codebook (see `permute_codebook`, which also checks
+    the fingerprint) and the transformer's `tok_embeddings` and `output` rows.
+    """
+    if weight.dim() < 1 or weight.shape[0] != clusters.num_codes:
+        raise ClusterarError(
+            f"cannot permute a table of {tuple(weight.shape)} rows: the clusters cover {clusters.num_codes} ids"
+        )
+    return weight[clusters.inverse.to(weight.device)]
+
+
+def permute_codebook(weight: torch.Tensor, clusters: CodebookClusters) -> torch.Tensor:
+    """The codebook rows in the new id order, after checking that it is the codebook that was clustered."""
+    clusters.check_codebook(weight)
+    return permute_rows(weight, clusters)
+
+
+def _lookup_ids(tokens: Any, table: torch.Tensor, what: str) -> Any:
+    """table[tokens] for a torch tensor or numpy array of any shape, keeping its type and dtype."""
+    k = table.numel()
+    if isinstance(tokens, torch.Tensor):
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise ClusterarError(f"{what}: token ids must be integers, got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= k):
+            raise ClusterarError(
+                f"{what}: token ids must lie in [0, {k}), got {int(tokens.min())}..{int(tokens.max())}; "
+                "were these tokens made by another tokenizer?"
+            )
+        return table.to(tokens.device)[tokens.long()].to(tokens.dtype)
+    arr = np.asarray(tokens)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ClusterarError(f"{what}: token ids must be integers, got {arr.dtype}")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= k):
+        raise ClusterarError(
+            f"{what}: token ids must lie in [0, {k}), got {int(arr.min())}..{int(arr.max())}; "
+            "were these tokens made by another tokenizer?"
+        )
+    return table.numpy()[arr].astype(arr.dtype, copy=False)
+
+
+def remap_tokens(tokens: Any, clusters: CodebookClusters) -> Any:
+    """Old ids -> new ids (perm[tokens]), any shape, same type and dtype."""
+    return _lookup_ids(tokens, clusters.perm, "remap_tokens")
+
+
+def unmap_tokens(tokens: Any, clusters: CodebookClusters) -> Any:
+    """New ids -> old ids (inverse[tokens]), e.g. sampled ids before decoding with the original tokenizer."""
+    return _lookup_ids(tokens, clusters.inverse, "unmap_tokens")
