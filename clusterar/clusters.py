@@ -860,6 +860,11 @@ class CodebookClusters:
             )
         return self.perm
 
+    def fingerprint(self) -> str:
+        """Identity of this clustering (labels and id permutation): model files record it, so a model is never
+        paired with other clusters than those it was trained with."""
+        return fingerprint({"labels": self.labels, "perm": self.perm})
+
     # --- files
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -437,6 +437,18 @@ def _load_folder(spec: str, split: str, image_size: int, on_error: str) -> Image
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_dataset_name(spec: str) -> None:
+    """Validate a dataset spec cheaply (no images read): used before long jobs start."""
+    if spec in BUNDLED:
+        return
+    if spec.startswith("folder:"):
+        path = spec[len("folder:") :]
+        if not os.path.isdir(path):
+            raise ClusterarError(f"dataset folder '{path}' does not exist or is not a folder ({_LAYOUT})")
+        return
+    raise ClusterarError(f"unknown dataset '{spec}'; use one of: mnist, digits, folder:PATH ({_LAYOUT})")
+
+
 def load_dataset(
     spec: str, split: str = "train", image_size: int = 32, on_error: str = "fail"
 ) -> ImageDataset:
@@ -456,6 +468,7 @@ __all__ = [
     "DATASET_HELP",
     "ImageDataset",
     "center_crop_arr",
+    "check_dataset_name",
     "collate_images",
     "load_dataset",
     "make_views",

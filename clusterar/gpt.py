@@ -22,6 +22,7 @@ from torch import nn
 
 from .checkpoints import load_state_strict, load_torch_weights
 from .errors import ClusterarError
+from .fileio import atomic_path, load_tensors, read_meta, save_tensors
 
 
 @dataclass
@@ -542,3 +543,51 @@ def load_llamagen_gpt(
     model.init_buffers()
     load_state_strict(model, state, source=str(path))
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- our own model files
+
+MODEL_FILE = "model.safetensors"
+
+
+def save_gpt(path: str | os.PathLike, model: GPT, info: dict | None = None) -> None:
+    """Write a model's weights + config (+ `info`: method, tokenizer/clusters fingerprints...) atomically.
+
+    The metadata carries the full GPTConfig, so `load_gpt` needs nothing else (grid size included, which
+    LlamaGen files cannot tell).
+    """
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_tensors(path, state, {"kind": "gpt", "gpt_config": model.config.to_dict(), **(info or {})})
+
+
+def read_gpt_info(path: str | os.PathLike) -> dict:
+    """The metadata of a `save_gpt` file (config + info) without loading weights."""
+    meta = read_meta(path, "GPT model file")
+    if meta.get("kind") != "gpt":
+        raise ClusterarError(
+            f"{path} is not a clusterar GPT model file (kind={meta.get('kind')!r}); LlamaGen .pt files load "
+            "with `load_llamagen_gpt`"
+        )
+    return meta
+
+
+def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
+    """Load a `save_gpt` file strictly, in eval mode; returns (model, metadata)."""
+    meta = read_gpt_info(path)
+    tensors, _ = load_tensors(path, "GPT model file")
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(meta["gpt_config"]))
+    model = model.to_empty(device="cpu")
+    model.init_buffers()
+    load_state_strict(model, tensors, source=str(path))
+    return model.to(device).eval(), meta
+
+
+def export_llamagen(model: GPT, path: str | os.PathLike) -> None:
+    """Write {"model": state_dict} as LlamaGen's own training script does, loadable by its sample scripts."""
+    model = getattr(getattr(model, "_orig_mod", model), "module", model)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        torch.save({"model": state}, tmp)

@@ -39,7 +39,7 @@ class TokenizerTrainConfig:
     preset: str = "cpu-32"
     image_size: int = 32
     codebook_size: int | None = None  # override the preset's
-    steps: int = 3000
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # cosine decay to lr * this
