@@ -118,6 +118,234 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"report: {report}")
 
 
+def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
+    """The options of `clusterar cluster fit`; also on `clusterar cluster` itself (its short form)."""
+    from .clusters import METHODS
+
+    p.add_argument(
+        "--tokenizer", required=required, help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"
+    )
+    how = p.add_mutually_exclusive_group(required=required)
+    how.add_argument(
+        "--method", choices=METHODS, help="kmeans (CTF), balanced (IAR: K/M codes each) or random (ablation)"
+    )
+    how.add_argument(
+        "--from-iar",
+        metavar="MAPPING_PT",
+        help="import IAR's permutation file (1-D int64 [K], new_id = mapping[old_id]) instead of fitting",
+    )
+    p.add_argument(
+        "--clusters",
+        type=int,
+        required=required,
+        help="number of clusters M (with --from-iar: K / block size)",
+    )
+    p.add_argument("--out", required=required, help="clusters file to write (.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="k-means++ starts, best kept (default: kmeans 3, balanced 1)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: cpu)")
+
+
+def cmd_cluster_fit(args: argparse.Namespace) -> None:
+    import time
+
+    from .cluster_inspect import describe_clusters
+    from .clusters import CodebookClusters
+    from .runtime import pick_device
+    from .tokenizer import load_tokenizer
+
+    missing = [f for f in ("tokenizer", "clusters", "out") if getattr(args, f) is None]
+    if args.method is None and args.from_iar is None:
+        missing.append("method (or --from-iar)")
+    if missing:
+        raise ClusterarError(
+            f"clusterar cluster needs --{', --'.join(missing)}, e.g. `clusterar cluster fit --tokenizer T "
+            "--method balanced --clusters 512 --out clusters.safetensors`; the actions are fit, inspect, "
+            "export and rearrange (see `clusterar cluster -h`)"
+        )
+    if args.restarts is not None and args.method not in ("kmeans", "balanced"):
+        raise ClusterarError("--restarts applies to --method kmeans and balanced only")
+    codebook = load_tokenizer(args.tokenizer).quantize.embedding.weight.detach()
+    info: dict = {}
+    t0 = time.perf_counter()
+    if args.from_iar is not None:
+        k = codebook.shape[0]
+        if args.clusters < 1 or k % args.clusters:
+            raise ClusterarError(
+                f"--clusters {args.clusters} does not split the tokenizer's {k} codes into equal blocks; "
+                "IAR's file holds blocks of K / M ids (its release: --clusters 128 for 16384 codes)"
+            )
+        clusters = CodebookClusters.from_iar_mapping(args.from_iar, codebook, k // args.clusters)
+    else:
+        kw = {} if args.restarts is None else {"n_init": args.restarts}
+        if args.method != "random":
+            kw["info"] = info
+        codebook_dev = codebook.to(pick_device(args.device))
+        clusters = CodebookClusters.fit(codebook_dev, args.method, args.clusters, seed=args.seed, **kw)
+    seconds = time.perf_counter() - t0
+    clusters.save(args.out)
+    print(describe_clusters(clusters, seconds, info))
+    print(f"written: {args.out}")
+
+
+def cmd_cluster_export(args: argparse.Namespace) -> None:
+    from .clusters import CodebookClusters
+    from .rearrange import export_iar_mapping
+
+    export_iar_mapping(CodebookClusters.load(args.clusters), args.out)
+    print(f"written: {args.out} (IAR's format: 1-D int64 [K], new_id = mapping[old_id])")
+
+
+def cmd_cluster_inspect(args: argparse.Namespace) -> None:
+    from .cluster_inspect import format_table, inspect_clusters
+    from .clusters import CodebookClusters
+    from .runtime import pick_device
+    from .tokenizer import load_tokenizer
+
+    clusters = CodebookClusters.load(args.clusters)
+    tokenizer = load_tokenizer(args.tokenizer, pick_device(args.device))
+    out = Path(args.out or Path(args.clusters).with_name(Path(args.clusters).stem + "-inspect"))
+    info = {"clusters_file": str(args.clusters), "tokenizer": str(args.tokenizer)}
+    figures = inspect_clusters(
+        clusters, tokenizer, args.data, args.image_size, out, args.n, args.seed, args.split, info=info
+    )
+    print(format_table(figures))
+    print(f"written: {out / 'swap.png'}, {out / 'clusters.png'}, {out / 'inspect.json'}")
+
+
+def cmd_cluster_rearrange(args: argparse.Namespace) -> None:
+    from .clusters import CodebookClusters
+    from .rearrange import rearrange_token_files, rearrange_tokenizer_file
+    from .tokenizer import load_tokenizer
+
+    if args.out is None and not args.tokens:
+        raise ClusterarError(
+            "clusterar cluster rearrange needs --out (the rearranged tokenizer) and/or --tokens FILE... "
+            "--out-dir DIR (the remapped token files)"
+        )
+    if bool(args.tokens) != (args.out_dir is not None):
+        raise ClusterarError(
+            "--tokens and --out-dir go together: the remapped copies are written to --out-dir"
+        )
+    clusters = CodebookClusters.load(args.clusters)
+    if args.out is not None:
+        print(f"written: {rearrange_tokenizer_file(args.tokenizer, clusters, args.out)}")
+    if args.tokens:
+        files = rearrange_token_files(args.tokens, clusters, args.out_dir, load_tokenizer(args.tokenizer))
+        for tf in files:
+            print(f"written: {tf.path} (codes {list(tf.codes.shape)} {tf.codes.dtype})")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import os
+
+    from .train import TrainConfig, train
+
+    cfg = _dataclass_from_args(TrainConfig, args)
+    summary = train(cfg, args.out, resume=args.resume, stop_at=args.stop_at, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+        print(json.dumps(summary, indent=2))
+        print(f"model written to {summary['model_file']}; log and curves in {args.out}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .fileio import write_json
+    from .metrics import evaluate_images, format_table
+
+    if args.inception and args.extractor:
+        raise ClusterarError("pass either --inception PATH or --extractor, not both")
+    extractor = f"inception:{args.inception}" if args.inception else args.extractor
+    metrics = evaluate_images(
+        args.samples,
+        reference=args.ref,
+        extractor=extractor,
+        k=args.k,
+        batch_size=args.batch_size,
+        device=args.device,
+        cache=args.cache_dir,
+        progress=not args.no_progress,
+        image_size=args.image_size,
+    )
+    print(format_table(metrics))
+    if args.out:
+        write_json(args.out, metrics)
+        print(f"written: {args.out}")
+
+
+def _parse_labels(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise ClusterarError(
+            f"--labels takes comma-separated class ids such as 1,2,3, got {text!r}"
+        ) from None
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from .runtime import pick_device
+    from .sample import Pipeline, describe_settings, make_labels, sample_to_folder
+
+    pipe = Pipeline.load(
+        args.source,
+        device=pick_device(args.device),
+        tokenizer=args.tokenizer,
+        clusters=args.clusters,
+        restrict_to_cluster=True if args.restrict_to_cluster else None,
+        grid_size=args.grid_size,
+    )
+    settings = pipe.settings(
+        cfg_scale=args.cfg_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature2=args.temperature2,
+        top_k2=args.top_k2,
+        cfg_scale2=args.cfg_scale2,
+    )
+    labels, how = make_labels(
+        args.n, pipe.num_classes, per_class=args.per_class, labels=_parse_labels(args.labels), seed=args.seed
+    )
+    print(f"{pipe.method} from {pipe.source} on {pipe.device}: {args.n} images, labels {how}")
+    print(f"settings: {describe_settings(settings, pipe.method)}")
+    summary = sample_to_folder(
+        pipe,
+        labels,
+        args.out,
+        settings=settings,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        compile=args.compile,
+        per_class=args.per_class,
+        write_images=not args.no_images,
+        progress=not args.no_progress,
+        info={"labels_how": how},
+    )
+    rate = summary.get("images_per_s_after_first_batch") or summary.get("images_per_s")
+    print(f"written: {Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'} ({rate} images/s)")
+
+
+def cmd_pipeline_ctf(args: argparse.Namespace) -> None:
+    from .sample import write_ctf_pipeline
+
+    d = write_ctf_pipeline(
+        args.coarse,
+        args.refiner,
+        args.out,
+        tokenizer=args.tokenizer,
+        clusters=args.clusters,
+        restrict_to_cluster=args.restrict_to_cluster,
+    )
+    print(json.dumps(d, indent=2))
+    print(f"written: {args.out}; sample with `clusterar sample {args.out} --out DIR`")
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -222,6 +450,260 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(enc)
     enc.set_defaults(func=cmd_encode)
+
+    clu = sub.add_parser(
+        "cluster",
+        help="cluster a tokenizer's codebook (k-means, balanced k-means), inspect, export, rearrange",
+        description="Cluster a tokenizer's codebook and work with the result. `clusterar cluster --tokenizer "
+        "T --method M --clusters N --out F` is short for `clusterar cluster fit ...` (its options are "
+        "listed below; options of the other actions go after the action's name).",
+    )
+    _add_cluster_fit_args(clu, required=False)
+    common(clu)
+    clu.set_defaults(func=cmd_cluster_fit)
+    csub = clu.add_subparsers(dest="clustercmd", metavar="ACTION")
+    cfit = csub.add_parser(
+        "fit",
+        help="fit clusters (or import IAR's permutation) and write a clusters file",
+        description="Cluster the L2-normalised codebook rows of a tokenizer: kmeans (CTF), balanced "
+        "k-means (IAR, exactly K/M codes per cluster) or random (the papers' ablation); or import IAR's "
+        "published permutation with --from-iar. Writes a clusters file (safetensors).",
+    )
+    _add_cluster_fit_args(cfit, required=True)
+    common(cfit)
+    cfit.set_defaults(func=cmd_cluster_fit)
+    cins = csub.add_parser(
+        "inspect",
+        help="swap experiment (same- vs other-cluster tokens), size histogram, PCA picture",
+        description="Replace every token of real images by a random token of the same cluster, or of another "
+        "cluster, decode, and report PSNR/MSE to the originals (CTF Fig. 1b, IAR Fig. 2). Writes swap.png, "
+        "clusters.png and inspect.json.",
+    )
+    cins.add_argument("clusters", help="clusters file written by `clusterar cluster fit`")
+    cins.add_argument("--tokenizer", required=True, help="the tokenizer whose codebook was clustered")
+    cins.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH (default: mnist)")
+    cins.add_argument("--split", default="val")
+    cins.add_argument("--n", type=int, default=500, help="images (evenly spaced through the split)")
+    cins.add_argument("--image-size", type=int, default=32)
+    cins.add_argument("--seed", type=int, default=0, help="seed of the random swaps")
+    cins.add_argument("--out", default=None, help="folder (default: beside the clusters file, NAME-inspect)")
+    cins.add_argument("--device", default="auto")
+    common(cins)
+    cins.set_defaults(func=cmd_cluster_inspect)
+    cexp = csub.add_parser(
+        "export",
+        help="write IAR's permutation file (mapping.pt) of balanced clusters",
+        description="Write the id permutation in IAR's format: a 1-D int64 tensor [K] saved with "
+        "torch.save, new_id = mapping[old_id]; equal-size clusters only.",
+    )
+    cexp.add_argument("clusters", help="clusters file")
+    cexp.add_argument("--out", required=True, help="file to write, e.g. mapping.pt")
+    cexp.set_defaults(func=cmd_cluster_export)
+    crea = csub.add_parser(
+        "rearrange",
+        help="write a rearranged tokenizer and/or remapped token files (IAR's layout on disk)",
+        description="Apply the clusters' id permutation to files: the tokenizer's codebook rows and/or "
+        "token files. Not needed for training (the trainer remaps ids on the fly); for IAR's layout on "
+        "disk. Remapped tokens decode to the same images with the rearranged tokenizer.",
+    )
+    crea.add_argument("clusters", help="clusters file")
+    crea.add_argument("--tokenizer", required=True, help="the ORIGINAL tokenizer the clusters were fitted on")
+    crea.add_argument("--out", default=None, help="rearranged tokenizer: a .safetensors file or a folder")
+    crea.add_argument("--tokens", nargs="+", default=None, metavar="FILE", help="token files to remap")
+    crea.add_argument("--out-dir", default=None, help="folder for the remapped token files (same names)")
+    common(crea)
+    crea.set_defaults(func=cmd_cluster_rearrange)
+
+    from .gpt import PRESETS as GPT_PRESETS
+    from .train import TrainConfig
+
+    trn = sub.add_parser(
+        "train",
+        help="train a transformer: baseline, iar, ctf-coarse (CTF stage 1) or ctf-refiner (CTF stage 2)",
+        description="Train the LlamaGen transformer of one method on a token file. Runs are resumable "
+        "(--resume continues bit for bit). Multi-GPU / multi-node: torchrun --nproc_per_node N -m "
+        "clusterar train ... (DDP; --fsdp to shard a model that does not fit one GPU).",
+    )
+    trn.add_argument("--out", default="runs/train", help="run folder (model.safetensors, checkpoint, log)")
+    trn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    trn.add_argument("--tokens", required=True, help="train token file (clusterar encode)")
+    trn.add_argument("--tokenizer", required=True, help="the tokenizer that encoded --tokens")
+    _add_dataclass_args(
+        trn,
+        TrainConfig,
+        skip=(
+            "tokens",
+            "tokenizer",
+            "rearrange",
+            "restrict_to_cluster",
+            "compile",
+            "fsdp",
+            "epochs",
+            "dropout",
+            "ema",
+            "snapshot_every",
+        ),
+        help={
+            "method": "baseline, iar, ctf-coarse or ctf-refiner (default: baseline)",
+            "model": f"GPT preset: {', '.join(GPT_PRESETS)} (default: cpu-s)",
+            "clusters": "clusters file: balanced for iar, k-means for ctf-*; baseline: accuracy logging only",
+            "cluster_weight": "IAR's lambda on the cluster CE (default: 1)",
+            "steps": "budget in optimizer steps (or --epochs)",
+            "batch_size": "per process and micro-batch; global batch = this x grad-accum x processes",
+            "schedule": "constant (LlamaGen, IAR) or cosine to --min-lr (CTF)",
+            "warmup": "linear warmup steps (default: 0)",
+            "ckpt_every": "steps between checkpoints (default: 1000)",
+            "device": "auto, cpu or cuda (default: auto; under torchrun each process uses GPU LOCAL_RANK)",
+        },
+    )
+    trn.add_argument("--epochs", type=float, default=None, help="budget in epochs (float ok), or --steps")
+    trn.add_argument(
+        "--no-rearrange",
+        dest="rearrange",
+        action="store_false",
+        help="iar: keep the original ids and use the segment cluster CE (clusters of any sizes)",
+    )
+    trn.add_argument(
+        "--restrict-to-cluster",
+        action="store_true",
+        help="ctf-refiner: mask the logits outside each position's coarse cluster (sampling does the same)",
+    )
+    trn.add_argument(
+        "--dropout", type=float, default=None, help="token/residual/FFN dropout (default: the preset's 0.1)"
+    )
+    trn.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.9999 (model file = EMA)")
+    trn.add_argument(
+        "--snapshot-every", type=float, default=None, help="epochs between snapshots/model-stepN.safetensors"
+    )
+    trn.add_argument("--compile", action="store_true", help="torch.compile the model")
+    trn.add_argument("--fsdp", action="store_true", help="shard parameters/optimizer over processes (FSDP2)")
+    trn.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="end this session after step N with a checkpoint (time-sliced jobs); continue with --resume",
+    )
+    trn.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common(trn)
+    trn.set_defaults(func=cmd_train)
+
+    evl = sub.add_parser(
+        "evaluate",
+        help="FID, Inception Score, precision/recall of samples against a reference",
+        description=(
+            "FID, Inception Score and precision/recall (k-NN manifolds) of SAMPLES (an .npz with arr_0 uint8 "
+            "[N, H, W, 3], as ADM, or a folder of images) against --ref. For the bundled data the features "
+            "come from a small classifier trained once on the dataset's train split and cached; for natural "
+            "images pass the standard FID Inception weights with --inception (needs the optional "
+            "torch-fidelity: pip install 'clusterar[inception]'). ADM reference batches (.npz with mu/sigma "
+            "and arr_0) are used as ADM does. Report the reference and the sample count with the numbers."
+        ),
+    )
+    evl.add_argument("samples", help="samples: .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images")
+    evl.add_argument(
+        "--ref",
+        default="mnist:val",
+        help="reference: mnist:val, mnist:train, digits:val, ..., an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) "
+        "or a folder of images (default: mnist:val)",
+    )
+    evl.add_argument(
+        "--inception",
+        default=None,
+        metavar="PATH",
+        help="Inception-v3 FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)",
+    )
+    evl.add_argument(
+        "--extractor",
+        default=None,
+        help="classifier, classifier:mnist or classifier:digits (default: the classifier of a bundled --ref)",
+    )
+    evl.add_argument("--k", type=int, default=3, help="neighbourhood size for precision/recall (default: 3)")
+    evl.add_argument("--batch-size", type=int, default=256)
+    evl.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize + centre-crop folder images to this size (needed when their sizes differ)",
+    )
+    evl.add_argument(
+        "--cache-dir",
+        default=None,
+        help="classifier and reference-statistics cache (default: $CLUSTERAR_CACHE or ~/.cache/clusterar)",
+    )
+    evl.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
+    evl.add_argument("--device", default="auto")
+    evl.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common(evl)
+    evl.set_defaults(func=cmd_evaluate)
+
+    smp = sub.add_parser(
+        "sample",
+        help="sample images from a trained model (baseline, iar) or a CTF pipeline",
+        description="Sample class-conditional images: SOURCE is a run folder or model.safetensors (baseline, "
+        "iar), a pipeline JSON (ctf, see `clusterar pipeline ctf`) or a LlamaGen c2i_*.pt (with --tokenizer). "
+        "Writes OUT/grid.png, OUT/images/NNNNNN.png, OUT/samples.npz (ADM format: arr_0 uint8 N x H x W x 3, "
+        "arr_1 labels) and OUT/sample.json. Rerunning an interrupted command continues where it stopped. "
+        "Defaults: CFG 2.0, top-k 0 (all), top-p 1 (off); temperature 1.0, for ctf 1.1 in both stages "
+        "(the CTF paper's settings).",
+    )
+    smp.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
+    smp.add_argument("--out", required=True, help="output folder")
+    smp.add_argument("--n", type=int, default=100, help="number of images (default: 100)")
+    lab = smp.add_mutually_exclusive_group()
+    lab.add_argument(
+        "--per-class",
+        action="store_true",
+        help="class-balanced labels, n/num_classes per class (the first n %% num_classes classes get one "
+        "more); default: labels uniform at random",
+    )
+    lab.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --n")
+    smp.add_argument(
+        "--cfg-scale", type=float, default=None, help="classifier-free guidance (default 2.0; 1 = off)"
+    )
+    smp.add_argument("--temperature", type=float, default=None, help="default 1.0; ctf stage 1: 1.1")
+    smp.add_argument("--top-k", type=int, default=None, help="0 = whole vocabulary (default)")
+    smp.add_argument("--top-p", type=float, default=None, help="nucleus sampling; 1 = off (default)")
+    smp.add_argument("--temperature2", type=float, default=None, help="ctf stage 2 (default 1.1)")
+    smp.add_argument("--top-k2", type=int, default=None, help="ctf stage 2 (default 0 = all)")
+    smp.add_argument(
+        "--cfg-scale2", type=float, default=None, help="ctf stage-2 guidance (default 1 = off, as the paper)"
+    )
+    smp.add_argument(
+        "--restrict-to-cluster",
+        action="store_true",
+        help="ctf: sample every fine token inside its coarse cluster (always on for a refiner trained so)",
+    )
+    smp.add_argument("--seed", type=int, default=0, help="seed of the labels and of every batch (default 0)")
+    smp.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    smp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    smp.add_argument(
+        "--compile", action="store_true", help='torch.compile the decode step (mode "reduce-overhead", GPU)'
+    )
+    smp.add_argument("--tokenizer", default=None, help="override the tokenizer path recorded in the model")
+    smp.add_argument("--clusters", default=None, help="override the clusters path recorded in the model")
+    smp.add_argument("--grid-size", type=int, default=None, help="LlamaGen .pt only: tokens per side (16)")
+    smp.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (grid and npz only)")
+    smp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    common(smp)
+    smp.set_defaults(func=cmd_sample)
+
+    pip = sub.add_parser("pipeline", help="tie CTF's two stages to their tokenizer and clusters")
+    psub = pip.add_subparsers(dest="pipecmd", required=True, metavar="KIND")
+    pctf = psub.add_parser(
+        "ctf",
+        help="write pipeline.json for a ctf-coarse run and a ctf-refiner run",
+        description="Check that both runs were trained with the same tokenizer and clusters (fingerprints) "
+        "and write a JSON holding their paths, relative to the JSON's folder; `clusterar sample` takes it.",
+    )
+    pctf.add_argument("--coarse", required=True, help="CTF stage-1 run folder or model file (ctf-coarse)")
+    pctf.add_argument("--refiner", required=True, help="CTF stage-2 run folder or model file (ctf-refiner)")
+    pctf.add_argument("--out", required=True, help="the pipeline JSON to write")
+    pctf.add_argument("--tokenizer", default=None, help="override the tokenizer path recorded in the runs")
+    pctf.add_argument("--clusters", default=None, help="override the clusters path recorded in the runs")
+    pctf.add_argument(
+        "--restrict-to-cluster", action="store_true", help="sample fine tokens inside their coarse cluster"
+    )
+    pctf.set_defaults(func=cmd_pipeline_ctf)
 
     info = sub.add_parser(
         "info", help="print the metadata of a clusterar file (tokenizer, token file, checkpoint)"
