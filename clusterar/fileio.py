@@ -143,5 +143,6 @@ def fingerprint(tensors: Mapping[str, torch.Tensor] | torch.Tensor) -> str:
     for k in sorted(tensors):
         t = tensors[k].detach().cpu().contiguous()
         h.update(f"{k}|{tuple(t.shape)}|{t.dtype}|".encode())
+        t = t.reshape(-1)  # a 0-d tensor cannot be viewed as bytes; the bytes are the same
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:16]

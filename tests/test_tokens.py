@@ -166,3 +166,13 @@ def test_cli_encode_and_info(tokenizer, tmp_path, capsys):
     rc = main(["encode", "--tokenizer", str(tmp_path / "nope.safetensors"), "--data", "digits"])
     err = capsys.readouterr().err
     assert rc == 2 and "nope.safetensors" in err and "Traceback" not in err
+
+
+def test_fingerprint_covers_values_shapes_and_scalars():
+    from clusterar.fileio import fingerprint
+
+    a = {"w": torch.arange(6.0).reshape(2, 3), "step": torch.tensor(7)}  # a 0-d tensor hashes too
+    assert fingerprint(a) == fingerprint({k: v.clone() for k, v in a.items()})
+    assert fingerprint(a) != fingerprint({**a, "step": torch.tensor(8)})
+    assert fingerprint(a) != fingerprint({**a, "w": a["w"].reshape(3, 2)})  # same bytes, other shape
+    assert fingerprint(a) != fingerprint({**a, "w": a["w"].double()})
