@@ -13,13 +13,7 @@ from clusterar.clusters import CodebookClusters, remap_tokens
 from clusterar.tokenizer import VQModel, get_preset, load_tokenizer, save_tokenizer
 from clusterar.tokens import TokenFile, encode_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

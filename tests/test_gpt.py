@@ -60,13 +60,7 @@ def meta_model(cfg: GPTConfig) -> GPT:
         return GPT(cfg)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: a second intra-op thread only adds synchronisation, which costs ~50x on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- layout

@@ -20,14 +20,7 @@ from clusterar.losses import (
     token_ce,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: a second intra-op thread only adds synchronisation, which costs ~50x on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 K, BLOCK = 48, 8  # 6 clusters of 8 ids

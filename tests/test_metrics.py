@@ -36,12 +36,7 @@ from clusterar.metrics import (
 SHORT = dict(epochs=3, width=8, lr=0.01)  # a ~1 s classifier for the cache tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,14 +27,7 @@ from clusterar.rearrange import (
 from clusterar.tokenizer import VQModel, get_preset, load_tokenizer, save_tokenizer
 from clusterar.tokens import encode_dataset
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: extra intra-op threads only add synchronisation on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer(seed: int) -> VQModel:

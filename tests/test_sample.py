@@ -33,12 +33,7 @@ from clusterar.tokenizer import get_preset as vq_preset
 K, M, CLASSES = 512, 16, 10  # tiny tokenizer codes, clusters, classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_gpt(seed: int = 0, **kw) -> GPT:

@@ -27,12 +27,7 @@ from clusterar.train import TrainConfig, epoch_permutation, lr_at, train
 K, M, GRID, CLASSES = 64, 8, 4, 4  # 64 codes in 8 clusters, 4x4 token grids, 4 classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokenizer(seed: int) -> VQModel:
