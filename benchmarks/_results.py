@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import re
+import sys
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from clusterar.runtime import describe_machine  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = "# Benchmark results\n\nEvery figure below was written by the script named in its section; rerun it to refresh.\n"
@@ -20,17 +21,7 @@ HEADER = "# Benchmark results\n\nEvery figure below was written by the script na
 
 def machine() -> str:
     """One line describing where the figures were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = torch.get_num_threads()
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
-    return f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {threads} threads{gpu}"
+    return describe_machine()
 
 
 def write_section(name: str, title: str, command: str, body: str) -> None:

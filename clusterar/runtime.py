@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import platform
+from pathlib import Path
+
 import torch
 
 from .errors import ClusterarError
@@ -26,3 +30,24 @@ def autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def describe_machine(device: torch.device | None = None) -> str:
+    """One line saying where figures were measured (CPU model, cores, torch, threads, GPU): every report
+    and benchmark states it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    use_gpu = torch.cuda.is_available() if device is None else device.type == "cuda"
+    gpu = (
+        f", GPU {torch.cuda.get_device_name(device if device is not None else 0)}" if use_gpu else ", no GPU"
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads{gpu}"
+    )
