@@ -46,7 +46,7 @@ from .checkpoints import _unflatten_optimizer, load_checkpoint, load_state_stric
 from .clusters import CodebookClusters
 from .errors import ClusterarError
 from .fileio import load_tensors, read_meta, write_json
-from .gpt import GPT, MODEL_FILE, PRESETS, num_params, save_gpt
+from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
 from .methods import METHODS, Method
 from .runtime import autocast, pick_device
 from .tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -429,6 +429,7 @@ class Trainer:
             "clusters": str(Path(cl.source).resolve()) if cl is not None else None,
             "clusters_fingerprint": cl.fingerprint() if cl is not None else None,
             "n_clusters": cl.n_clusters if cl is not None else None,
+            "cluster_weight": self.cfg.cluster_weight,
             "id_space": self.method.id_space,
             "restrict_to_cluster": self.cfg.restrict_to_cluster,
             "step": self.step,
@@ -678,6 +679,47 @@ class Trainer:
             "world_size": di.world,
             "model_file": str(out / MODEL_FILE),
         }
+
+
+@torch.no_grad()
+def validate(
+    model_file: str | os.PathLike,
+    tokens: str | os.PathLike,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Loss and accuracies of a model file on a token file (view 0 of every image, classes given).
+
+    The same `Method` as in training scores it, so the numbers sit on the scale of log.jsonl's: val
+    `loss`, `acc_token`, `acc_cluster` (and IAR's `token_ce`, `cluster_ce`), averaged over images.
+    """
+    model, meta = load_gpt(model_file, device)
+    tf = TokenFile.open(tokens)
+    if tf.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+        raise ClusterarError(
+            f"{tokens} was encoded by another tokenizer than the one {model_file} was trained with; encode the "
+            "val split with the model's tokenizer"
+        )
+    clusters = CodebookClusters.load(meta["clusters"]) if meta.get("clusters") else None
+    method = Method(
+        meta["method"],
+        tf.codebook_size,
+        clusters,
+        cluster_weight=meta.get("cluster_weight", 1.0),
+        rearrange=meta.get("id_space") == "rearranged",
+        restrict_to_cluster=bool(meta.get("restrict_to_cluster")),
+    ).to(torch.device(device))
+    sums: dict[str, float] = {}
+    for lo in range(0, len(tf), batch_size):
+        hi = min(len(tf), lo + batch_size)
+        codes, labels = tf.batch(np.arange(lo, hi))
+        inputs, targets, coarse = method.prepare(codes.to(device))
+        with autocast(torch.device(device)):
+            logits = model(inputs, labels.to(device))
+        parts = {**method.loss(logits, targets, coarse), **method.metrics(logits, targets, coarse)}
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * (hi - lo)
+    return {k: v / len(tf) for k, v in sums.items()}
 
 
 def _is_dtensor(t: Any) -> bool:
