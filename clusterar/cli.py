@@ -114,8 +114,19 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
-    report = run_demo(out, quick=args.quick, device=args.device)
-    print(f"report: {report}")
+    run_demo(out, quick=args.quick, device=args.device, progress=not args.no_progress)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from .experiment import load_spec, run_experiment
+
+    spec = load_spec(args.spec)
+    if args.device is not None:
+        spec.device = args.device
+    if args.check:
+        print(f"{args.spec}: valid ({len(spec.runs)} runs, {len(spec.sweeps)} sweeps)")
+        return
+    run_experiment(spec, args.out, progress=not args.no_progress)
 
 
 def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -366,18 +377,40 @@ def build_parser() -> argparse.ArgumentParser:
             "--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)"
         )
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on bundled MNIST and write a report")
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline on bundled MNIST: tokenizer, clusters, baseline / IAR / CTF, samples, report",
+        description="Runs the experiment spec clusterar/specs/demo.toml (about 15 minutes on 2 CPU cores) and "
+        "writes runs/demo/report.md. Finished stages are reused when it is run again.",
+    )
     demo.add_argument(
         "--out",
         default=None,
         help="run folder (default runs/demo, or runs/demo-quick); finished stages are reused",
     )
     demo.add_argument(
-        "--quick", action="store_true", help="a much smaller budget (a minute or two), for a smoke test"
+        "--quick",
+        action="store_true",
+        help="the minute-sized spec (tiny models on the digits set, specs/quick.toml): a smoke test",
     )
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the spec's, auto)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     common(demo)
     demo.set_defaults(func=cmd_demo)
+
+    exp = sub.add_parser(
+        "experiment",
+        help="train, sample and evaluate the runs of a spec file under identical conditions; write a report",
+        description="SPEC is a TOML file, or the name of a shipped one (demo, quick). Every stage is reused "
+        "when its result exists with the same settings; the report goes to OUT/report.md.",
+    )
+    exp.add_argument("spec", help="spec file (TOML) or shipped spec name")
+    exp.add_argument("--out", default=None, help="experiment folder (default runs/NAME)")
+    exp.add_argument("--device", default=None, help="override the spec's device")
+    exp.add_argument("--check", action="store_true", help="only validate the spec")
+    exp.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common(exp)
+    exp.set_defaults(func=cmd_experiment)
 
     tok = sub.add_parser("tokenizer", help="train or evaluate a VQ tokenizer")
     tsub = tok.add_subparsers(dest="tokcmd", required=True, metavar="ACTION")

@@ -68,3 +68,65 @@ def plot_curves(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def plot_series(
+    panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    title: str = "",
+    logx: bool = False,
+) -> None:
+    """One subplot per panel, one line per named series of (x, y) points; saved as PNG.
+
+    Used for the experiment report: FID / IS / accuracy against epochs per run, and the sweeps.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {k: v for k, v in panels.items() if any(v.values())}
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+        for label, pts in series.items():
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_title(name)
+        if logx:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def plot_image_panels(panels: dict[str, Image.Image], path: str | os.PathLike, title: str = "") -> None:
+    """Image grids side by side, each under its title (the report's samples-per-method figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        return
+    aspect = max(img.width / img.height for img in panels.values())
+    fig, axes = plt.subplots(1, len(panels), figsize=((3.8 * aspect + 0.6) * len(panels), 4.3), squeeze=False)
+    for ax, (name, img) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(np.asarray(img), interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

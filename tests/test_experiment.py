@@ -1,0 +1,184 @@
+"""The experiment runner: the minute-sized spec end to end (what `clusterar demo` does on MNIST), stage
+reuse, and bad specs refused before any work starts."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from clusterar.cli import main
+from clusterar.errors import ClusterarError
+from clusterar.experiment import load_spec, parse_spec, run_experiment
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """`clusterar demo --quick` run once for the module, with its own classifier cache."""
+    root = tmp_path_factory.mktemp("quick")
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("CLUSTERAR_CACHE", str(root / "cache"))
+        assert main(["demo", "--quick", "--out", str(root / "exp"), "--device", "cpu", "--no-progress"]) == 0
+        yield root / "exp"
+
+
+def _table(report: str) -> list[list[str]]:
+    """The rows of the comparison table of report.md."""
+    section = report.split("## Comparison (final models)")[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:]  # skip the header
+    body = []
+    for line in rows:
+        if line.startswith("| run |"):
+            break
+        body.append([c.strip() for c in line.strip("|").split("|")])
+    return body
+
+
+def test_quick_spec_end_to_end_report_holds_numbers(quick):
+    report = (quick / "report.md").read_text()
+    rows = _table(report)
+    assert [r[0] for r in rows] == ["baseline", "iar", "ctf"]
+    for r in rows:
+        run, method, params1, params2, speed, fid, is_, prec, rec, acc_tok, acc_cl = r[:11]
+        assert int(params1.split()[0].replace(",", "")) > 0
+        assert (params2 != "-") == (method == "ctf")
+        assert float(speed) > 0
+        assert math.isfinite(float(fid)) and float(fid) >= 0
+        assert 1.0 <= float(is_) <= 10.0  # IS is at most the number of classes
+        assert 0 <= float(prec) <= 1 and 0 <= float(rec) <= 1
+        assert 0 < float(acc_tok.rstrip("%")) <= 100 and 0 < float(acc_cl.rstrip("%")) <= 100
+    data = json.loads((quick / "report.json").read_text())
+    # every run evaluated after each of its 2 epochs, and the sweep on the baseline's final model
+    assert {n: [c["epoch"] for c in cs] for n, cs in data["curves"].items()} == {
+        "baseline": [1.0, 2.0],
+        "iar": [1.0, 2.0],
+        "ctf": [1.0, 2.0],
+    }
+    assert [c["value"] for c in data["sweeps"]["cfg_scale"]["baseline"]] == [1.0, 3.0]
+    # the baseline is the reference of "epochs to baseline FID"; the others reached it at an evaluated
+    # epoch, or did not (None)
+    assert data["table"][0]["epochs_to_baseline_fid"] == 2.0 and "2 (reference)" in report
+    final_fid = data["curves"]["baseline"][-1]["fid"]
+    for row in data["table"][1:]:
+        fids = {c["epoch"]: c["fid"] for c in data["curves"][row["run"]]}
+        reached = [e for e, f in fids.items() if f <= final_fid]
+        assert row["epochs_to_baseline_fid"] == (min(reached) if reached else None)
+    for name in ("curves.png", "sweep-cfg_scale.png", "tokenizer/tokenizer.safetensors"):
+        assert (quick / name).is_file(), name
+    for cs in data["curves"].values():
+        assert (quick / cs[-1]["grid"]).is_file()
+        assert re.search(re.escape(cs[-1]["grid"]), report)
+    # the CFG-1 and CFG-3 sweep points are other samples than the default CFG-2 evaluation
+    fids = {c["value"]: c["fid"] for c in data["sweeps"]["cfg_scale"]["baseline"]}
+    assert fids[1.0] != fids[3.0]
+
+
+def test_rerun_reuses_every_stage_and_refuses_changed_training(quick, capsys, monkeypatch):
+    monkeypatch.setenv("CLUSTERAR_CACHE", str(quick.parent / "cache"))
+    before = json.loads((quick / "report.json").read_text())
+    evals = sorted(p for p in quick.rglob("eval.json"))
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(quick), "--device", "cpu", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert "tokenizer: reusing" in log and log.count("tokens: reusing") == 2
+    assert log.count("clusters: reusing") == 2 and log.count("train: reusing") == 4
+    assert sorted(quick.rglob("eval.json")) == evals  # nothing re-evaluated
+    after = json.loads((quick / "report.json").read_text())
+    assert after["curves"] == before["curves"] and after["table"] == before["table"]
+
+    spec = load_spec("quick")
+    spec.device = "cpu"
+    spec.train["epochs"] = 3
+    with pytest.raises(ClusterarError, match="other settings"):
+        run_experiment(spec, quick, progress=False)
+
+
+BASE = {
+    "name": "t",
+    "data": "digits",
+    "tokenizer": {"preset": "tiny"},
+    "clusters": {"b": {"method": "balanced", "n": 16}, "k": {"method": "kmeans", "n": 16}},
+    "train": {"model": "tiny", "epochs": 1},
+    "runs": [{"name": "base", "method": "baseline"}, {"name": "ctf", "method": "ctf", "clusters": "k"}],
+}
+
+
+def _with(**changes):
+    d = json.loads(json.dumps(BASE))
+    for path, value in changes.items():
+        *keys, last = path.split("__")
+        node = d
+        for k in keys:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"runs__0__method": "gan"}, "unknown method 'gan'"),
+        ({"train__model": "GPT-Z"}, "unknown model preset 'GPT-Z'"),
+        ({"data": "cifar"}, "unknown dataset 'cifar'"),
+        ({"data": "folder:/no/such/dir"}, "does not exist"),
+        ({"tokenizer__preset": "vq-99"}, "unknown tokenizer preset"),
+        ({"clusters__k__method": "spectral"}, "unknown method 'spectral'"),
+        ({"runs__1__clusters": "nope"}, "clusters 'nope' is not defined"),
+        ({"runs__0__method": "iar", "runs__0__clusters": "k"}, "equal-size clusters"),
+        ({"runs__0__method": "iar"}, "needs `clusters = NAME`"),
+        ({"train__learning_rate": 1.0}, "unknown train setting"),
+        ({"train__lr": -1.0}, "--lr must be a positive number"),
+        ({"train__steps": 10}, "exactly one of --epochs or --steps"),
+        ({"train__tokens": "x"}, "set by the experiment"),
+        ({"runs__0__refiner": {"lr": 1e-3}}, "only applies to method ctf"),
+        ({"runs__1__train": {"restrict_to_cluster": True}}, "only applies to CTF's refiner"),
+        ({"runs__0__sample": {"temperature2": 1.1}}, "CTF stage-2 settings"),
+        ({"runs__0__sample": {"top_k": -1}}, "top"),
+        ({"runs__1__name": "base"}, "two runs share this name"),
+        ({"runs": []}, "no \\[\\[runs\\]\\]"),
+        ({"sweeps": [{"param": "lr", "values": [1]}]}, "sampling sweeps vary one of"),
+        ({"sweeps": [{"param": "cfg_scale", "values": []}]}, "no values"),
+        ({"sweeps": [{"param": "top_k2", "values": [5], "runs": ["base"]}]}, "are not CTF"),
+        ({"eval": {"samples": 2}}, "samples must be > 3"),
+        ({"eval": {"reference": "test"}}, "reference is a split"),
+        ({"colour": "blue"}, "unknown key\\(s\\) \\['colour'\\]"),
+    ],
+)
+def test_bad_specs_are_refused_before_any_work(changes, message):
+    with pytest.raises(ClusterarError, match=message):
+        parse_spec(_with(**changes), "t.toml")
+
+
+def test_cli_check_and_bad_file(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ndata = "mnist"\n[[runs]]\nname = "a"\nmethod = "diffusion"\n')
+    out = tmp_path / "out"
+    assert main(["experiment", str(bad), "--out", str(out)]) == 2
+    assert "unknown method 'diffusion'" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    (tmp_path / "broken.toml").write_text("name = \n")
+    assert main(["experiment", str(tmp_path / "broken.toml")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["experiment", "no-such-spec"]) == 2
+    assert "shipped specs: ablations, demo, quick" in capsys.readouterr().err
+    for name in ("ablations", "demo", "quick"):  # every shipped spec validates
+        assert main(["experiment", name, "--check"]) == 0
+        assert "valid" in capsys.readouterr().out
+
+
+def test_readme_spec_example_is_a_valid_spec():
+    """The annotated spec in the README parses and validates: the documentation cannot drift."""
+    from pathlib import Path
+
+    from clusterar.experiment import tomllib
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    spec = parse_spec(tomllib.loads(block), "README.md")
+    assert [r.method for r in spec.runs] == ["baseline", "iar", "ctf"]
+    assert spec.runs[2].refiner == {"model": "cpu-m"} and spec.sweeps[0].values == [1.0, 1.5, 3.0]
