@@ -429,3 +429,31 @@ def test_cli_run_folder_contract(files, tmp_path, capsys):
     assert main(args[:-1] + [str(tmp_path / "bad"), "--method", "iar", "--clusters", files["km"]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: IAR's rearranged ids need equal-size clusters") and "Traceback" not in err
+
+
+def test_validate_scores_a_model_file_like_training(files, tmp_path):
+    """validate() = the training loss and accuracies of view 0 in eval mode, computed independently here."""
+    from clusterar.gpt import load_gpt
+    from clusterar.losses import cluster_accuracy, iar_loss, token_accuracy
+    from clusterar.tokens import TokenFile
+    from clusterar.train import validate
+
+    train(
+        cfg(files, "few", method="iar", clusters=files["bal"], steps=20, lr=3e-3),
+        tmp_path / "r",
+        progress=False,
+    )
+    got = validate(tmp_path / "r" / "model.safetensors", files["few"], batch_size=3)  # 3 + 3 + 2 images
+    model, _ = load_gpt(tmp_path / "r" / "model.safetensors")
+    cl = CodebookClusters.load(files["bal"])
+    codes, labels = TokenFile.open(files["few"]).batch(np.arange(8))
+    ids = cl.perm[codes]
+    with torch.no_grad():
+        logits = model(ids[:, :-1], labels)
+    want = iar_loss(logits, ids, cl.block_size, 1.0)
+    assert got["loss"] == pytest.approx(float(want["loss"]), rel=1e-5)
+    assert got["cluster_ce"] == pytest.approx(float(want["cluster_ce"]), rel=1e-5)
+    assert got["acc_token"] == pytest.approx(float(token_accuracy(logits, ids)), abs=1e-6)
+    assert got["acc_cluster"] == pytest.approx(float(cluster_accuracy(logits, ids, cl.block_size)), abs=1e-6)
+    with pytest.raises(ClusterarError, match="another tokenizer"):
+        validate(tmp_path / "r" / "model.safetensors", files["other_tokens"])
