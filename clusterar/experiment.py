@@ -773,6 +773,11 @@ def run_experiment(
 
     step(7, "report")
     timings["total_this_invocation"] = elapsed(t_all)
+    with open(out / "timings.jsonl", "a") as f:  # one line per invocation: the first is the full cost
+        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **timings}) + "\n")
+    history = [json.loads(line) for line in open(out / "timings.jsonl")]
+    timings["all_invocations"] = round(sum(h["total_this_invocation"] for h in history), 1)
+    timings["invocations"] = len(history)
     data = {
         "spec": spec_dict(spec),
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -920,9 +925,11 @@ def render_report(data: dict, out: Path) -> str:
     lines = [
         f"# Experiment `{name}`",
         "",
-        f"Written by `clusterar experiment` on {data['date']} ({data['machine']}). This invocation took "
-        f"{data['timings']['total_this_invocation'] / 60:.1f} min; stages finished earlier were reused "
-        "(per-stage seconds in `report.json`). The spec as run is in `spec.json`.",
+        f"Written by `clusterar experiment` on {data['date']} ({data['machine']}). Wall time: "
+        f"{data['timings']['total_this_invocation'] / 60:.1f} min for this invocation, "
+        f"{data['timings']['all_invocations'] / 60:.1f} min for all {data['timings']['invocations']} "
+        "invocations on this folder (finished stages are reused; seconds per stage in `timings.jsonl`). The "
+        "spec as run is in `spec.json`.",
         "",
         "## Setup",
         "",

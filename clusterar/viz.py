@@ -89,8 +89,12 @@ def plot_series(
     panels = {k: v for k, v in panels.items() if any(v.values())}
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (name, series) in zip(axes[0], panels.items(), strict=True):
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
         for label, pts in series.items():
             pts = [(x, y) for x, y in pts if y is not None]
             if pts:
