@@ -762,8 +762,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        again = "again" if args.command in ("demo", "experiment", "sample", "encode") else "with --resume"
         print(
-            "\ninterrupted; finished checkpoints are kept: run the same command with --resume to continue",
+            f"\ninterrupted; finished checkpoints are kept: run the same command {again} to continue",
             file=sys.stderr,
         )
         return 130
