@@ -20,11 +20,11 @@ import torch
 from .clusters import CodebookClusters
 from .data import load_dataset, to_float, to_uint8
 from .errors import ClusterarError
-from .fileio import atomic_path, write_json
+from .fileio import write_json
 from .runtime import autocast
 from .tokenizer import VQModel
 from .tokenizer_train import fetch, psnr
-from .viz import image_grid
+from .viz import image_grid, save_figure
 
 ROWS = ("original", "reconstruction", "same_cluster", "other_cluster")
 
@@ -168,10 +168,7 @@ def save_swap_picture(picture: torch.Tensor, path: str | Path, title: str = "") 
         s.set_visible(False)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_sizes_and_projection(clusters: CodebookClusters, codebook: torch.Tensor, path: str | Path) -> None:
@@ -211,10 +208,7 @@ def plot_sizes_and_projection(clusters: CodebookClusters, codebook: torch.Tensor
     )
     b.set_xticks([])
     b.set_yticks([])
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def inspect_clusters(

@@ -36,6 +36,18 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         image_grid(images, nrow=nrow, scale=scale).save(tmp, format="PNG")
 
 
+def save_figure(fig, path: str | os.PathLike, title: str = "", dpi: int = 110) -> None:
+    """Title, tight layout, PNG written atomically, figure closed: the end of every plot here."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
 def plot_curves(
     records: Sequence[dict],
     keys: Sequence[str],
@@ -62,12 +74,7 @@ def plot_curves(
         if key in logy:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_series(
@@ -105,12 +112,7 @@ def plot_series(
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_image_panels(panels: dict[str, Image.Image], path: str | os.PathLike, title: str = "") -> None:
@@ -128,9 +130,4 @@ def plot_image_panels(panels: dict[str, Image.Image], path: str | os.PathLike, t
         ax.imshow(np.asarray(img), interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, title, dpi=100)
