@@ -152,6 +152,7 @@ def validate(spec: ExperimentSpec, source: str) -> None:
     from .clusters import METHODS as CLUSTER_METHODS
     from .data import check_dataset_name
     from .gpt import PRESETS as GPT_PRESETS
+    from .sample import SampleSettings
     from .tokenizer import PRESETS as VQ_PRESETS
     from .train import TrainConfig
 
@@ -211,6 +212,17 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         bad = sorted(set(r.sample) - set(SAMPLE_SWEEPS))
         if bad:
             raise ClusterarError(f"{where}: unknown sample setting(s) {bad}; known: {list(SAMPLE_SWEEPS)}")
+        if r.method != "ctf" and {"temperature2", "top_k2"} & set(r.sample):
+            raise ClusterarError(f"{where}: temperature2 and top_k2 are CTF stage-2 settings")
+        try:
+            SampleSettings.for_method(r.method, **sample_settings(spec, r))
+        except ClusterarError as e:
+            raise ClusterarError(f"{where}: {e}") from e
+        for stage, cfg in train_configs(spec, r).items():
+            if cfg.restrict_to_cluster and cfg.method != "ctf-refiner":
+                raise ClusterarError(
+                    f"{where} ({stage}): restrict_to_cluster only applies to CTF's refiner (its [refiner] table)"
+                )
     for s in spec.sweeps:
         if s.param not in SAMPLE_SWEEPS:
             raise ClusterarError(
@@ -222,6 +234,11 @@ def validate(spec: ExperimentSpec, source: str) -> None:
             raise ClusterarError(f"{source} sweep {s.param!r}: unknown run(s) {unknown}")
         if not s.values:
             raise ClusterarError(f"{source} sweep {s.param!r}: no values")
+        not_ctf = [r.name for r in spec.runs if r.name in s.runs and r.method != "ctf"]
+        if s.param in ("temperature2", "top_k2") and not_ctf:
+            raise ClusterarError(
+                f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
+            )
     ev = spec.eval
     if ev.samples <= 3 or ev.batch_size < 1:
         raise ClusterarError(
@@ -238,28 +255,6 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         )
     if not spec.data.startswith("folder:") and ev.reference not in ("train", "val", "all"):
         raise ClusterarError(f"{source} [eval]: reference is a split of {spec.data}: train, val or all")
-    from .sample import SampleSettings
-
-    for r in spec.runs:
-        where = f"{source} run {r.name!r}"
-        if r.method != "ctf" and {"temperature2", "top_k2"} & set(r.sample):
-            raise ClusterarError(f"{where}: temperature2 and top_k2 are CTF stage-2 settings")
-        try:
-            SampleSettings.for_method(r.method, **sample_settings(spec, r))
-        except ClusterarError as e:
-            raise ClusterarError(f"{where}: {e}") from e
-        for stage, cfg in train_configs(spec, r).items():
-            if cfg.restrict_to_cluster and cfg.method != "ctf-refiner":
-                raise ClusterarError(
-                    f"{where} ({stage}): restrict_to_cluster only applies to CTF's refiner (its [refiner] table)"
-                )
-    for s in spec.sweeps:
-        if s.param in ("temperature2", "top_k2"):
-            bad = [n for n in s.runs if next(r for r in spec.runs if r.name == n).method != "ctf"]
-            if bad:
-                raise ClusterarError(
-                    f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {bad} are not CTF"
-                )
 
 
 # ----------------------------------------------------------------------------- stage bookkeeping
@@ -345,12 +340,12 @@ def stage_tokens(
 
     tokenizer = None
     paths = {}
+    fp = _tokenizer_fingerprint(tokenizer_path)
     for split, views in (("train", "flip"), ("val", "none")):
         path = out / "tokens" / f"{split}.safetensors"
         paths[split] = path
         if path.exists():
-            meta = TokenFile.open(path).meta
-            if meta["tokenizer_fingerprint"] == _tokenizer_fingerprint(tokenizer_path):
+            if TokenFile.open(path).meta["tokenizer_fingerprint"] == fp:
                 print(f"tokens: reusing {path}")
                 continue
         if tokenizer is None:
@@ -378,10 +373,11 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
 
     paths: dict[str, Path] = {}
     codebook = None
+    fp = _tokenizer_fingerprint(tokenizer_path)
     for name, c in spec.clusters.items():
         path = out / "clusters" / f"{name}.safetensors"
         paths[name] = path
-        settings = {**asdict(c), "tokenizer": _tokenizer_fingerprint(tokenizer_path)}
+        settings = {**asdict(c), "tokenizer": fp}
         if _stage_done(path.with_suffix(".json"), settings, f"clusters {name}") is not None and path.exists():
             print(f"clusters: reusing {path}")
             continue
@@ -476,15 +472,16 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
     return summary
 
 
-def _snapshots(run_dir: Path) -> list[tuple[float, Path]]:
-    """(epoch, model file) of every snapshot of a run, the final model when there are none."""
+def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
+    """(epoch, step, model file) of every snapshot of a run, the final model when there are none."""
     from .gpt import MODEL_FILE, read_gpt_info
     from .train import SNAPSHOT_DIR
 
     files = sorted((run_dir / SNAPSHOT_DIR).glob("model-step*.safetensors"))
     if not files:
         files = [run_dir / MODEL_FILE]
-    return [(float(read_gpt_info(f)["epoch"]), f) for f in files]
+    infos = [read_gpt_info(f) for f in files]
+    return [(float(i["epoch"]), int(i["step"]), f) for i, f in zip(infos, files, strict=True)]
 
 
 @dataclass
@@ -496,6 +493,7 @@ class Point:
     epoch: float
     source: Path  # what Pipeline.load takes
     models: dict[str, Path]  # stage -> model file (for validation accuracy)
+    steps: dict[str, int]  # stage -> training step of that file
     folder: Path  # the run's folder; evaluations go to its evals/
 
 
@@ -506,7 +504,10 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path) -> list[Point]:
 
     base = out / "runs" / run.name
     if run.method != "ctf":
-        return [Point(run.name, run.method, e, f, {"model": f}, base) for e, f in _snapshots(base)]
+        return [
+            Point(run.name, run.method, e, f, {"model": f}, {"model": n}, base)
+            for e, n, f in _snapshots(base)
+        ]
     coarse, refiner = _snapshots(base / "coarse"), _snapshots(base / "refiner")
     if len(coarse) != len(refiner):
         raise ClusterarError(
@@ -514,11 +515,15 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path) -> list[Point]:
             "stages the same epochs and batch size, or delete the run folder to retrain"
         )
     points = []
-    for (e1, f1), (_, f2) in zip(coarse, refiner, strict=True):
+    for (e1, n1, f1), (_, n2, f2) in zip(coarse, refiner, strict=True):
         path = base / "pipelines" / f"{f1.stem.replace('model-', '')}.json"
         if not path.exists():
             write_ctf_pipeline(f1, f2, path)
-        points.append(Point(run.name, "ctf", e1, path, {"coarse": f1, "refiner": f2}, base))
+        points.append(
+            Point(
+                run.name, "ctf", e1, path, {"coarse": f1, "refiner": f2}, {"coarse": n1, "refiner": n2}, base
+            )
+        )
     return points
 
 
@@ -574,7 +579,7 @@ class Evaluator:
         ev = self.spec.eval
         key = {
             "models": {k: str(v) for k, v in point.models.items()},
-            "steps": {k: _model_step(v) for k, v in point.models.items()},
+            "steps": point.steps,
             "settings": settings,
             "samples": ev.samples,
             "seed": self.spec.seed,
@@ -631,12 +636,6 @@ class Evaluator:
         return result
 
 
-def _model_step(path: Path) -> int:
-    from .gpt import read_gpt_info
-
-    return int(read_gpt_info(path)["step"])
-
-
 def _val_pick(val: dict[str, dict], key: str) -> float | None:
     """A val accuracy of the run as a whole: the stage that predicts it (CTF: tokens from the refiner,
     given the true coarse labels; clusters from stage 1)."""
@@ -660,7 +659,7 @@ def stage_speed(
 
     settings = {
         "runs": {name: str(p.source) for name, p in points.items()},
-        "steps": {name: {k: _model_step(v) for k, v in p.models.items()} for name, p in points.items()},
+        "steps": {name: p.steps for name, p in points.items()},
         "rounds": rounds,
         "batch_size": batch_size,
         "device": spec.device,
@@ -697,6 +696,7 @@ def run_experiment(
 ) -> Path:
     """Run (or continue) every stage of a spec into `out` (default runs/NAME); return report.md's path."""
     from .fileio import write_text_atomic
+    from .runtime import describe_machine, pick_device
     from .sample import SampleSettings
 
     if not isinstance(spec, ExperimentSpec):
@@ -781,7 +781,7 @@ def run_experiment(
     data = {
         "spec": spec_dict(spec),
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": machine_summary(spec.device),
+        "machine": describe_machine(pick_device(spec.device)),
         "tokenizer": tokenizer_summary(tokenizer),
         "tokens": {k: str(v.relative_to(out)) for k, v in tokens.items()},
         "sampling": {
@@ -810,12 +810,6 @@ def sweep_runs(spec: ExperimentSpec, s: SweepSpec) -> list[str]:
     if s.runs:
         return list(s.runs)
     return [r.name for r in spec.runs if r.method == "ctf" or s.param not in ("temperature2", "top_k2")]
-
-
-def machine_summary(device: str) -> str:
-    from .runtime import describe_machine, pick_device
-
-    return describe_machine(pick_device(device))
 
 
 def tokenizer_summary(path: Path) -> dict:
@@ -849,6 +843,7 @@ def comparison_table(spec: ExperimentSpec, curves: dict[str, list[dict]], speed:
             **{k: final[k] for k in ("fid", "inception_score", "precision", "recall")},
             "val_acc_token": final["val_acc_token"],
             "val_acc_cluster": final["val_acc_cluster"],
+            "reference": run.name == base,
             "epochs_to_baseline_fid": None,
             "speedup_vs_baseline": None,
         }
@@ -868,14 +863,15 @@ def plot_report(data: dict, out: Path) -> None:
 
     curves = data["curves"]
     panels = {
-        "FID (lower is better)": {n: [(c["epoch"], c["fid"]) for c in cs] for n, cs in curves.items()},
-        "Inception Score": {n: [(c["epoch"], c["inception_score"]) for c in cs] for n, cs in curves.items()},
-        "precision": {n: [(c["epoch"], c["precision"]) for c in cs] for n, cs in curves.items()},
-        "recall": {n: [(c["epoch"], c["recall"]) for c in cs] for n, cs in curves.items()},
-        "val token accuracy": {n: [(c["epoch"], c["val_acc_token"]) for c in cs] for n, cs in curves.items()},
-        "val cluster accuracy": {
-            n: [(c["epoch"], c["val_acc_cluster"]) for c in cs] for n, cs in curves.items()
-        },
+        title: {n: [(c["epoch"], c[key]) for c in cs] for n, cs in curves.items()}
+        for title, key in (
+            ("FID (lower is better)", "fid"),
+            ("Inception Score", "inception_score"),
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("val token accuracy", "val_acc_token"),
+            ("val cluster accuracy", "val_acc_cluster"),
+        )
     }
     plot_series(panels, out / "curves.png", "epoch", title=f"{data['spec']['name']}: metrics against epochs")
     plot_samples(data, out)
@@ -884,10 +880,14 @@ def plot_report(data: dict, out: Path) -> None:
         if not numeric:
             continue
         sweep_panels = {
-            key: {n: [(c["value"], c[k]) for c in cs] for n, cs in per_run.items()}
-            for key, k in (("FID", "fid"), ("Inception Score", "inception_score"), ("precision", "precision"))
+            title: {n: [(c["value"], c[key]) for c in cs] for n, cs in per_run.items()}
+            for title, key in (
+                ("FID", "fid"),
+                ("Inception Score", "inception_score"),
+                ("precision", "precision"),
+                ("recall", "recall"),
+            )
         }
-        sweep_panels["recall"] = {n: [(c["value"], c["recall"]) for c in cs] for n, cs in per_run.items()}
         plot_series(sweep_panels, out / f"sweep-{param}.png", param, title=f"sweep of {param} (final models)")
 
 
@@ -999,10 +999,9 @@ def render_report(data: dict, out: Path) -> str:
         "val token acc | val cluster acc | epochs to baseline FID |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    base = next((r["name"] for r in spec["runs"] if r["method"] == "baseline"), None)
     for row in data["table"]:
         reach = "-"
-        if row["run"] == base:
+        if row["reference"]:
             reach = f"{row['epochs_to_baseline_fid']:g} (reference)"
         elif row["epochs_to_baseline_fid"] is not None and not ev["every_epochs"]:
             reach = f"by {row['epochs_to_baseline_fid']:g}"  # only final models evaluated: no finer answer
