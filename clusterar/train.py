@@ -29,6 +29,7 @@ every --snapshot-every epochs.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -201,6 +202,22 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     if info.owns_group:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return info, dev
+
+
+def close_distributed(all_finished: bool) -> None:
+    """Leave the process group so that no rank exits while another still talks to it.
+
+    Rank 0 writes files and plots after the last collective while the others reach this point at once;
+    a rank that tore gloo down (and exited) then, with FSDP's modules, device mesh and pending work
+    objects still alive in reference cycles, died now and then at interpreter exit with SIGABRT
+    ("terminate called without an active exception"). So: free what holds the group (gc, for the
+    cycles), wait for every rank (`all_finished`: every rank returned; skipped after an error, where a peer
+    may never arrive), then destroy the group while the interpreter is whole.
+    """
+    gc.collect()
+    if all_finished:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 class _StateDict:
@@ -741,8 +758,13 @@ def train(
     """
     cfg.validate()
     di, device = init_distributed(cfg.device)
+    trainer, finished = None, False
     try:
-        return Trainer(cfg, Path(out), di, device).fit(resume, stop_at, progress)
+        trainer = Trainer(cfg, Path(out), di, device)
+        summary = trainer.fit(resume, stop_at, progress)
+        finished = True
+        return summary
     finally:
         if di.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            del trainer
+            close_distributed(finished)
