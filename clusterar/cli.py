@@ -15,19 +15,141 @@ from pathlib import Path
 
 from .errors import ClusterarError
 
+# ----------------------------------------------------------------------------- flags
+#
+# A flag means the same thing, with the same type, check and default, on every command that takes it:
+# its parse function lives in FLAG_TYPES (by name), and the shared flags are declared once (`shared`).
+
+
+def _number(kind: type, low: float, strict: bool, what: str):
+    """A parse function for a number that must be >= low (> low if strict); argparse names the flag."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {what}, got {text!r}") from None
+        if (
+            value != value
+            or value in (float("inf"), float("-inf"))
+            or value < low
+            or (strict and value == low)
+        ):
+            raise argparse.ArgumentTypeError(f"takes {what}, got {text}")
+        return value
+
+    parse.__name__ = what  # argparse shows it in "invalid <name> value"
+    return parse
+
+
+positive_int = _number(int, 0, True, "a whole number >= 1")
+nonneg_int = _number(int, 0, False, "a whole number >= 0")
+positive_float = _number(float, 0.0, True, "a number > 0")
+nonneg_float = _number(float, 0.0, False, "a number >= 0")
+
+FLAG_TYPES = {
+    "batch_size": positive_int,
+    "steps": positive_int,
+    "epochs": positive_float,
+    "grad_accum": positive_int,
+    "log_every": positive_int,
+    "ckpt_every": positive_int,
+    "eval_every": positive_int,
+    "stop_at": positive_int,
+    "snapshot_every": positive_float,
+    "lr": positive_float,
+    "min_lr": nonneg_float,
+    "warmup": nonneg_int,
+    "weight_decay": nonneg_float,
+    "grad_clip": nonneg_float,
+    "restart_every": nonneg_int,
+    "seed": nonneg_int,
+    "threads": positive_int,
+    "n": positive_int,
+    "num_workers": nonneg_int,
+    "image_size": positive_int,
+    "codebook_size": positive_int,
+    "restarts": positive_int,
+    "k": positive_int,
+    "grid_size": positive_int,
+    "temperature": positive_float,
+    "temperature2": positive_float,
+    "top_k": nonneg_int,
+    "top_k2": nonneg_int,
+    "cfg_scale": nonneg_float,
+    "cfg_scale2": nonneg_float,
+}
+FLAG_CHOICES = {"on_error": ("fail", "skip"), "schedule": ("constant", "cosine")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with clusterar's error style: one line, exit status 2, and where to read more."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def shared(*names: str, device_default: str | None = "auto") -> list[argparse.ArgumentParser]:
+    """The parents= list that gives a command the shared flags it can use, declared here once.
+
+    Made anew for each command: argparse parents share their Action objects, so one command's
+    set_defaults would change every other's.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    if "device" in names:
+        also = "" if device_default else "; default: the spec's device"
+        p.add_argument(
+            "--device",
+            default=device_default,
+            help=f"auto (the first CUDA GPU, else CPU), cpu or cuda[:N] (default: auto{also})",
+        )
+    if "threads" in names:
+        p.add_argument(
+            "--threads", type=positive_int, default=None, help="CPU threads for PyTorch (default: its choice)"
+        )
+    if "progress" in names:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if "seed" in names:
+        p.add_argument("--seed", type=nonneg_int, default=0, help="random seed (default: 0)")
+    return [p]
+
+
+def _field_type(f) -> tuple[type, bool]:
+    """(base type, optional) of a dataclass field, from its real annotation."""
+    import typing
+
+    hint = f.type
+    if isinstance(hint, str):  # the config modules use `from __future__ import annotations`
+        hint = eval(hint, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
+    args = typing.get_args(hint)
+    if type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return hint, False
+
 
 def _add_dataclass_args(
     p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), help: dict | None = None
 ) -> None:
-    """One --flag per dataclass field, typed and defaulted from the dataclass."""
+    """One --flag per dataclass field: type, check and default from the field and FLAG_TYPES."""
     help = help or {}
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
-        p.add_argument(flag, type=kind, default=default, help=help.get(f.name, f"default: {default}"))
+        kind, _ = _field_type(f)
+        text = help.get(f.name, "")
+        default = f"default: {f.default}" if f.default is not None else "default: none"
+        text = f"{text} ({default})" if text else default
+        if kind is bool:
+            p.add_argument(flag, action="store_true", default=f.default, help=text)
+            continue
+        p.add_argument(
+            flag,
+            type=FLAG_TYPES.get(f.name, kind),
+            choices=FLAG_CHOICES.get(f.name),
+            default=f.default,
+            help=text,
+        )
 
 
 def _dataclass_from_args(cls, args: argparse.Namespace):
@@ -48,7 +170,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
 
     cfg = _dataclass_from_args(TokenizerTrainConfig, args)
-    ev = train_tokenizer(cfg, args.out, resume=args.resume)
+    ev = train_tokenizer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(ev, indent=2))
     print(
         f"tokenizer written to {Path(args.out) / 'tokenizer.safetensors'}; reconstructions in {Path(args.out) / 'recon.png'}"
@@ -65,7 +187,7 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     model = load_tokenizer(args.tokenizer, device)
     dataset = load_dataset(args.data, args.split, args.image_size, on_error=args.on_error)
-    ev = evaluate_tokenizer(model, dataset, device, batch_size=args.batch_size, progress=True)
+    ev = evaluate_tokenizer(model, dataset, device, batch_size=args.batch_size, progress=not args.no_progress)
     ev.update(
         tokenizer=str(args.tokenizer), data=args.data, split=args.split, fingerprint=model.fingerprint()
     )
@@ -96,6 +218,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             on_error=args.on_error,
+            progress=not args.no_progress,
         )
         print(f"{tf.path}: codes {list(tf.codes.shape)} {tf.codes.dtype}, {len(tf.meta['skipped'])} skipped")
 
@@ -147,19 +270,17 @@ def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
     )
     p.add_argument(
         "--clusters",
-        type=int,
+        type=positive_int,
         required=required,
         help="number of clusters M (with --from-iar: K / block size)",
     )
     p.add_argument("--out", required=required, help="clusters file to write (.safetensors)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--restarts",
-        type=int,
+        type=positive_int,
         default=None,
         help="k-means++ starts, best kept (default: kmeans 3, balanced 1)",
     )
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto (default: cpu)")
 
 
 def cmd_cluster_fit(args: argparse.Namespace) -> None:
@@ -338,8 +459,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         info={"labels_how": how},
     )
+    files = f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'}"
+    if summary.get("already_complete"):
+        print(f"unchanged: {files}")
+        return
     rate = summary.get("images_per_s_after_first_batch") or summary.get("images_per_s")
-    print(f"written: {Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'} ({rate} images/s)")
+    print(f"written: {files} ({rate} images/s)")
 
 
 def cmd_pipeline_ctf(args: argparse.Namespace) -> None:
@@ -360,25 +485,25 @@ def cmd_pipeline_ctf(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .data import DATASET_HELP
-    from .tokenizer import PRESETS
-    from .tokenizer_train import TokenizerTrainConfig
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser ("*"), or one whose COMMAND alone has all its flags: the flags that come from the
+    configuration dataclasses import torch (seconds), which `clusterar --help` and the other commands'
+    parsing need not wait for. None: only the list of commands."""
 
-    parser = argparse.ArgumentParser(
+    def full(name: str) -> bool:
+        return command in ("*", name)
+
+    parser = _Parser(
         prog="clusterar",
         description="Cluster-aware autoregressive image generation: LlamaGen baseline, IAR and CTF on one stack.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's choice)"
-        )
+    compute = ("device", "threads", "progress")  # every command that computes takes these
 
     demo = sub.add_parser(
         "demo",
+        parents=shared(*compute, device_default=None),
         help="the whole pipeline on bundled MNIST: tokenizer, clusters, baseline / IAR / CTF, samples, report",
         description="Runs the experiment spec clusterar/specs/demo.toml (about 15 minutes on 2 CPU cores) and "
         "writes runs/demo/report.md. Finished stages are reused when it is run again.",
@@ -393,31 +518,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the minute-sized spec (tiny models on the digits set, specs/quick.toml): a smoke test",
     )
-    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the spec's, auto)")
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(demo)
     demo.set_defaults(func=cmd_demo)
 
     exp = sub.add_parser(
         "experiment",
+        parents=shared(*compute, device_default=None),
         help="train, sample and evaluate the runs of a spec file under identical conditions; write a report",
         description="SPEC is a TOML file, or the name of a shipped one (demo, quick). Every stage is reused "
         "when its result exists with the same settings; the report goes to OUT/report.md.",
     )
     exp.add_argument("spec", help="spec file (TOML) or shipped spec name")
     exp.add_argument("--out", default=None, help="experiment folder (default runs/NAME)")
-    exp.add_argument("--device", default=None, help="override the spec's device")
     exp.add_argument("--check", action="store_true", help="only validate the spec")
-    exp.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(exp)
     exp.set_defaults(func=cmd_experiment)
 
     tok = sub.add_parser("tokenizer", help="train or evaluate a VQ tokenizer")
     tsub = tok.add_subparsers(dest="tokcmd", required=True, metavar="ACTION")
     tr = tsub.add_parser(
         "train",
+        parents=shared(*compute, "seed"),
         help="train a VQ tokenizer",
-        description="Train a LlamaGen-architecture VQ tokenizer. " + DATASET_HELP,
     )
     tr.add_argument(
         "--out",
@@ -425,103 +545,119 @@ def build_parser() -> argparse.ArgumentParser:
         help="run folder (checkpoint, tokenizer.safetensors, log, pictures)",
     )
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    _add_dataclass_args(
-        tr,
-        TokenizerTrainConfig,
-        help={
-            "data": "dataset: mnist, digits or folder:PATH (default: mnist)",
-            "preset": f"architecture preset: {', '.join(PRESETS)} (default: cpu-32)",
-            "codebook_size": "override the preset's codebook size",
-            "restart_every": "dead-code restart window in steps, 0 = off (default: 100)",
-            "device": "auto, cpu or cuda[:N] (default: auto)",
-            "on_error": "unreadable images: fail (default) or skip",
-        },
-    )
-    common(tr)
+    if full("tokenizer"):
+        from .data import DATASET_HELP
+        from .tokenizer import PRESETS
+        from .tokenizer_train import TokenizerTrainConfig
+
+        tr.description = "Train a LlamaGen-architecture VQ tokenizer. " + DATASET_HELP
+        _add_dataclass_args(
+            tr,
+            TokenizerTrainConfig,
+            skip=("device", "seed"),
+            help={
+                "data": "dataset: mnist, digits or folder:PATH",
+                "preset": f"architecture preset: {', '.join(PRESETS)}",
+                "codebook_size": "override the preset's codebook size",
+                "restart_every": "dead-code restart window in steps, 0 = off",
+                "on_error": "unreadable images: fail or skip",
+            },
+        )
     tr.set_defaults(func=cmd_tokenizer_train)
 
-    ev = tsub.add_parser("eval", help="PSNR, codebook usage and a reconstruction grid on a dataset split")
+    ev = tsub.add_parser(
+        "eval",
+        parents=shared(*compute),
+        help="PSNR, codebook usage and a reconstruction grid on a dataset split",
+    )
     ev.add_argument(
         "tokenizer", help="tokenizer.safetensors, its run folder, or a LlamaGen .pt (e.g. vq_ds16_c2i.pt)"
     )
-    ev.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--image-size", type=int, default=32)
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--out", default="runs/tokenizer-eval")
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--on-error", default="fail", choices=["fail", "skip"])
-    common(ev)
+    ev.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH (default: mnist)")
+    ev.add_argument("--split", default="val", help="default: val")
+    ev.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
+    ev.add_argument("--batch-size", type=positive_int, default=256, help="default: 256")
+    ev.add_argument("--out", default="runs/tokenizer-eval", help="default: runs/tokenizer-eval")
+    ev.add_argument("--on-error", default="fail", choices=FLAG_CHOICES["on_error"], help="default: fail")
     ev.set_defaults(func=cmd_tokenizer_eval)
 
     enc = sub.add_parser(
         "encode",
+        parents=shared(*compute),
         help="encode dataset splits into token files (one file per split)",
-        description="Encode images into one memory-mappable token file per split. " + DATASET_HELP,
     )
+    if full("encode"):
+        from .data import DATASET_HELP
+
+        enc.description = "Encode images into one memory-mappable token file per split. " + DATASET_HELP
     enc.add_argument(
         "--tokenizer", required=True, help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"
     )
-    enc.add_argument("--data", default="mnist")
-    enc.add_argument("--splits", nargs="+", default=["train", "val"])
+    enc.add_argument("--data", default="mnist", help="default: mnist")
+    enc.add_argument("--splits", nargs="+", default=["train", "val"], help="default: train val")
     enc.add_argument("--out", default="runs/tokens", help="folder; writes SPLIT.safetensors for each split")
-    enc.add_argument("--image-size", type=int, default=32)
+    enc.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
     enc.add_argument(
         "--views",
         default="flip",
         choices=["none", "flip", "ten-crop"],
         help="views per image (default: flip)",
     )
-    enc.add_argument("--batch-size", type=int, default=128)
-    enc.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for folder datasets")
-    enc.add_argument("--device", default="auto")
+    enc.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
+    enc.add_argument(
+        "--num-workers",
+        type=nonneg_int,
+        default=0,
+        help="DataLoader workers for folder datasets (default: 0)",
+    )
     enc.add_argument(
         "--on-error",
         default="fail",
-        choices=["fail", "skip"],
-        help="unreadable images: fail or skip and list them",
+        choices=FLAG_CHOICES["on_error"],
+        help="unreadable images: fail or skip and list them (default: fail)",
     )
-    common(enc)
     enc.set_defaults(func=cmd_encode)
 
     clu = sub.add_parser(
         "cluster",
+        parents=shared(*compute, "seed"),
         help="cluster a tokenizer's codebook (k-means, balanced k-means), inspect, export, rearrange",
         description="Cluster a tokenizer's codebook and work with the result. `clusterar cluster --tokenizer "
         "T --method M --clusters N --out F` is short for `clusterar cluster fit ...` (its options are "
         "listed below; options of the other actions go after the action's name).",
     )
-    _add_cluster_fit_args(clu, required=False)
-    common(clu)
+    if full("cluster"):
+        _add_cluster_fit_args(clu, required=False)
     clu.set_defaults(func=cmd_cluster_fit)
     csub = clu.add_subparsers(dest="clustercmd", metavar="ACTION")
     cfit = csub.add_parser(
         "fit",
+        parents=shared(*compute, "seed"),
         help="fit clusters (or import IAR's permutation) and write a clusters file",
         description="Cluster the L2-normalised codebook rows of a tokenizer: kmeans (CTF), balanced "
         "k-means (IAR, exactly K/M codes per cluster) or random (the papers' ablation); or import IAR's "
         "published permutation with --from-iar. Writes a clusters file (safetensors).",
     )
-    _add_cluster_fit_args(cfit, required=True)
-    common(cfit)
+    if full("cluster"):
+        _add_cluster_fit_args(cfit, required=True)
     cfit.set_defaults(func=cmd_cluster_fit)
     cins = csub.add_parser(
         "inspect",
+        parents=shared(*compute, "seed"),
         help="swap experiment (same- vs other-cluster tokens), size histogram, PCA picture",
         description="Replace every token of real images by a random token of the same cluster, or of another "
         "cluster, decode, and report PSNR/MSE to the originals (CTF Fig. 1b, IAR Fig. 2). Writes swap.png, "
-        "clusters.png and inspect.json.",
+        "clusters.png and inspect.json. --seed seeds the random swaps.",
     )
     cins.add_argument("clusters", help="clusters file written by `clusterar cluster fit`")
     cins.add_argument("--tokenizer", required=True, help="the tokenizer whose codebook was clustered")
     cins.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH (default: mnist)")
-    cins.add_argument("--split", default="val")
-    cins.add_argument("--n", type=int, default=500, help="images (evenly spaced through the split)")
-    cins.add_argument("--image-size", type=int, default=32)
-    cins.add_argument("--seed", type=int, default=0, help="seed of the random swaps")
+    cins.add_argument("--split", default="val", help="default: val")
+    cins.add_argument(
+        "--n", type=positive_int, default=500, help="images, evenly spaced through the split (default: 500)"
+    )
+    cins.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
     cins.add_argument("--out", default=None, help="folder (default: beside the clusters file, NAME-inspect)")
-    cins.add_argument("--device", default="auto")
-    common(cins)
     cins.set_defaults(func=cmd_cluster_inspect)
     cexp = csub.add_parser(
         "export",
@@ -534,6 +670,7 @@ def build_parser() -> argparse.ArgumentParser:
     cexp.set_defaults(func=cmd_cluster_export)
     crea = csub.add_parser(
         "rearrange",
+        parents=shared("threads"),
         help="write a rearranged tokenizer and/or remapped token files (IAR's layout on disk)",
         description="Apply the clusters' id permutation to files: the tokenizer's codebook rows and/or "
         "token files. Not needed for training (the trainer remaps ids on the fly); for IAR's layout on "
@@ -544,52 +681,49 @@ def build_parser() -> argparse.ArgumentParser:
     crea.add_argument("--out", default=None, help="rearranged tokenizer: a .safetensors file or a folder")
     crea.add_argument("--tokens", nargs="+", default=None, metavar="FILE", help="token files to remap")
     crea.add_argument("--out-dir", default=None, help="folder for the remapped token files (same names)")
-    common(crea)
     crea.set_defaults(func=cmd_cluster_rearrange)
-
-    from .gpt import PRESETS as GPT_PRESETS
-    from .train import TrainConfig
 
     trn = sub.add_parser(
         "train",
+        parents=shared(*compute, "seed"),
         help="train a transformer: baseline, iar, ctf-coarse (CTF stage 1) or ctf-refiner (CTF stage 2)",
         description="Train the LlamaGen transformer of one method on a token file. Runs are resumable "
         "(--resume continues bit for bit). Multi-GPU / multi-node: torchrun --nproc_per_node N -m "
-        "clusterar train ... (DDP; --fsdp to shard a model that does not fit one GPU).",
+        "clusterar train ... (DDP; --fsdp to shard a model that does not fit one GPU); under torchrun each "
+        "process uses GPU LOCAL_RANK.",
     )
     trn.add_argument("--out", default="runs/train", help="run folder (model.safetensors, checkpoint, log)")
     trn.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     trn.add_argument("--tokens", required=True, help="train token file (clusterar encode)")
     trn.add_argument("--tokenizer", required=True, help="the tokenizer that encoded --tokens")
-    _add_dataclass_args(
-        trn,
-        TrainConfig,
-        skip=(
-            "tokens",
-            "tokenizer",
-            "rearrange",
-            "restrict_to_cluster",
-            "compile",
-            "fsdp",
-            "epochs",
-            "dropout",
-            "ema",
-            "snapshot_every",
-        ),
-        help={
-            "method": "baseline, iar, ctf-coarse or ctf-refiner (default: baseline)",
-            "model": f"GPT preset: {', '.join(GPT_PRESETS)} (default: cpu-s)",
-            "clusters": "clusters file: balanced for iar, k-means for ctf-*; baseline: accuracy logging only",
-            "cluster_weight": "IAR's lambda on the cluster CE (default: 1)",
-            "steps": "budget in optimizer steps (or --epochs)",
-            "batch_size": "per process and micro-batch; global batch = this x grad-accum x processes",
-            "schedule": "constant (LlamaGen, IAR) or cosine to --min-lr (CTF)",
-            "warmup": "linear warmup steps (default: 0)",
-            "ckpt_every": "steps between checkpoints (default: 1000)",
-            "device": "auto, cpu or cuda (default: auto; under torchrun each process uses GPU LOCAL_RANK)",
-        },
-    )
-    trn.add_argument("--epochs", type=float, default=None, help="budget in epochs (float ok), or --steps")
+    if full("train"):
+        from .gpt import PRESETS as GPT_PRESETS
+        from .train import TrainConfig
+
+        _add_dataclass_args(
+            trn,
+            TrainConfig,
+            skip=("tokens", "tokenizer", "rearrange", "device", "seed"),
+            help={
+                "method": "baseline, iar, ctf-coarse or ctf-refiner",
+                "model": f"GPT preset: {', '.join(GPT_PRESETS)}",
+                "clusters": "clusters file: balanced for iar, k-means for ctf-*; baseline: accuracy logging only",
+                "cluster_weight": "IAR's lambda on the cluster CE",
+                "steps": "budget in optimizer steps (or --epochs)",
+                "epochs": "budget in epochs, a float is fine (or --steps)",
+                "batch_size": "per process and micro-batch; global batch = this x grad-accum x processes",
+                "schedule": "constant (LlamaGen, IAR) or cosine to --min-lr (CTF)",
+                "warmup": "linear warmup steps",
+                "ckpt_every": "steps between checkpoints",
+                "restrict_to_cluster": "ctf-refiner: mask the logits outside each position's coarse cluster "
+                "(sampling does the same)",
+                "dropout": "token/residual/FFN dropout; none keeps the preset's 0.1",
+                "ema": "EMA decay, e.g. 0.9999 (the model file then holds the EMA weights)",
+                "snapshot_every": "epochs between snapshots/model-stepN.safetensors",
+                "compile": "torch.compile the model",
+                "fsdp": "shard parameters/optimizer over processes (FSDP2)",
+            },
+        )
     trn.add_argument(
         "--no-rearrange",
         dest="rearrange",
@@ -597,31 +731,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="iar: keep the original ids and use the segment cluster CE (clusters of any sizes)",
     )
     trn.add_argument(
-        "--restrict-to-cluster",
-        action="store_true",
-        help="ctf-refiner: mask the logits outside each position's coarse cluster (sampling does the same)",
-    )
-    trn.add_argument(
-        "--dropout", type=float, default=None, help="token/residual/FFN dropout (default: the preset's 0.1)"
-    )
-    trn.add_argument("--ema", type=float, default=None, help="EMA decay, e.g. 0.9999 (model file = EMA)")
-    trn.add_argument(
-        "--snapshot-every", type=float, default=None, help="epochs between snapshots/model-stepN.safetensors"
-    )
-    trn.add_argument("--compile", action="store_true", help="torch.compile the model")
-    trn.add_argument("--fsdp", action="store_true", help="shard parameters/optimizer over processes (FSDP2)")
-    trn.add_argument(
         "--stop-at",
-        type=int,
+        type=positive_int,
         default=None,
         help="end this session after step N with a checkpoint (time-sliced jobs); continue with --resume",
     )
-    trn.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common(trn)
     trn.set_defaults(func=cmd_train)
 
     evl = sub.add_parser(
         "evaluate",
+        parents=shared(*compute),
         help="FID, Inception Score, precision/recall of samples against a reference",
         description=(
             "FID, Inception Score and precision/recall (k-NN manifolds) of SAMPLES (an .npz with arr_0 uint8 "
@@ -650,11 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="classifier, classifier:mnist or classifier:digits (default: the classifier of a bundled --ref)",
     )
-    evl.add_argument("--k", type=int, default=3, help="neighbourhood size for precision/recall (default: 3)")
-    evl.add_argument("--batch-size", type=int, default=256)
+    evl.add_argument(
+        "--k", type=positive_int, default=3, help="neighbourhood size for precision/recall (default: 3)"
+    )
+    evl.add_argument("--batch-size", type=positive_int, default=256, help="default: 256")
     evl.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="resize + centre-crop folder images to this size (needed when their sizes differ)",
     )
@@ -664,24 +785,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier and reference-statistics cache (default: $CLUSTERAR_CACHE or ~/.cache/clusterar)",
     )
     evl.add_argument("--out", default=None, help="also write the metrics as JSON to this file")
-    evl.add_argument("--device", default="auto")
-    evl.add_argument("--no-progress", action="store_true", help="no progress bars")
-    common(evl)
     evl.set_defaults(func=cmd_evaluate)
 
     smp = sub.add_parser(
         "sample",
+        parents=shared(*compute, "seed"),
         help="sample images from a trained model (baseline, iar) or a CTF pipeline",
         description="Sample class-conditional images: SOURCE is a run folder or model.safetensors (baseline, "
         "iar), a pipeline JSON (ctf, see `clusterar pipeline ctf`) or a LlamaGen c2i_*.pt (with --tokenizer). "
         "Writes OUT/grid.png, OUT/images/NNNNNN.png, OUT/samples.npz (ADM format: arr_0 uint8 N x H x W x 3, "
         "arr_1 labels) and OUT/sample.json. Rerunning an interrupted command continues where it stopped. "
         "Defaults: CFG 2.0, top-k 0 (all), top-p 1 (off); temperature 1.0, for ctf 1.1 in both stages "
-        "(the CTF paper's settings).",
+        "(the CTF paper's settings). --seed seeds the labels and every batch.",
     )
     smp.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
     smp.add_argument("--out", required=True, help="output folder")
-    smp.add_argument("--n", type=int, default=100, help="number of images (default: 100)")
+    smp.add_argument("--n", type=positive_int, default=100, help="number of images (default: 100)")
     lab = smp.add_mutually_exclusive_group()
     lab.add_argument(
         "--per-class",
@@ -691,33 +810,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lab.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --n")
     smp.add_argument(
-        "--cfg-scale", type=float, default=None, help="classifier-free guidance (default 2.0; 1 = off)"
+        "--cfg-scale", type=nonneg_float, default=None, help="classifier-free guidance (default 2.0; 1 = off)"
     )
-    smp.add_argument("--temperature", type=float, default=None, help="default 1.0; ctf stage 1: 1.1")
-    smp.add_argument("--top-k", type=int, default=None, help="0 = whole vocabulary (default)")
-    smp.add_argument("--top-p", type=float, default=None, help="nucleus sampling; 1 = off (default)")
-    smp.add_argument("--temperature2", type=float, default=None, help="ctf stage 2 (default 1.1)")
-    smp.add_argument("--top-k2", type=int, default=None, help="ctf stage 2 (default 0 = all)")
+    smp.add_argument("--temperature", type=positive_float, default=None, help="default 1.0; ctf stage 1: 1.1")
+    smp.add_argument("--top-k", type=nonneg_int, default=None, help="0 = whole vocabulary (default)")
+    smp.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling; 1 = off (default)")
+    smp.add_argument("--temperature2", type=positive_float, default=None, help="ctf stage 2 (default 1.1)")
+    smp.add_argument("--top-k2", type=nonneg_int, default=None, help="ctf stage 2 (default 0 = all)")
     smp.add_argument(
-        "--cfg-scale2", type=float, default=None, help="ctf stage-2 guidance (default 1 = off, as the paper)"
+        "--cfg-scale2",
+        type=nonneg_float,
+        default=None,
+        help="ctf stage-2 guidance (default 1 = off, as the paper)",
     )
     smp.add_argument(
         "--restrict-to-cluster",
         action="store_true",
         help="ctf: sample every fine token inside its coarse cluster (always on for a refiner trained so)",
     )
-    smp.add_argument("--seed", type=int, default=0, help="seed of the labels and of every batch (default 0)")
-    smp.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    smp.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    smp.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     smp.add_argument(
         "--compile", action="store_true", help='torch.compile the decode step (mode "reduce-overhead", GPU)'
     )
     smp.add_argument("--tokenizer", default=None, help="override the tokenizer path recorded in the model")
     smp.add_argument("--clusters", default=None, help="override the clusters path recorded in the model")
-    smp.add_argument("--grid-size", type=int, default=None, help="LlamaGen .pt only: tokens per side (16)")
+    smp.add_argument(
+        "--grid-size", type=positive_int, default=None, help="LlamaGen .pt only: tokens per side (16)"
+    )
     smp.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (grid and npz only)")
-    smp.add_argument("--no-progress", action="store_true", help="no progress bar")
-    common(smp)
     smp.set_defaults(func=cmd_sample)
 
     pip = sub.add_parser("pipeline", help="tie CTF's two stages to their tokenizer and clusters")
@@ -746,20 +866,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where each command writes: checked before any work, so that a read-only or misplaced --out is said at
+# once and not after an hour of training.
+OUTPUT_FLAGS = ("out", "out_dir", "cache_dir")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    from .fileio import check_writable
+
+    for name in OUTPUT_FLAGS:
+        value = getattr(args, name, None)
+        if value:
+            check_writable(value, "--" + name.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     _setup_threads(args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        args.func(args)
+        _check_outputs(args)
+        with logging_redirect_tqdm():  # warnings on their own line, never after a progress bar's \r
+            args.func(args)
     except ClusterarError as e:
         msg = str(e)
         if "Original Traceback" in msg:  # raised in a DataLoader worker: keep only our message
             msg = msg.rsplit("ClusterarError: ", 1)[-1].strip()
         print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A write that failed mid-way (disk full, a folder turned read-only): say which file, not where.
+        from .fileio import WRITE_ERRNOS
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(
+            f"error: cannot write {e.filename or 'an output file'} ({e.strerror}); free some space or "
+            "choose another --out",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         again = "again" if args.command in ("demo", "experiment", "sample", "encode") else "with --resume"

@@ -81,7 +81,8 @@ def _divisors(k: int) -> list[int]:
     return sorted(set(small + [k // d for d in small]))
 
 
-def _check_n_clusters(k: int, n: int, balanced: bool) -> int:
+def check_n_clusters(k: int, n: int, balanced: bool) -> int:
+    """n as an int, or a clear error if n clusters cannot be made of k codes (balanced: k % n == 0)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise ClusterarError(f"n_clusters must be an integer, got {n!r}")
     n = int(n)
@@ -203,6 +204,14 @@ def _lloyd(
 # ----------------------------------------------------------------------------- k-means (CTF)
 
 
+def _check_restarts(n_init: int) -> int:
+    if int(n_init) != n_init or n_init < 1:
+        raise ClusterarError(
+            f"the number of k-means++ starts (--restarts, n_init) must be at least 1, got {n_init}"
+        )
+    return int(n_init)
+
+
 def kmeans(
     x: torch.Tensor,
     n_clusters: int,
@@ -220,11 +229,11 @@ def kmeans(
     or after `iters` iterations.
     """
     xn = _points(x)
-    n = _check_n_clusters(xn.shape[0], n_clusters, balanced=False)
+    n = check_n_clusters(xn.shape[0], n_clusters, balanced=False)
     gen = _generator(seed)
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     runs = []
-    for _ in range(max(1, int(n_init))):
+    for _ in range(_check_restarts(n_init)):
         labels, centres, it, converged = _lloyd(xn, _kmeanspp(xn, n, gen), iters)
         centres, _ = _cluster_means(xn, labels, n)
         obj = float(((xn - centres[labels]) ** 2).sum())
@@ -503,7 +512,7 @@ def balanced_assign(x: torch.Tensor, centres: torch.Tensor, *, neighbours: int =
     centres = torch.as_tensor(centres).to(xn)
     if centres.dim() != 2 or centres.shape[1] != xn.shape[1]:
         raise ClusterarError(f"centres must be [n, {xn.shape[1]}], got shape {tuple(centres.shape)}")
-    n = _check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
+    n = check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
     if n == 1:
         return torch.zeros(xn.shape[0], dtype=torch.long, device=xn.device)
     state = _Balanced(xn, centres, _greedy_start(xn, centres, xn.shape[0] // n), neighbours)
@@ -534,7 +543,7 @@ def balanced_kmeans(
     """
     xn = _points(x)
     k = xn.shape[0]
-    n = _check_n_clusters(k, n_clusters, balanced=True)
+    n = check_n_clusters(k, n_clusters, balanced=True)
     m = k // n
     gen = _generator(seed)
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
@@ -543,7 +552,7 @@ def balanced_kmeans(
         init = torch.as_tensor(init).to(xn)
         if init.shape != (n, xn.shape[1]):
             raise ClusterarError(f"init must be centres [{n}, {xn.shape[1]}], got shape {tuple(init.shape)}")
-    for _ in range(1 if init is not None else max(1, int(n_init))):
+    for _ in range(1 if init is not None else _check_restarts(n_init)):
         if init is not None:
             centres = init
         else:
@@ -614,7 +623,7 @@ def iar_greedy_assign(x: torch.Tensor, centres: torch.Tensor, *, fast_loops: boo
     """The greedy equal-size assignment of IAR's script (reference baseline; see `balanced_assign`)."""
     xn = _points(x).float().cpu()
     centres = torch.as_tensor(centres).float().cpu()
-    n = _check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
+    n = check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
     return _greedy_assign(xn, centres, xn.shape[0] // n, fast_loops)
 
 
@@ -640,7 +649,7 @@ def iar_greedy_balanced_kmeans(
     """
     xn = _points(x).float().cpu()
     k = xn.shape[0]
-    n = _check_n_clusters(k, n_clusters, balanced=True)
+    n = check_n_clusters(k, n_clusters, balanced=True)
     m = k // n
     gen = _generator(seed)
     centres = xn[torch.randperm(k, generator=gen)[:n]].clone()
@@ -667,7 +676,7 @@ def random_clusters(k: int, n_clusters: int, *, balanced: bool = True, seed: int
     otherwise every code in a uniformly drawn cluster (each cluster gets at least one code)."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ClusterarError(f"the number of codes K must be a positive integer, got {k!r}")
-    n = _check_n_clusters(int(k), n_clusters, balanced)
+    n = check_n_clusters(int(k), n_clusters, balanced)
     gen = _generator(seed)
     order = torch.randperm(k, generator=gen)
     if balanced:

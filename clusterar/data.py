@@ -454,9 +454,9 @@ def load_dataset(
 ) -> ImageDataset:
     """Load a dataset by spec (see DATASET_HELP); folder images are read lazily, bundled ones are in memory."""
     if on_error not in ON_ERROR:
-        raise ClusterarError(f"on_error must be one of {', '.join(ON_ERROR)}, got '{on_error}'")
+        raise ClusterarError(f"--on-error must be one of {', '.join(ON_ERROR)}, got '{on_error}'")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ClusterarError(f"image_size must be an integer >= 8, got {image_size!r}")
+        raise ClusterarError(f"--image-size must be an integer >= 8, got {image_size!r}")
     if spec in BUNDLED:
         return _load_bundled(spec, split, image_size, on_error)
     if spec.startswith("folder:"):

@@ -17,8 +17,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,39 @@ class ExperimentSpec:
     sweeps: list[SweepSpec] = field(default_factory=list)
 
 
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    if kind is Any:
+        return True
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def check_types(cls, d: dict, where: str) -> None:
+    """Every value of table `d` has the type of `cls`'s field of that name (TOML gives "two" for a
+    number as readily as 2): say which table and key, and what was expected."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if key not in hints:
+            continue
+        kinds = typing.get_args(hints[key]) if type(None) in typing.get_args(hints[key]) else (hints[key],)
+        kinds = tuple(k for k in kinds if k is not type(None))
+        if value is None or any(_matches(value, k) for k in kinds):
+            continue
+        want = " or ".join(_TYPE_WORDS.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+        raise ClusterarError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def as_spec_keys(message: str) -> str:
+    """A settings check written for the command line (`--batch-size`) worded for a spec (`batch_size`)."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
 def _build(cls, d: Any, where: str):
     if not isinstance(d, dict):
         raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
@@ -108,6 +143,7 @@ def _build(cls, d: Any, where: str):
     unknown = sorted(set(d) - known)
     if unknown:
         raise ClusterarError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    check_types(cls, d, where)
     try:
         return cls(**d)
     except TypeError as e:
@@ -150,6 +186,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 def validate(spec: ExperimentSpec, source: str) -> None:
     from .clusters import METHODS as CLUSTER_METHODS
+    from .clusters import check_n_clusters
     from .data import check_dataset_name
     from .gpt import PRESETS as GPT_PRESETS
     from .sample import SampleSettings
@@ -161,11 +198,22 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         raise ClusterarError(
             f"{source}: unknown tokenizer preset {spec.tokenizer.preset!r}; choose one of {', '.join(VQ_PRESETS)}"
         )
-    for k, c in spec.clusters.items():
+    if spec.tokenizer.path is None:
+        try:
+            tokenizer_config(spec).validate()
+        except ClusterarError as e:
+            raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
+    k = codebook_size(spec)
+    for name, c in spec.clusters.items():
         if c.method not in CLUSTER_METHODS:
             raise ClusterarError(
-                f"{source} [clusters.{k}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
+                f"{source} [clusters.{name}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
             )
+        if k is not None:
+            try:
+                check_n_clusters(k, c.n, balanced=c.method != "kmeans")
+            except ClusterarError as e:
+                raise ClusterarError(f"{source} [clusters.{name}]: n = {c.n}: {e}") from None
     if not spec.runs:
         raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
     train_fields = {f.name for f in fields(TrainConfig)}
@@ -201,6 +249,9 @@ def validate(spec: ExperimentSpec, source: str) -> None:
                 raise ClusterarError(
                     f"{where}: unknown {what} setting(s) {bad}; known: {sorted(train_fields)}"
                 )
+            check_types(
+                TrainConfig, table, f"{source} [train]" if what == "train" else f"{where} {what} table"
+            )
             clash = sorted(set(table) & reserved)
             if clash:
                 raise ClusterarError(f"{where}: {clash} are set by the experiment, not in a train table")
@@ -218,7 +269,11 @@ def validate(spec: ExperimentSpec, source: str) -> None:
             SampleSettings.for_method(r.method, **sample_settings(spec, r))
         except ClusterarError as e:
             raise ClusterarError(f"{where}: {e}") from e
-        for stage, cfg in train_configs(spec, r).items():
+        try:
+            configs = train_configs(spec, r)
+        except ClusterarError as e:
+            raise ClusterarError(f"{source} {e}") from None
+        for stage, cfg in configs.items():
             if cfg.restrict_to_cluster and cfg.method != "ctf-refiner":
                 raise ClusterarError(
                     f"{where} ({stage}): restrict_to_cluster only applies to CTF's refiner (its [refiner] table)"
@@ -294,15 +349,12 @@ def elapsed(t0: float) -> float:
 # ----------------------------------------------------------------------------- shared stages
 
 
-def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> Path:
-    """Train the spec's tokenizer (or take the given one); return the path of tokenizer.safetensors."""
-    from .tokenizer import TOKENIZER_FILE, resolve_tokenizer_path
-    from .tokenizer_train import CHECKPOINT, TokenizerTrainConfig, train_tokenizer
+def tokenizer_config(spec: ExperimentSpec):
+    """The TokenizerTrainConfig that the spec's [tokenizer] table asks for."""
+    from .tokenizer_train import TokenizerTrainConfig
 
     t = spec.tokenizer
-    if t.path is not None:
-        return resolve_tokenizer_path(t.path)
-    cfg = TokenizerTrainConfig(
+    return TokenizerTrainConfig(
         data=spec.data,
         preset=t.preset,
         image_size=spec.image_size,
@@ -315,6 +367,34 @@ def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> P
         seed=spec.seed,
         device=spec.device,
     )
+
+
+def codebook_size(spec: ExperimentSpec) -> int | None:
+    """K of the spec's tokenizer, known before any work: the preset's, or the given file's (None if that
+    file does not exist yet)."""
+    from .fileio import read_meta
+    from .tokenizer import get_preset, resolve_tokenizer_path
+
+    t = spec.tokenizer
+    if t.path is None:
+        return get_preset(t.preset).codebook_size
+    try:
+        path = resolve_tokenizer_path(t.path)
+    except ClusterarError:
+        return None
+    if path.suffix != ".safetensors":
+        return None
+    return read_meta(path, "tokenizer").get("config", {}).get("codebook_size")
+
+
+def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> Path:
+    """Train the spec's tokenizer (or take the given one); return the path of tokenizer.safetensors."""
+    from .tokenizer import TOKENIZER_FILE, resolve_tokenizer_path
+    from .tokenizer_train import CHECKPOINT, train_tokenizer
+
+    if spec.tokenizer.path is not None:
+        return resolve_tokenizer_path(spec.tokenizer.path)
+    cfg = tokenizer_config(spec)
     tok_dir = out / "tokenizer"
     saved = tok_dir / "config.json"
     if saved.exists() and read_json(saved, "tokenizer config")["train"] != asdict(cfg):
@@ -443,7 +523,7 @@ def train_configs(spec: ExperimentSpec, run: RunSpec, inputs: Inputs | None = No
         try:
             cfg.validate()
         except ClusterarError as e:
-            raise ClusterarError(f"run {run.name!r} ({stage}): {e}") from e
+            raise ClusterarError(f"run {run.name!r} ({stage}): {as_spec_keys(str(e))}") from None
         out[stage] = cfg
     return out
 

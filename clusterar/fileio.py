@@ -8,33 +8,85 @@ header, or plain JSON.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import struct
+import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ClusterarError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Files get the mode the user's umask gives new files (0644 usually), whichever library wrote them
+# (safetensors writes 0600), so that a teammate can read a shared run.
+FILE_MODE = 0o666 & ~_umask()
+# The errors that mean "this output cannot be written here" (the user's to fix), not a bug.
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A failed write (disk full, permissions) removes the temporary file and says which file it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise ClusterarError(
+            f"cannot write {path} ({e.strerror}); free some space or choose another output folder"
+        ) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail before any work if `path` (a file or folder to create) cannot be written.
+
+    Finds the nearest folder that exists above `path` and creates (and removes) a probe file in it: that
+    answers for permissions, read-only file systems and a file standing where a folder must go, also for
+    root, whom `os.access` would not refuse.
+    """
+    path = Path(path)
+    probe_dir = path if path.is_dir() else path.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ClusterarError(
+            f"{flag} {path}: {probe_dir} is a file, not a folder; choose another {flag} or move the file"
+        )
+    try:
+        fd, name = tempfile.mkstemp(prefix=".clusterar-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ClusterarError(
+            f"{flag} {path}: cannot write in {probe_dir} ({e.strerror}); choose another {flag} or make the "
+            "folder writable"
+        ) from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -62,7 +114,13 @@ def save_tensors(
     """Save tensors to a safetensors file atomically, with `meta` stored as JSON in its header."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"clusterar": json.dumps(dict(meta))})
+        try:
+            save_file(tensors, str(tmp), metadata={"clusterar": json.dumps(dict(meta))})
+        except SafetensorError as e:  # safetensors reports a failed write (disk full) in its own type
+            reason = str(e).rsplit("I/O error: ", 1)[-1]
+            raise ClusterarError(
+                f"cannot write {path} ({reason}); free some space or choose another output folder"
+            ) from None
 
 
 def read_meta(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:

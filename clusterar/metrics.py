@@ -687,6 +687,10 @@ def evaluate_images(
     or a FeatureExtractor such as Inception(path) or ClassifierExtractor("digits", epochs=2).
     is_splits: splits for the Inception Score (default: one per 5,000 images, as ADM).
     """
+    if batch_size < 1 or k < 1 or (image_size is not None and image_size < 1):
+        raise ClusterarError(
+            f"--batch-size, --k and --image-size must be at least 1, got {batch_size}, {k} and {image_size}"
+        )
     samples = open_images(images, image_size)
     ref_source = open_images(reference, image_size, require_images=False)
     ext = make_extractor(extractor, ref_source, cache, device, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -51,3 +52,11 @@ def describe_machine(device: torch.device | None = None) -> str:
         f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} with {torch.get_num_threads()} "
         f"threads{gpu}"
     )
+
+
+def notice(message: str) -> None:
+    """Tell the user what a command decided (resuming at step N, nothing left to do) on stderr, on a
+    line of its own even while a progress bar is drawn."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)

@@ -26,7 +26,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float, to_uint8
 from .errors import ClusterarError
 from .fileio import read_meta, write_json, write_text_atomic
-from .runtime import autocast, pick_device
+from .runtime import autocast, notice, pick_device
 from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
 from .viz import plot_curves, save_grid
 
@@ -53,6 +53,29 @@ class TokenizerTrainConfig:
     device: str = "auto"
     num_workers: int = 0
     on_error: str = "fail"
+
+    def validate(self) -> None:
+        """Check every setting before a file is read or written, naming the flag to fix."""
+        positive = ("steps", "batch_size", "image_size", "eval_every", "ckpt_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ClusterarError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        for name in ("warmup", "restart_every", "seed", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ClusterarError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ClusterarError(f"--lr must be a positive number, got {self.lr}")
+        for name in ("min_lr_ratio", "restart_until"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ClusterarError(
+                    f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(self, name)}"
+                )
+        if self.codebook_size is not None and self.codebook_size < 2:
+            raise ClusterarError(f"--codebook-size must be at least 2, got {self.codebook_size}")
+        if self.on_error not in ("fail", "skip"):
+            raise ClusterarError(f"--on-error is fail or skip, got {self.on_error!r}")
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -174,6 +197,7 @@ def train_tokenizer(
     `stop_at` ends this session after that many steps with a checkpoint (time-sliced jobs; tests of resume);
     the run is then finished with `resume=True`, and None is returned.
     """
+    cfg.validate()
     out = Path(out)
     device = pick_device(cfg.device)
     ckpt = out / CHECKPOINT
@@ -201,17 +225,28 @@ def train_tokenizer(
     counts = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)
     if resume and ckpt.exists():
         meta, extra = load_checkpoint(ckpt, model, opt)
-        if meta["train_config"] != asdict(cfg):
-            diff = {
-                k: (meta["train_config"].get(k), v)
-                for k, v in asdict(cfg).items()
-                if meta["train_config"].get(k) != v
-            }
+        saved = meta["train_config"]
+        diff = {k: (saved.get(k), v) for k, v in asdict(cfg).items() if saved.get(k) != v and k != "steps"}
+        if diff:
             raise ClusterarError(
-                f"cannot resume {ckpt}: settings differ from the saved run (saved, now): {diff}"
+                f"cannot resume {ckpt}: settings differ from the saved run (saved, now): {diff}; only --steps "
+                "may change (to extend a run); start a new --out for other settings"
             )
         step, counts = meta["step"], extra["code_counts"].to(device)
+        if cfg.steps < step:
+            raise ClusterarError(
+                f"cannot resume {ckpt} with --steps {cfg.steps}: it is already at step {step}; give a larger "
+                "--steps to extend it"
+            )
+        line = f"resuming {out} at step {step} of {cfg.steps}"
+        if saved.get("steps") != cfg.steps:
+            line += (
+                f" (the budget was {saved.get('steps')} steps; the cosine schedule is stretched from here on)"
+            )
+        notice(line)
         truncate_log(out / "log.jsonl", step)
+    elif resume:
+        notice(f"--resume: {out} holds no checkpoint yet; starting a new run there")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict()})
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally

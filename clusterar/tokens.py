@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .data import collate_images, load_dataset, make_views, to_float, view_load_size
 from .errors import ClusterarError
 from .fileio import mmap_tensor, read_meta, save_tensors, write_json
-from .runtime import autocast
+from .runtime import autocast, notice
 from .tokenizer import VQModel
 
 log = logging.getLogger("clusterar.tokens")
@@ -150,6 +150,11 @@ def encode_dataset(
     """Encode one split of a dataset into one token file (resumable; see the module docstring)."""
     if views not in VIEW_NAMES:
         raise ClusterarError(f"unknown --views '{views}'; choose one of {', '.join(VIEW_NAMES)}")
+    if batch_size < 1 or num_workers < 0 or image_size < 1:
+        raise ClusterarError(
+            f"--batch-size and --image-size must be at least 1 and --num-workers >= 0, got {batch_size}, "
+            f"{image_size} and {num_workers}"
+        )
     out = Path(out)
     device = next(tokenizer.parameters()).device
     dataset = load_dataset(data, split, view_load_size(image_size, views), on_error=on_error)
@@ -182,7 +187,7 @@ def encode_dataset(
         if state["settings"] == settings and state["shape"] == [n, v, seq]:
             done, skipped = state["done"], state["skipped"]
             codes = np.lib.format.open_memmap(part_codes, mode="r+")
-            log.info("resuming %s at image %d of %d", out, done, n)
+            notice(f"resuming {out} at image {done} of {n}")
         else:
             log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
             done = 0
