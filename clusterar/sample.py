@@ -41,7 +41,7 @@ from .errors import ClusterarError
 from .fileio import atomic_path, read_json, write_json
 from .gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
 from .methods import restrict_logits
-from .runtime import autocast
+from .runtime import autocast, notice
 from .tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
 
 PIPELINE_KIND = "clusterar.pipeline"
@@ -925,7 +925,7 @@ def sample_to_folder(
     if batch_size < 1:
         raise ClusterarError(f"--batch-size must be positive, got {batch_size}")
     run = {
-        "source": pipeline.source,
+        "source": str(Path(pipeline.source).resolve()),  # the same file however its path is spelled
         "method": pipeline.method,
         "settings": asdict(settings),
         "seed": int(seed),
@@ -947,11 +947,14 @@ def sample_to_folder(
                     "choose another --out"
                 )
             if path == summary_path:
-                print(f"{out}: already complete ({n} images); nothing to do")
-                return read_json(summary_path)
+                notice(f"{out} is already complete ({n} images with these settings); nothing to do")
+                return {**read_json(summary_path), "already_complete": True}
     parts.mkdir(parents=True, exist_ok=True)
     write_json(parts / "run.json", run)
     n_batches = math.ceil(n / batch_size)
+    kept = sum((parts / f"batch-{b:06d}.npy").exists() for b in range(n_batches))
+    if kept:
+        notice(f"resuming {out}: {kept} of {n_batches} batches are already drawn")
     timed: list[tuple[int, float]] = []  # (images, seconds) of the batches generated in this session
     reused = 0
     bar = tqdm(range(n_batches), desc="sampling", unit="batch", disable=not progress)

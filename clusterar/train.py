@@ -49,7 +49,7 @@ from .errors import ClusterarError
 from .fileio import load_tensors, read_meta, write_json
 from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
 from .methods import METHODS, Method
-from .runtime import autocast, pick_device
+from .runtime import autocast, notice, pick_device
 from .tokenizer import load_tokenizer, resolve_tokenizer_path
 from .tokenizer_train import truncate_log
 from .tokens import TokenFile
@@ -62,6 +62,8 @@ BETAS = (0.9, 0.95)
 SCHEDULES = ("constant", "cosine")
 # Settings that may differ when a run is resumed: they change how a session runs, not what it computes.
 SESSION_FIELDS = ("log_every", "ckpt_every", "snapshot_every", "compile", "device", "fsdp")
+# The budget may grow on resume (a finished run extended); the rest of the run stays as it was.
+BUDGET_FIELDS = ("steps", "epochs")
 
 
 @dataclass
@@ -357,6 +359,9 @@ class Trainer:
             self._check_resume(meta)
             self.step, self.elapsed_before = int(meta["step"]), float(meta.get("elapsed", 0.0))
             self.ckpt_meta = meta
+            self._say_resumed(meta)
+        elif resume and self.di.main:
+            notice(f"--resume: {self.out} holds no checkpoint yet; starting a new run there")
         self.params = [params[n] for n in names]
         self.param_names = names
         self.ema = None
@@ -380,10 +385,32 @@ class Trainer:
             self.model = torch.compile(model, dynamic=False)
             self.loss_fn = torch.compile(self.method.loss, dynamic=False)
 
+    def _say_resumed(self, meta: dict) -> None:
+        """One line: where the run continues, and what a changed budget means for the schedule."""
+        saved = meta["train_config"]
+        saved_total = (
+            saved["steps"]
+            if saved.get("steps") is not None
+            else max(1, round(saved["epochs"] * self.per_epoch))
+        )
+        if self.total < self.step:
+            raise ClusterarError(
+                f"cannot resume {self.ckpt} with a budget of {self.total} steps: it is already at step "
+                f"{self.step}; give a larger --steps/--epochs to extend it, or the run's own budget to finish it"
+            )
+        line = f"resuming {self.out} at step {self.step} of {self.total}"
+        if saved_total != self.total:
+            line += f" (the budget was {saved_total} steps"
+            if self.cfg.schedule == "cosine" or self.cfg.warmup > min(saved_total, self.step):
+                line += "; the learning-rate schedule is stretched to the new budget from here on"
+            line += ")"
+        if self.di.main:
+            notice(line)
+
     def _check_resume(self, meta: dict) -> None:
         saved = meta["train_config"]
         now = _normalised(self.cfg)
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k not in BUDGET_FIELDS}
         if diff:
             raise ClusterarError(
                 f"cannot resume {self.ckpt}: settings differ from the saved run (saved, now): {diff}. Only "

@@ -4,6 +4,7 @@ mapping, pipeline files and their checks, and the `clusterar sample` command."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -390,9 +391,15 @@ def test_cli_sample_writes_outputs(tmp_path, runs, capsys):
     info = json.loads((out / "sample.json").read_text())
     assert info["images"] == 20 and info["run"]["settings"]["cfg_scale"] == 2.0 and info["images_per_s"] > 0
     assert not (out / "parts").exists()
-    # same command again: nothing to do; other settings in the same folder: refused
+    # same command again: nothing to do, also with the model's path spelled another way, and the old
+    # speed is not reported as if it had run; other settings in the same folder: refused
+    capsys.readouterr()
     assert main([*args, "--out", str(out), "--device", "cpu"]) == 0
-    assert "already complete" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "already complete" in said.err and "unchanged:" in said.out and "images/s" not in said.out
+    respelled = [args[0], os.path.relpath(runs["baseline"]) + "/", *args[2:]]
+    assert main([*respelled, "--out", str(out), "--device", "cpu"]) == 0
+    assert "already complete" in capsys.readouterr().err
     assert main([*args, "--out", str(out), "--device", "cpu", "--seed", "1"]) == 2
     assert "other settings" in capsys.readouterr().err
     # CTF through its pipeline file, with the stage-2 flags

@@ -457,3 +457,41 @@ def test_validate_scores_a_model_file_like_training(files, tmp_path):
     assert got["acc_cluster"] == pytest.approx(float(cluster_accuracy(logits, ids, cl.block_size)), abs=1e-6)
     with pytest.raises(ClusterarError, match="another tokenizer"):
         validate(tmp_path / "r" / "model.safetensors", files["other_tokens"])
+
+
+# ----------------------------------------------------------------------------- resuming, said aloud
+
+
+def test_resume_says_where_it_continues_and_extends_a_finished_run(files, tmp_path, capsys):
+    """--resume names the step it continues from; a finished run takes a larger budget, and with the
+    constant schedule the extended run equals one trained for the larger budget from the start."""
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    train(cfg(files, steps=6, ckpt_every=2), straight, progress=False)
+    train(cfg(files, steps=4, ckpt_every=2), extended, progress=False)
+    capsys.readouterr()
+    train(cfg(files, steps=6, ckpt_every=2), extended, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"resuming {extended} at step 4 of 6 (the budget was 4 steps)" in err
+    assert "stretched" not in err  # constant schedule without warmup: nothing changes
+    assert [no_time(r) for r in records(straight)] == [no_time(r) for r in records(extended)]
+    a, _ = load_gpt(straight / "model.safetensors")
+    b, info = load_gpt(extended / "model.safetensors")
+    assert info["step"] == 6
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    # cosine: the rest of the schedule changes, and the message says so
+    cos = tmp_path / "cos"
+    train(cfg(files, steps=4, schedule="cosine"), cos, progress=False)
+    capsys.readouterr()
+    train(cfg(files, steps=6, schedule="cosine"), cos, resume=True, progress=False)
+    assert "schedule is stretched" in capsys.readouterr().err
+    # a budget below the step already reached is refused, naming the flag
+    with pytest.raises(ClusterarError, match="already at step 6; give a larger --steps"):
+        train(cfg(files, steps=3), extended, resume=True, progress=False)
+
+
+def test_resume_in_an_empty_folder_says_it_starts_a_new_run(files, tmp_path, capsys):
+    train(cfg(files, steps=2), tmp_path / "new", resume=True, progress=False)
+    assert "holds no checkpoint yet; starting a new run" in capsys.readouterr().err
+    assert read_gpt_info(tmp_path / "new" / "model.safetensors")["step"] == 2
