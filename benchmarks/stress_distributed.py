@@ -76,11 +76,12 @@ def run_condition(reps: int, condition: str) -> dict:
     procs = [mp.Process(target=_hog, args=(stop,), daemon=True)] if hog else []
     for p in procs:
         p.start()
-    results = []
+    results, loads = [], []
     try:
         for i in range(reps):
             ok, secs, reason = run_once(env)
             results.append((ok, secs, reason))
+            loads.append(os.getloadavg()[0])
             tag = "ok" if ok else f"FAILED: {reason}"
             print(f"{condition} {i + 1}/{reps}: {secs:.1f} s {tag}", flush=True)
     finally:
@@ -93,6 +94,7 @@ def run_condition(reps: int, condition: str) -> dict:
         "reps": reps,
         "failures": sum(not ok for ok, _, _ in results),
         "median_s": secs[len(secs) // 2],
+        "load": (min(loads), max(loads)),
         "reasons": [r for ok, _, r in results if not ok],
     }
 
@@ -113,14 +115,19 @@ def main() -> None:
         f"`{TESTS[0]}` (both parametrisations: DDP, and FSDP2 stopped after 2 steps and resumed), "
         "each starting 2-process gloo jobs with torchrun. 'beside a CPU hog': another process doing "
         "float32 matrix products on one core throughout. 'cycle collector off': every Python process of the run starts "
-        "with gc.disable(), so whatever sits in reference cycles lives until interpreter exit.",
+        "with gc.disable(), so whatever sits in reference cycles lives until interpreter exit. The load "
+        "average is the machine's, sampled after each repetition: 'alone' means no hog of ours, not an "
+        "idle machine.",
         "",
-        "| condition | repetitions | failures | median time per repetition |",
-        "|---|---:|---:|---:|",
+        "| condition | repetitions | failures | median time per repetition | 1-min load average (min..max) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         cond = CONDITIONS[r["condition"]]
-        lines.append(f"| {cond} | {r['reps']} | {r['failures']} | {r['median_s']:.1f} s |")
+        lo, hi = r["load"]
+        lines.append(
+            f"| {cond} | {r['reps']} | {r['failures']} | {r['median_s']:.1f} s | {lo:.1f}..{hi:.1f} |"
+        )
     reasons = [x for r in rows for x in r["reasons"]]
     if reasons:
         lines += ["", "Failures:", *[f"- {x}" for x in reasons]]
