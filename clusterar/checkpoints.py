@@ -12,13 +12,15 @@ half-random model.
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .errors import ClusterarError
-from .fileio import load_tensors, save_tensors
+from .fileio import check_file, file_error, first_line, load_tensors, save_tensors
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,6 +83,55 @@ def load_checkpoint(
     return meta, extra
 
 
+def run_checkpoint(
+    ckpt: str | os.PathLike, kind: str, resume: bool, model_file: str, run_name: str = "training run"
+) -> dict[str, Any] | None:
+    """The metadata of a run folder's checkpoint, or None if the folder has none, checked before any work.
+
+    Refused, each with what to do: a checkpoint without --resume (the run would be overwritten); --resume
+    in a folder that has the run's model file but no checkpoint (the checkpoint was deleted: starting
+    from scratch would silently replace the model); and a checkpoint that is damaged, truncated, a folder
+    or another kind of file. --resume in a folder without a run starts one, so a job script can always
+    pass it.
+    """
+    from .fileio import FileError, expect_kind, read_meta
+
+    ckpt = Path(ckpt)
+    run = ckpt.parent
+    if not ckpt.exists() and not ckpt.is_symlink():
+        if resume and (run / model_file).exists():
+            raise ClusterarError(
+                f"{run} holds {model_file} but no {ckpt.name}, so there is nothing to resume from; "
+                + _start_over(run, ckpt, model_file)
+            )
+        return None
+    try:
+        meta = read_meta(ckpt, "training checkpoint")
+        expect_kind(ckpt, meta, kind, "training checkpoint")
+    except FileError as e:
+        raise ClusterarError(
+            f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
+        ) from e
+    if not resume:
+        raise ClusterarError(
+            f"{run} already holds a {run_name} (checkpoint at step {meta.get('step', '?')}); pass --resume to "
+            "continue it, or choose another --out"
+        )
+    return meta
+
+
+def _start_over(run: Path, ckpt: Path, model_file: str) -> str:
+    """What to do with a run that cannot resume: the same words for every trainer."""
+    keep = [name for name in (model_file, "snapshots") if (run / name).exists()]
+    kept = (
+        f" ({' and '.join(keep)} there {'hold' if len(keep) > 1 else 'holds'} the weights of its last "
+        f"{'saves' if len(keep) > 1 else 'save'}, for sampling; training resumes only from {ckpt.name})"
+        if keep
+        else ""
+    )
+    return f"start over with another --out, or delete {run} and run the command again{kept}"
+
+
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with an error message a user can act on."""
     own = model.state_dict()
@@ -110,25 +161,61 @@ def _preview(items: list[str], n: int = 6) -> str:
     return ", ".join(items[:n]) + (f", ... (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def load_torch_weights(path: str | os.PathLike, which: str = "model") -> dict[str, torch.Tensor]:
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def load_torch_file(path: str | os.PathLike, what: str) -> Any:
+    """Read a PyTorch .pt/.pth file safely: the one place clusterar calls torch.load.
+
+    torch.load runs with weights_only=True, so only tensors, containers and plain values are rebuilt; a file
+    that pickles other objects (which could run code when unpickled) is refused with one line saying so,
+    instead of PyTorch's advice to retry with weights_only=False. argparse.Namespace, which LlamaGen stores
+    under "args", is allow-listed. Missing, empty, truncated and foreign files get `file_error`'s message.
+    """
+    import argparse
+    import pickle
+
+    p = check_file(path, what, PT_SUFFIXES)
+    with open(p, "rb") as f:
+        head = f.read(4)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise ClusterarError(
+                f"{what} {p} holds Python objects other than tensors (it names {found.group(1)}), so it is "
+                "refused for safety: unpickling them could run code from the file. clusterar reads only "
+                "tensors from .pt files: where the file comes from, re-save the weights as a state_dict (a "
+                "dict of tensors) and pass that"
+            ) from e
+        problem = _torch_file_problem(head, e)
+    except Exception as e:  # torch raises RuntimeError, EOFError, ValueError... for damaged files
+        problem = _torch_file_problem(head, e)
+    raise file_error(p, what, problem, damaged=True)
+
+
+def _torch_file_problem(head: bytes, e: BaseException) -> str:
+    if head == b"PK\x03\x04":  # torch.save's zip format: the end of the archive is missing or damaged
+        return "is truncated or damaged (its zip archive cannot be read)"
+    if head[:1] == b"\x80":  # a pickle: PyTorch's legacy format
+        return f"is truncated or damaged (unreadable pickle: {first_line(e)})"
+    return "is not a PyTorch file (torch.save writes a zip archive)"
+
+
+def load_torch_weights(
+    path: str | os.PathLike, which: str = "model", what: str = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Read a state_dict from a PyTorch .pt/.pth file of LlamaGen or another trainer, safely.
 
     Accepts a bare state_dict or one wrapped as "model", "ema", "module" or "state_dict" (LlamaGen's
     released files and training checkpoints, DDP and Lightning-style trainers). `which="ema"` picks the
-    EMA weights of a training checkpoint. Loads with weights_only=True; argparse.Namespace, which LlamaGen
-    stores under "args", is allow-listed rather than unpickled freely. Prefixes added by DDP ("module.")
-    and torch.compile ("_orig_mod.") are removed.
+    EMA weights of a training checkpoint. Reads with `load_torch_file` (weights_only=True). Prefixes added
+    by DDP ("module.") and torch.compile ("_orig_mod.") are removed. `what` names the file in errors.
     """
-    import argparse
-
+    obj = load_torch_file(path, what)
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ClusterarError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types here: say which file and why
-        raise ClusterarError(f"could not read {path} as a PyTorch checkpoint (weights_only=True): {e}") from e
     if isinstance(obj, dict) and which in obj and isinstance(obj[which], dict):
         obj = obj[which]
     elif which == "ema":
@@ -139,8 +226,8 @@ def load_torch_weights(path: str | os.PathLike, which: str = "model") -> dict[st
                 obj = obj[key]
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ClusterarError(
-            f"{path} is not a state_dict nor one wrapped as 'model', 'ema', 'module' or 'state_dict'"
+        raise file_error(
+            path, what, "is not a state_dict nor one wrapped as 'model', 'ema', 'module' or 'state_dict'"
         )
     out = {}
     for k, v in obj.items():

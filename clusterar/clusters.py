@@ -44,8 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoints import load_torch_file
 from .errors import ClusterarError
-from .fileio import fingerprint, load_tensors, save_tensors
+from .fileio import expect_kind, file_error, fingerprint, load_tensors, save_tensors
 
 METHODS = ("kmeans", "balanced", "random")
 FORMAT = "codebook_clusters"
@@ -840,12 +841,7 @@ class CodebookClusters:
         source = None
         if isinstance(mapping, (str, os.PathLike)):
             source = str(mapping)
-            if not Path(mapping).is_file():
-                raise ClusterarError(f"IAR mapping file not found: {mapping}")
-            try:
-                mapping = torch.load(mapping, map_location="cpu", weights_only=True)
-            except Exception as e:  # any unreadable file gets the same explanation
-                raise ClusterarError(f"cannot read IAR mapping file {source}: {e}") from e
+            mapping = load_torch_file(mapping, "IAR mapping file")
         what = f"IAR mapping {source}" if source else "IAR mapping"
         mapping = _check_permutation(mapping, k, what)
         if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
@@ -899,19 +895,13 @@ class CodebookClusters:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CodebookClusters:
         tensors, meta = load_tensors(path, "clusters file")
-        if meta.get("kind") != FORMAT:
-            raise ClusterarError(
-                f"{path} is not a clusters file (it holds a {meta.get('kind', 'unknown')!r}); "
-                "pass the file written by CodebookClusters.save / `clusterar cluster`"
-            )
+        expect_kind(path, meta, FORMAT, "clusters file")
         if meta.get("version", 0) > FORMAT_VERSION:
             raise ClusterarError(
                 f"{path} was written by a newer clusterar (format {meta['version']}); upgrade"
             )
         if "labels" not in tensors:
-            raise ClusterarError(
-                f"clusters file {path} has no 'labels' tensor; it is damaged, write it again"
-            )
+            raise file_error(path, "clusters file", "has no 'labels' tensor", damaged=True)
         try:
             out = cls(
                 tensors["labels"],
@@ -924,9 +914,9 @@ class CodebookClusters:
                 str(path),
             )
         except KeyError as e:
-            raise ClusterarError(f"clusters file {path} lacks the metadata field {e}; write it again") from e
+            raise file_error(path, "clusters file", f"lacks the metadata field {e}", damaged=True) from e
         except ClusterarError as e:
-            raise ClusterarError(f"clusters file {path} is inconsistent: {e}") from e
+            raise file_error(path, "clusters file", f"is inconsistent ({e})", damaged=True) from e
         return out
 
     def check_codebook(self, codebook: torch.Tensor, what: str = "codebook") -> None:

@@ -142,6 +142,32 @@ def collate_images(
     return images, labels, ok
 
 
+class WithSourceSizes(torch.utils.data.Dataset):
+    """Items `start..stop` of an ImageDataset as (image, label, source size): the size each file had before
+    it was resized ((w, h), or (0, 0) for bundled images and unreadable files). With `collate_with_sizes`
+    this carries the sizes out of DataLoader workers, so that a job can report how many images it had to
+    upscale."""
+
+    def __init__(self, dataset: ImageDataset, start: int = 0, stop: int | None = None):
+        self.dataset, self.start = dataset, start
+        self.stop = len(dataset) if stop is None else stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, tuple[int, int]]:
+        return self.dataset.item_and_size(self.start + i)
+
+
+def collate_with_sizes(
+    batch: list[tuple[torch.Tensor | None, int, tuple[int, int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`collate_images` for `WithSourceSizes` items: also the source sizes, int64 [B, 2] (w, h)."""
+    images, labels, ok = collate_images([(img, lab) for img, lab, _ in batch])
+    sizes = torch.tensor([size for _, _, size in batch], dtype=torch.int64).reshape(len(batch), 2)
+    return images, labels, ok, sizes
+
+
 # ----------------------------------------------------------------------------------------------------
 # the dataset
 
@@ -198,22 +224,44 @@ class ImageDataset(torch.utils.data.Dataset):
         return os.path.join(self.root, self.files[i])
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int]:
+        img, label, _ = self.item_and_size(i)
+        return img, label
+
+    def item_and_size(self, i: int) -> tuple[torch.Tensor | None, int, tuple[int, int]]:
+        """(image, label, (w, h) of the file before resizing); (0, 0) for bundled or skipped images."""
         i = self._index(i)
         label = int(self.labels[i])
         if self.images is not None:
             img = self.images[i]
-            return (img.repeat(3, 1, 1) if img.shape[0] == 1 else img.clone()), label
+            return (img.repeat(3, 1, 1) if img.shape[0] == 1 else img.clone()), label, (0, 0)
         path = self.path(i)
         try:
-            arr = read_image(path, self.image_size)
+            arr, size = read_image_and_size(path, self.image_size)
         except Exception as e:  # any failure to decode is the file's problem, not ours
             if self.on_error == "skip":
-                return None, label
+                return None, label, (0, 0)
             raise ClusterarError(
-                f"cannot read image {path}: {type(e).__name__}: {e}. Fix or delete the file, or pass "
-                'on_error="skip" (CLI: --on-error skip) to leave unreadable files out and list them at the end'
+                f"cannot read image {path}: it {_image_problem(path, e)}. Fix or delete the file, or pass "
+                '--on-error skip (library: on_error="skip") to leave unreadable images out and list them'
             ) from e
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), label, size
+
+
+def _image_problem(path: str, e: BaseException) -> str:
+    """What is wrong with an image file that PIL could not decode, in a few words."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        if os.path.getsize(path) == 0:
+            return "is empty (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(e, UnidentifiedImageError):
+        return "is not an image (PIL cannot identify its format)"
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and ("truncated" in text or "broken" in text or "corrupt" in text):
+        return f"is truncated or corrupt ({text})"
+    return f"cannot be decoded ({type(e).__name__}: {text})"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -235,6 +283,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def read_image(path: str, image_size: int) -> np.ndarray:
     """Read one file as uint8 RGB [image_size, image_size, 3] (ADM/LlamaGen centre crop); raises on bad files."""
+    return read_image_and_size(path, image_size)[0]
+
+
+def read_image_and_size(path: str, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """`read_image` and the file's own size (w, h): a shorter side below image_size means it was upscaled."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # someone turned it on globally; truncated JPEGs would then decode as grey without an error
         log.warning("PIL ImageFile.LOAD_TRUNCATED_IMAGES was True; clusterar sets it back to False")
@@ -245,7 +298,19 @@ def read_image(path: str, image_size: int) -> np.ndarray:
         rgb = _to_rgb(img)
     if mode != "RGB":
         log.warning("converted %s from mode %s to RGB", path, mode)
-    return center_crop_arr(rgb, image_size)
+    return center_crop_arr(rgb, image_size), rgb.size
+
+
+def describe_upscaled(dataset: ImageDataset, sizes: dict[int, tuple[int, int]]) -> str:
+    """One line about the images of `dataset` (index -> source size) that were smaller than its image size."""
+    n = len(sizes)
+    i, (w, h) = min(sizes.items(), key=lambda kv: (min(kv[1]), kv[0]))
+    s = dataset.image_size
+    return (
+        f"{n} of {len(dataset)} images of {dataset.name} ({dataset.split}) {'is' if n == 1 else 'are'} smaller "
+        f"than {s}x{s} and {'was' if n == 1 else 'were'} upscaled, so {'it is' if n == 1 else 'they are'} "
+        f"blurry; the smallest is {w}x{h}: {dataset.path(i)}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,10 +535,14 @@ __all__ = [
     "center_crop_arr",
     "check_dataset_name",
     "collate_images",
+    "collate_with_sizes",
+    "describe_upscaled",
     "load_dataset",
     "make_views",
     "read_image",
+    "read_image_and_size",
     "to_float",
     "to_uint8",
     "view_load_size",
+    "WithSourceSizes",
 ]

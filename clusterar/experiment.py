@@ -31,7 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ClusterarError
-from .fileio import read_json, write_json
+from .fileio import check_file, file_error, read_json, write_json
 
 METHODS = ("baseline", "iar", "ctf")
 SAMPLE_SWEEPS = ("cfg_scale", "temperature", "temperature2", "top_k", "top_k2", "top_p")
@@ -176,11 +176,20 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         p = SPECS_DIR / f"{path}.toml"
     if not p.exists():
         shipped = ", ".join(sorted(q.stem for q in SPECS_DIR.glob("*.toml")))
-        raise ClusterarError(f"experiment spec {path} not found (shipped specs: {shipped})")
+        raise ClusterarError(
+            f"experiment spec {path} not found; check the path, or name a shipped spec (shipped specs: {shipped})"
+        )
+    p = check_file(p, "experiment spec", (".toml",))
     try:
-        d = tomllib.loads(p.read_text())
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise file_error(p, "experiment spec", "is not a text file (binary bytes), so not TOML") from e
+    try:
+        d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ClusterarError(f"experiment spec {p} is not valid TOML: {e}") from e
+        raise file_error(p, "experiment spec", f"is not valid TOML ({e})") from e
+    if not d:
+        raise file_error(p, "experiment spec", "holds no settings (an empty TOML file)")
     return parse_spec(d, str(p))
 
 
@@ -193,7 +202,10 @@ def validate(spec: ExperimentSpec, source: str) -> None:
     from .tokenizer import PRESETS as VQ_PRESETS
     from .train import TrainConfig
 
-    check_dataset_name(spec.data)
+    try:
+        check_dataset_name(spec.data)
+    except ClusterarError as e:
+        raise ClusterarError(f"{source}: data = {spec.data!r}: {e}") from e
     if spec.tokenizer.path is None and spec.tokenizer.preset not in VQ_PRESETS:
         raise ClusterarError(
             f"{source}: unknown tokenizer preset {spec.tokenizer.preset!r}; choose one of {', '.join(VQ_PRESETS)}"

@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoints import load_state_strict, load_torch_weights
 from .errors import ClusterarError
-from .fileio import atomic_path, load_tensors, read_meta, save_tensors
+from .fileio import atomic_path, expect_kind, load_tensors, read_meta, save_tensors
 
 
 @dataclass
@@ -534,7 +534,7 @@ def load_llamagen_gpt(
     built on the meta device first, so no time goes into random initialisation of weights about to be
     overwritten.
     """
-    state = load_torch_weights(path, "ema" if ema else "model")
+    state = load_torch_weights(path, "ema" if ema else "model", what="LlamaGen model")
     if config is None:
         config = config_from_state_dict(state, n_head=n_head, grid_size=grid_size, causal=causal)
     with torch.device("meta"):
@@ -562,21 +562,18 @@ def save_gpt(path: str | os.PathLike, model: GPT, info: dict | None = None) -> N
     save_tensors(path, state, {"kind": "gpt", "gpt_config": model.config.to_dict(), **(info or {})})
 
 
-def read_gpt_info(path: str | os.PathLike) -> dict:
-    """The metadata of a `save_gpt` file (config + info) without loading weights."""
-    meta = read_meta(path, "GPT model file")
-    if meta.get("kind") != "gpt":
-        raise ClusterarError(
-            f"{path} is not a clusterar GPT model file (kind={meta.get('kind')!r}); LlamaGen .pt files load "
-            "with `load_llamagen_gpt`"
-        )
+def read_gpt_info(path: str | os.PathLike, what: str = "model file") -> dict:
+    """The metadata of a `save_gpt` file (config + info) without loading weights; `what` names the role of
+    the file in errors (its advice comes from fileio.REMEDIES)."""
+    meta = read_meta(path, "model file")
+    expect_kind(path, meta, "gpt", what)
     return meta
 
 
 def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
     """Load a `save_gpt` file strictly, in eval mode; returns (model, metadata)."""
     meta = read_gpt_info(path)
-    tensors, _ = load_tensors(path, "GPT model file")
+    tensors, _ = load_tensors(path, "model file")
     with torch.device("meta"):
         model = GPT(GPTConfig.from_dict(meta["gpt_config"]))
     model = model.to_empty(device="cpu")

@@ -57,7 +57,7 @@ from .classifier import (
     to_nchw_uint8,
 )
 from .errors import ClusterarError
-from .fileio import fingerprint, load_tensors, save_tensors
+from .fileio import check_file, file_error, fingerprint, load_tensors, save_tensors
 from .runtime import pick_device
 
 log = logging.getLogger("clusterar.metrics")
@@ -252,17 +252,21 @@ class NpzSource(ImageSource):
     x 256 x 256 file is 10 GB, so it is never loaded whole); `mu` / `sigma` if the file has them."""
 
     def __init__(self, path: str | os.PathLike, require_images: bool = True):
-        self.path = Path(path)
+        what = "samples file" if require_images else "reference file"
+        self.path = check_file(path, what, (".npz",))
         self.name = str(path)
-        if not self.path.is_file():
-            raise ClusterarError(f"npz file not found: {self.path}")
         try:
             with zipfile.ZipFile(self.path) as zf:
                 self.members = {n[:-4]: n for n in zf.namelist() if n.endswith(".npy")}
         except (zipfile.BadZipFile, OSError) as e:
-            raise ClusterarError(
-                f"{self.path} is not a readable .npz file ({e}); write it with numpy.savez"
-            ) from e
+            with open(self.path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+            why = (
+                "truncated or damaged: its zip archive cannot be read"
+                if zipped
+                else "numpy.savez writes a zip"
+            )
+            raise file_error(self.path, what, f"is not a readable .npz file ({why})", damaged=True) from e
         self.has_images = "arr_0" in self.members
         self.shape: tuple[int, ...] = ()
         if not self.has_images:
@@ -342,7 +346,9 @@ class FolderSource(ImageSource):
         )
         if not self.files:
             raise ClusterarError(
-                f"{self.root} holds no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}), nor in sub-folders"
+                f"{self.root} is a folder that holds no image files ({' '.join(sorted(IMAGE_EXTENSIONS))}), "
+                "nor in sub-folders; pass a folder of images or an .npz such as the samples.npz of "
+                "`clusterar sample`"
             )
 
     def __len__(self) -> int:
@@ -413,7 +419,7 @@ def open_images(
     path = Path(spec[len("folder:") :] if spec.startswith("folder:") else spec).expanduser()
     if path.is_dir():
         return FolderSource(path, image_size)
-    if path.is_file() and path.suffix == ".npz":
+    if path.suffix == ".npz":
         return NpzSource(path, require_images=require_images)
     if path.is_file():
         raise ClusterarError(f"{path} is neither an .npz file nor a folder of images")
@@ -528,7 +534,7 @@ class Inception(FeatureExtractor):
                 STANDARD_INCEPTION,
                 digest[:8],
             )
-        state = load_torch_weights(self.path)
+        state = load_torch_weights(self.path, what="Inception weights file")
         buf = io.BytesIO()
         torch.save(state, buf)
         buf.seek(0)

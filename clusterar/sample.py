@@ -38,7 +38,7 @@ import torch
 from .clusters import CodebookClusters
 from .data import to_uint8
 from .errors import ClusterarError
-from .fileio import atomic_path, read_json, write_json
+from .fileio import atomic_path, read_json, remedy, write_json
 from .gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
 from .methods import restrict_logits
 from .runtime import autocast, notice
@@ -325,16 +325,17 @@ def _model_file(path: str | os.PathLike, what: str) -> Path:
                 "a model file such as RUN/snapshots/model-stepN.safetensors"
             )
         return p / MODEL_FILE
-    if not p.is_file():
-        raise ClusterarError(f"{what} not found: {p}")
+    if not p.exists():
+        raise ClusterarError(f"{what} not found: {p}; check the path, or {remedy('model file')}")
     return p
 
 
 def _load_checked_tokenizer(path: str | os.PathLike, expected: str | None, who: str) -> VQModel:
-    try:
-        p = resolve_tokenizer_path(path)
-    except ClusterarError as e:
-        raise ClusterarError(f"{e} (the tokenizer of {who}); pass --tokenizer with its current path") from e
+    if not Path(path).exists():
+        raise ClusterarError(
+            f"the tokenizer of {who}, {path}, is not found; pass --tokenizer with its current path"
+        )
+    p = resolve_tokenizer_path(path)
     tok = load_tokenizer(p)
     if expected is not None:
         fp = tok.fingerprint()
@@ -353,7 +354,7 @@ def _load_checked_clusters(
         raise ClusterarError(
             f"{who} records no clusters file; pass --clusters with the file it was trained with"
         )
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ClusterarError(
             f"clusters file {path} of {who} not found; pass --clusters with its current path"
         )
@@ -507,7 +508,7 @@ class Pipeline:
         if p.suffix in LLAMAGEN_SUFFIXES:
             return cls._from_llamagen(p, device, tokenizer, grid_size)
         p = _model_file(p, "model")
-        meta = read_gpt_info(p)
+        meta = read_gpt_info(p, "model to sample")
         who = f"model {p}"
         if meta.get("method") in ("ctf-coarse", "ctf-refiner"):
             raise ClusterarError(

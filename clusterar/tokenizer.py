@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoints import load_state_strict, load_torch_weights
+from .checkpoints import PT_SUFFIXES, load_state_strict, load_torch_weights
 from .errors import ClusterarError
-from .fileio import fingerprint, load_tensors, read_meta, save_tensors
+from .fileio import check_file, expect_kind, file_error, fingerprint, load_tensors, read_meta, save_tensors
 
 
 @dataclass
@@ -414,26 +414,22 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_dir():
         if not (p / TOKENIZER_FILE).is_file():
-            raise ClusterarError(
-                f"{p} is a folder without {TOKENIZER_FILE}; train one with `clusterar tokenizer train --out {p}` "
-                "or pass the file itself"
+            raise file_error(
+                p, "tokenizer", f"is a folder without {TOKENIZER_FILE}, so not a tokenizer run folder"
             )
         return p / TOKENIZER_FILE
-    if not p.is_file():
-        raise ClusterarError(f"tokenizer not found: {p}")
-    return p
+    return check_file(p, "tokenizer", (".safetensors", *PT_SUFFIXES))
 
 
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQModel:
     """Load a clusterar tokenizer file/run folder, or a LlamaGen checkpoint (.pt/.pth, e.g. vq_ds16_c2i.pt)."""
     p = resolve_tokenizer_path(path)
-    if p.suffix in (".pt", ".pth", ".bin", ".ckpt"):
-        state = load_torch_weights(p)
+    if p.suffix in PT_SUFFIXES:
+        state = load_torch_weights(p, what="tokenizer")
         cfg = config_from_state_dict(state)
     else:
         meta = read_meta(p, "tokenizer")
-        if meta.get("kind") != "clusterar.tokenizer":
-            raise ClusterarError(f"{p} is a clusterar {meta.get('kind', 'file')}, not a tokenizer")
+        expect_kind(p, meta, "clusterar.tokenizer", "tokenizer")
         cfg = VQConfig.from_dict(meta["config"])
         state, _ = load_tensors(p, "tokenizer")
     model = VQModel(cfg)

@@ -22,15 +22,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, run_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float, to_uint8
 from .errors import ClusterarError
-from .fileio import read_meta, write_json, write_text_atomic
+from .fileio import write_json, write_text_atomic
 from .runtime import autocast, notice, pick_device
 from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
 from .viz import plot_curves, save_grid
 
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_KIND = "clusterar.tokenizer-checkpoint"
 
 
 @dataclass
@@ -201,12 +202,7 @@ def train_tokenizer(
     out = Path(out)
     device = pick_device(cfg.device)
     ckpt = out / CHECKPOINT
-    if ckpt.exists() and not resume:
-        step = read_meta(ckpt, "checkpoint").get("step", "?")
-        raise ClusterarError(
-            f"{out} already holds a tokenizer run (checkpoint at step {step}); pass --resume to continue it, "
-            "or choose another --out"
-        )
+    run_checkpoint(ckpt, CHECKPOINT_KIND, resume, TOKENIZER_FILE, "tokenizer run")
     train = load_dataset(cfg.data, "train", cfg.image_size, on_error=cfg.on_error)
     val = load_dataset(cfg.data, "val", cfg.image_size, on_error=cfg.on_error)
     if len(train) < cfg.batch_size:
@@ -307,7 +303,7 @@ def train_tokenizer(
                     log.flush()
                 if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
                     meta = {
-                        "kind": "clusterar.tokenizer-checkpoint",
+                        "kind": CHECKPOINT_KIND,
                         "step": step,
                         "train_config": asdict(cfg),
                     }

@@ -12,7 +12,10 @@ V is the number of views per image: 1 (none), 2 (original + horizontal flip, the
 `TokenFile.open` memory-maps the codes, so a training job touches only the rows it reads.
 
 Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json`, and the final file is
-written by atomic rename only when every image is done.
+written by atomic rename only when every image is done. A job that stops (an unreadable image, Ctrl-C)
+before any image is encoded leaves no partial files; one that stops later saves its progress and says so,
+and the same command continues. Images smaller than the image size are upscaled (as ADM and LlamaGen
+do) and counted in one warning at the end and in the metadata (`upscaled`).
 """
 
 from __future__ import annotations
@@ -28,10 +31,19 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .data import collate_images, load_dataset, make_views, to_float, view_load_size
+from .data import (
+    WithSourceSizes,
+    collate_with_sizes,
+    describe_upscaled,
+    load_dataset,
+    make_views,
+    to_float,
+    view_load_size,
+)
 from .errors import ClusterarError
-from .fileio import mmap_tensor, read_meta, save_tensors, write_json
+from .fileio import expect_kind, mmap_tensor, read_meta, save_tensors, write_json
 from .runtime import autocast, notice
 from .tokenizer import VQModel
 
@@ -67,10 +79,7 @@ class TokenFile:
     def open(cls, path: str | os.PathLike) -> TokenFile:
         path = Path(path)
         meta = read_meta(path, "token file")
-        if meta.get("kind") != TOKENS_KIND:
-            raise ClusterarError(
-                f"{path} is a clusterar {meta.get('kind', 'file')}, not a token file; make one with `clusterar encode`"
-            )
+        expect_kind(path, meta, TOKENS_KIND, "token file")
         codes = mmap_tensor(path, "codes", "token file")
         labels = np.asarray(mmap_tensor(path, "labels", "token file"))
         return cls(path, codes, labels, meta)
@@ -98,14 +107,19 @@ class TokenFile:
     def num_classes(self) -> int:
         return int(self.meta["num_classes"])
 
-    def check_tokenizer(self, tokenizer: VQModel) -> None:
-        """Refuse to pair these tokens with a tokenizer other than the one that made them."""
+    def check_tokenizer(self, tokenizer: VQModel, source: str | os.PathLike | None = None) -> None:
+        """Refuse to pair these tokens with a tokenizer other than the one that made them; `source` is the
+        tokenizer's file, named in the error."""
         fp = tokenizer.fingerprint()
-        if fp != self.meta["tokenizer_fingerprint"]:
+        if fp != self.meta.get("tokenizer_fingerprint"):
+            given = f"tokenizer {source}" if source is not None else "the tokenizer given"
+            encode = (
+                f"`clusterar encode --tokenizer {source}`" if source is not None else "`clusterar encode`"
+            )
             raise ClusterarError(
-                f"token file {self.path} was encoded by tokenizer {self.meta['tokenizer_fingerprint']}, "
-                f"but the tokenizer given has fingerprint {fp}; re-encode with `clusterar encode` or pass the "
-                "tokenizer that made it"
+                f"token file {self.path} was encoded by tokenizer {self.meta.get('tokenizer_fingerprint')}, "
+                f"but {given} has fingerprint {fp}; pass the tokenizer that encoded it, or re-encode the "
+                f"images with {encode}"
             )
 
     def batch(
@@ -132,6 +146,23 @@ def write_token_file(
         },
         {"kind": TOKENS_KIND, **meta},
     )
+
+
+def _read_progress(part_state: Path, part_codes: Path) -> dict | None:
+    """The saved state of an interrupted encoding, or None (none, or unreadable: then it starts over)."""
+    if not (part_state.exists() and part_codes.exists()):
+        return None
+    try:
+        state = json.loads(part_state.read_text())
+        np.lib.format.open_memmap(part_codes, mode="r")
+        return (
+            state
+            if isinstance(state, dict) and {"settings", "shape", "done", "skipped"} <= set(state)
+            else None
+        )
+    except (OSError, ValueError) as e:
+        log.warning("discarding partial encoding %s: it cannot be read (%s)", part_codes, e)
+        return None
 
 
 @torch.no_grad()
@@ -181,57 +212,82 @@ def encode_dataset(
     }
     part_codes = out.with_name(out.name + ".partial.npy")
     part_state = out.with_name(out.name + ".partial.json")
-    done, skipped = 0, []
-    if part_state.exists() and part_codes.exists():
-        state = json.loads(part_state.read_text())
+    done, skipped, upscaled = 0, [], {}
+    state = _read_progress(part_state, part_codes)
+    if state is not None:
         if state["settings"] == settings and state["shape"] == [n, v, seq]:
             done, skipped = state["done"], state["skipped"]
+            upscaled = {int(i): tuple(size) for i, size in state.get("upscaled", {}).items()}
             codes = np.lib.format.open_memmap(part_codes, mode="r+")
             notice(f"resuming {out} at image {done} of {n}")
         else:
             log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
-            done = 0
     if done == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
         codes = np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq))
 
     def save_progress(codes: np.ndarray) -> None:
         codes.flush()
-        write_json(part_state, {"settings": settings, "shape": [n, v, seq], "done": done, "skipped": skipped})
+        state = {"settings": settings, "shape": [n, v, seq], "done": done, "skipped": skipped}
+        write_json(part_state, dict(state, upscaled={str(i): list(s) for i, s in upscaled.items()}))
 
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, range(done, n)),
+        WithSourceSizes(dataset, done, n),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=collate_images,
+        collate_fn=collate_with_sizes,
     )
     tokenizer.eval()
     last_save = time.monotonic()
     bar = tqdm(
         total=n, initial=done, desc=f"encode {split}", unit="img", disable=not progress, dynamic_ncols=True
     )
-    for images, _, ok in loader:
-        rows = np.arange(done, done + len(ok))
-        skipped += [int(r) for r in rows[~ok.numpy()]]
-        if len(images):
-            x = make_views(images, views, image_size).flatten(0, 1).to(device)
-            with autocast(device):
-                ids = tokenizer.encode(to_float(x))
-            codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(dtype)
-        done += len(ok)
-        bar.update(len(ok))
-        if time.monotonic() - last_save > 30:
-            save_progress(codes)
-            last_save = time.monotonic()
+    try:
+        # warnings (e.g. a converted CMYK file) go above the bar, each on its own line
+        with logging_redirect_tqdm():
+            for images, _, ok, sizes in loader:
+                rows = np.arange(done, done + len(ok))
+                skipped += [int(r) for r in rows[~ok.numpy()]]
+                side = sizes.min(dim=1).values  # 0: a bundled image, resized by design
+                small = ok & (side > 0) & (side < dataset.image_size)
+                upscaled.update(
+                    {int(rows[j]): tuple(sizes[j].tolist()) for j in torch.nonzero(small).flatten()}
+                )
+                if len(images):
+                    x = make_views(images, views, image_size).flatten(0, 1).to(device)
+                    with autocast(device):
+                        ids = tokenizer.encode(to_float(x))
+                    codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(dtype)
+                done += len(ok)
+                bar.update(len(ok))
+                if time.monotonic() - last_save > 30:
+                    save_progress(codes)
+                    last_save = time.monotonic()
+    except BaseException as e:
+        bar.close()  # ends the bar's line, so the error is printed on a line of its own
+        if done == 0:  # nothing to continue from: leave no partial files behind
+            del codes
+            part_codes.unlink(missing_ok=True)
+            part_state.unlink(missing_ok=True)
+            raise
+        save_progress(codes)
+        if isinstance(e, ClusterarError):
+            raise ClusterarError(
+                f"{e}. The {done} images of {split} encoded before it are kept in {part_codes.name} and "
+                f"{part_state.name}: the same command continues from there (delete both to start over)"
+            ) from e
+        raise
     bar.close()
     save_progress(codes)
     keep = np.setdiff1d(np.arange(n), np.asarray(skipped, dtype=np.int64))
-    meta = dict(settings, skipped=[dataset.path(i) for i in skipped])
+    meta = dict(settings, skipped=[dataset.path(i) for i in skipped], upscaled=len(upscaled))
     if skipped:
         log.warning(
             "skipped %d unreadable images of %s (listed in the token file's metadata)", len(skipped), data
         )
+    if upscaled:
+        log.warning("%s", describe_upscaled(dataset, upscaled))
     write_token_file(out, codes[keep] if skipped else np.asarray(codes), dataset.labels.numpy()[keep], meta)
     del codes  # close the memory map before removing its file
     part_codes.unlink()

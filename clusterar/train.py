@@ -43,10 +43,16 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoints import _unflatten_optimizer, load_checkpoint, load_state_strict, save_checkpoint
+from .checkpoints import (
+    _unflatten_optimizer,
+    load_checkpoint,
+    load_state_strict,
+    run_checkpoint,
+    save_checkpoint,
+)
 from .clusters import CodebookClusters
 from .errors import ClusterarError
-from .fileio import load_tensors, read_meta, write_json
+from .fileio import load_tensors, write_json
 from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
 from .methods import METHODS, Method
 from .runtime import autocast, notice, pick_device
@@ -56,6 +62,7 @@ from .tokens import TokenFile
 from .viz import plot_curves
 
 CHECKPOINT = "checkpoint.safetensors"
+CHECKPOINT_KIND = "clusterar.gpt-checkpoint"
 LOG_FILE = "log.jsonl"
 SNAPSHOT_DIR = "snapshots"
 BETAS = (0.9, 0.95)
@@ -258,7 +265,7 @@ def load_inputs(cfg: TrainConfig) -> TrainInputs:
         )
     tok_path = resolve_tokenizer_path(cfg.tokenizer).resolve()
     tokenizer = load_tokenizer(tok_path)
-    tf.check_tokenizer(tokenizer)
+    tf.check_tokenizer(tokenizer, tok_path)
     clusters = None
     if cfg.clusters:
         clusters = CodebookClusters.load(cfg.clusters)
@@ -510,7 +517,7 @@ class Trainer:
                 f"{self._kept()}. Lower --lr (or add --warmup) and start again"
             )
         meta = {
-            "kind": "clusterar.gpt-checkpoint",
+            "kind": CHECKPOINT_KIND,
             "step": self.step,
             "epoch": self.step / self.per_epoch,
             "train_config": _normalised(self.cfg),
@@ -617,12 +624,7 @@ class Trainer:
 
     def fit(self, resume: bool, stop_at: int | None, progress: bool) -> dict:
         cfg, di, out = self.cfg, self.di, self.out
-        if self.ckpt.exists() and not resume:
-            step = read_meta(self.ckpt, "checkpoint").get("step", "?")
-            raise ClusterarError(
-                f"{out} already holds a training run (checkpoint at step {step}); pass --resume to continue "
-                "it, or choose another --out"
-            )
+        run_checkpoint(self.ckpt, CHECKPOINT_KIND, resume, MODEL_FILE)
         self.ckpt_meta = None
         self.build(resume)
         self.saved_step = self.step if self.ckpt_meta is not None else None

@@ -400,7 +400,7 @@ def test_cli_evaluate(digits_ext, digits_train_nhwc, cache, tmp_path, capsys):
     assert f"{metrics['fid']:.3f}" in printed and "precision (k=3)" in printed
     assert metrics["extractor_fingerprint"] == digits_ext.fingerprint and metrics["n_samples"] == 180
     assert main(["evaluate", str(tmp_path / "nothing.npz"), "--ref", "digits:val"]) == 2
-    assert "error: unknown images or reference" in capsys.readouterr().err
+    assert "error: samples file not found" in capsys.readouterr().err
     assert main([*args, "--inception", str(tmp_path / "missing.pth")]) == 2
     assert "Inception weights file not found" in capsys.readouterr().err
     assert main([*args, "--inception", "x.pth", "--extractor", "classifier"]) == 2
