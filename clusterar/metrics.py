@@ -203,9 +203,11 @@ def precision_recall(
 
 
 class ImageSource:
-    """uint8 images yielded in batches as [B, C, H, W] tensors, with an identity for caching."""
+    """uint8 images yielded in batches as [B, C, H, W] tensors, with an identity for caching, and the
+    class each image was made for when the source knows it (an ADM npz's arr_1)."""
 
     name: str
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -219,9 +221,10 @@ class ImageSource:
 
 
 class ArraySource(ImageSource):
-    def __init__(self, images: np.ndarray | torch.Tensor, name: str = "array"):
+    def __init__(self, images: np.ndarray | torch.Tensor, name: str = "array", labels: Any = None):
         self.images = to_nchw_uint8(images, name)
         self.name = name
+        self.labels = None if labels is None else check_labels(labels, len(self.images), name)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -235,11 +238,38 @@ class BundledSource(ArraySource):
     def __init__(self, dataset: str, split: str):
         from .data import load_dataset
 
-        super().__init__(load_dataset(dataset, split, 32).images, f"{dataset}:{split}")
+        data = load_dataset(dataset, split, 32)
+        super().__init__(data.images, f"{dataset}:{split}", labels=data.labels)
         self.dataset, self.split = dataset, split
 
     def identity(self) -> str:
         return f"{self.name}:{fingerprint(self.images)}"
+
+
+def check_labels(labels: Any, n: int, where: str) -> np.ndarray:
+    """Class ids [n] as int64, or a clear error."""
+    arr = np.asarray(labels)
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (n and arr.min() < 0):
+        raise ClusterarError(
+            f"{where}: class labels must be {n} non-negative integers (one per image), got {arr.dtype} "
+            f"{list(arr.shape)}"
+        )
+    return arr.astype(np.int64)
+
+
+def class_accuracy(probs: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
+    """The share of images whose most likely class is the one they were conditioned on."""
+    probs = torch.as_tensor(probs)
+    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if probs.ndim != 2 or len(probs) != len(labels_t) or len(labels_t) == 0:
+        raise ClusterarError(
+            f"class accuracy needs probabilities [N, C] and N labels, got {tuple(probs.shape)} and {len(labels_t)}"
+        )
+    if int(labels_t.max()) >= probs.shape[1]:
+        raise ClusterarError(
+            f"a label ({int(labels_t.max())}) is outside the classifier's {probs.shape[1]} classes"
+        )
+    return float((probs.argmax(1) == labels_t).double().mean())
 
 
 def _file_identity(path: Path) -> str:
@@ -286,6 +316,9 @@ class NpzSource(ImageSource):
             )
         if self.shape[0] == 0:
             raise ClusterarError(f"{self.path}: arr_0 holds no images")
+        if "arr_1" in self.members:  # ADM's sample files: the class of each image
+            with np.load(self.path, allow_pickle=False) as z:
+                self.labels = check_labels(z["arr_1"], self.shape[0], f"{self.path} arr_1")
 
     def __len__(self) -> int:
         return self.shape[0] if self.has_images else 0
@@ -684,20 +717,28 @@ def evaluate_images(
     progress: bool = True,
     image_size: int | None = None,
     is_splits: int | None = None,
+    labels: Any = None,
 ) -> dict[str, Any]:
-    """FID, Inception Score, precision and recall of `images` against `reference`.
+    """FID, Inception Score, precision and recall of `images` against `reference`, and the class
+    accuracy of conditional samples.
 
     images: uint8 array/tensor ([N, H, W, 3], [N, C, H, W], ...), an .npz (arr_0) or a folder.
     reference: "mnist:val" (etc.), an .npz (ADM reference batch) or a folder, or an array.
     extractor: None (the classifier of a bundled reference), "classifier[:DATA]", "inception:PATH",
     or a FeatureExtractor such as Inception(path) or ClassifierExtractor("digits", epochs=2).
     is_splits: splits for the Inception Score (default: one per 5,000 images, as ADM).
+    labels: the class each image was conditioned on (default: an npz's arr_1). With a classifier extractor
+    (whose classes are the dataset's) `class_accuracy` is the classifier's top-1 agreement with them:
+    whether the samples show what was asked for, which FID does not say. The classifier's own held-out
+    accuracy is reported beside it (`extractor_val_accuracy`) as its ceiling.
     """
     if batch_size < 1 or k < 1 or (image_size is not None and image_size < 1):
         raise ClusterarError(
             f"--batch-size, --k and --image-size must be at least 1, got {batch_size}, {k} and {image_size}"
         )
     samples = open_images(images, image_size)
+    if labels is not None:
+        samples.labels = check_labels(labels, len(samples), "labels")
     ref_source = open_images(reference, image_size, require_images=False)
     ext = make_extractor(extractor, ref_source, cache, device, progress)
     ref = reference_statistics(ref_source, ext, cache, batch_size, progress, image_size)
@@ -717,7 +758,12 @@ def evaluate_images(
         precision, recall = precision_recall(ref.features, feats, k, device=ext.device)
     else:
         log.warning("reference %s holds only mu/sigma: precision and recall are not computed", ref.name)
+    class_acc = None
+    if samples.labels is not None and isinstance(ext, ClassifierExtractor):
+        class_acc = class_accuracy(probs, samples.labels)
     return {
+        "class_accuracy": class_acc,
+        "extractor_val_accuracy": getattr(ext, "meta", {}).get("val_accuracy"),
         "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma),
         "inception_score": is_mean,
         "inception_score_std": is_std,
@@ -749,6 +795,13 @@ def format_table(metrics: dict[str, Any]) -> str:
         ),
         (f"precision (k={metrics['k']})", num(metrics["precision"], ".4f")),
         (f"recall (k={metrics['k']})", num(metrics["recall"], ".4f")),
+        (
+            "class accuracy",
+            f"{num(metrics.get('class_accuracy'), '.4f')} (the classifier reads real val images at "
+            f"{num(metrics.get('extractor_val_accuracy'), '.4f')})"
+            if metrics.get("class_accuracy") is not None
+            else "n/a (needs labels, e.g. an npz's arr_1, and a classifier extractor)",
+        ),
         ("samples", f"{metrics['n_samples']} from {metrics['samples']}"),
         ("reference", f"{metrics['n_reference']} from {metrics['reference']} ({metrics['reference_stats']})"),
         ("extractor", f"{metrics['extractor']} ({metrics['extractor_fingerprint']})"),
@@ -767,6 +820,7 @@ __all__ = [
     "Inception",
     "NpzSource",
     "ReferenceStats",
+    "class_accuracy",
     "evaluate_images",
     "feature_statistics",
     "format_table",

@@ -22,8 +22,10 @@ from clusterar.metrics import (
     FolderSource,
     Inception,
     NpzSource,
+    class_accuracy,
     evaluate_images,
     feature_statistics,
+    format_table,
     frechet_distance,
     inception_score,
     make_extractor,
@@ -405,3 +407,34 @@ def test_cli_evaluate(digits_ext, digits_train_nhwc, cache, tmp_path, capsys):
     assert "Inception weights file not found" in capsys.readouterr().err
     assert main([*args, "--inception", "x.pth", "--extractor", "classifier"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- class accuracy
+
+
+def test_class_accuracy_of_true_and_shuffled_labels(digits_ext, cache, tmp_path, capsys):
+    """Real val digits with their own labels score the classifier's val accuracy exactly; the same images
+    with shuffled labels fall to about chance; the labels come from an ADM npz's arr_1 (and the CLI)."""
+    val = load_dataset("digits", "val")
+    images = val.images.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+    labels = val.labels.numpy()
+    m = evaluate_images(images, "digits:val", digits_ext, labels=labels, progress=False, device="cpu")
+    assert m["class_accuracy"] == pytest.approx(digits_ext.meta["val_accuracy"], abs=1e-12)
+    assert m["extractor_val_accuracy"] == digits_ext.meta["val_accuracy"]
+    shuffled = np.random.default_rng(0).permutation(labels)
+    np.savez(tmp_path / "s.npz", images, shuffled)  # arr_0 images, arr_1 labels: as `clusterar sample`
+    args = ["evaluate", str(tmp_path / "s.npz"), "--ref", "digits:val", "--cache-dir", str(cache)]
+    assert main([*args, "--out", str(tmp_path / "m.json"), "--no-progress", "--device", "cpu"]) == 0
+    got = json.loads((tmp_path / "m.json").read_text())["class_accuracy"]
+    expect = float(
+        (np.asarray(digits_ext.extract(ArraySource(images), 64, False)[1]).argmax(1) == shuffled).mean()
+    )
+    assert got == pytest.approx(expect) and got < 0.3  # ten classes: chance is 0.1
+    assert "class accuracy" in capsys.readouterr().out
+    with pytest.raises(ClusterarError, match="non-negative integers"):
+        evaluate_images(images, "digits:val", digits_ext, labels=labels[:5], progress=False, device="cpu")
+    with pytest.raises(ClusterarError, match="outside the classifier's 10 classes"):
+        class_accuracy(np.full((2, 10), 0.1), np.array([3, 12]))
+    # no labels: no class accuracy, and the table says why
+    m = evaluate_images(images, "digits:val", digits_ext, progress=False, device="cpu")
+    assert m["class_accuracy"] is None and "needs labels" in format_table(m)
