@@ -222,7 +222,7 @@ def save_tensors(
         try:
             save_file(tensors, str(tmp), metadata={"clusterar": json.dumps(dict(meta))})
         except SafetensorError as e:  # safetensors reports a failed write (disk full) in its own type
-            reason = str(e).rsplit("I/O error: ", 1)[-1]
+            reason = str(e).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
             raise ClusterarError(
                 f"cannot write {path} ({reason}); free some space or choose another output folder"
             ) from None

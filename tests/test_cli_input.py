@@ -3,6 +3,7 @@ nothing written; unwritable outputs refused before any work; the shared flags on
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import subprocess
@@ -139,33 +140,22 @@ def _commands(parser) -> dict[str, object]:
     return out
 
 
+COMPUTING = {
+    "demo",
+    "experiment",
+    "tokenizer train",
+    "tokenizer eval",
+    "encode",
+    "cluster",
+    "cluster fit",
+    "cluster inspect",
+    "train",
+    "evaluate",
+    "sample",
+}
 SHARED = {
-    "--device": {
-        "demo",
-        "experiment",
-        "tokenizer train",
-        "tokenizer eval",
-        "encode",
-        "cluster",
-        "cluster fit",
-        "cluster inspect",
-        "train",
-        "evaluate",
-        "sample",
-    },
-    "--no-progress": {
-        "demo",
-        "experiment",
-        "tokenizer train",
-        "tokenizer eval",
-        "encode",
-        "cluster",
-        "cluster fit",
-        "cluster inspect",
-        "train",
-        "evaluate",
-        "sample",
-    },
+    "--device": COMPUTING,
+    "--no-progress": COMPUTING,
     "--seed": {"tokenizer train", "cluster", "cluster fit", "cluster inspect", "train", "sample"},
 }
 
@@ -356,3 +346,97 @@ def test_the_command_list_and_light_commands_do_not_import_torch():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.stdout.strip().splitlines()[-1] == "False", res.stdout + res.stderr
+
+
+# ----------------------------------------------------------------------------- the README's table
+
+
+def _table() -> str:
+    """Run the cases above once, in a temporary folder, and return the Markdown rows of what users get
+    (`python tests/test_cli_input.py`; the README's reliability section is made from it)."""
+    import io
+    import re
+    import tempfile
+
+    def run(argv: list[str]) -> str:
+        err = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+            except SystemExit:
+                pass
+        return err.getvalue().strip().splitlines()[-1]
+
+    def short(argv: list[str]) -> str:
+        return "`clusterar " + " ".join(argv) + "`"
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            for argv, flag in BAD_NUMBERS:
+                value = argv[argv.index(flag) + 1]
+                rows.append((f"`{flag} {value}`", short(argv), run(argv)))
+            ro = Path(tmp) / "ro"
+            ro.mkdir()
+            mounted = (
+                os.geteuid() == 0
+                and subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True
+                ).returncode
+                == 0
+            )
+            if not mounted:
+                ro.chmod(0o555)
+            for case in OUTPUT_CASES:
+                argv = [a.format(ro="ro", tok="tokenizer.safetensors") for a in case]
+                rows.append(("an output in a read-only folder", short(argv), run(argv)))
+            if mounted:
+                subprocess.run(["umount", str(ro)], check=False)
+            Path("f").write_text("x")
+            argv = ["tokenizer", "train", "--out", "f/run"]
+            rows.append(("a file where the output folder must go", short(argv), run(argv)))
+            full = Path(tmp) / "full"
+            full.mkdir()
+            if (
+                os.geteuid() == 0
+                and subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(full)], capture_output=True
+                ).returncode
+                == 0
+            ):
+                try:
+                    save_tensors(full / "model.safetensors", {"w": torch.zeros(256, 256)}, {})
+                except ClusterarError as e:
+                    rows.append(
+                        (
+                            "a full disk while writing",
+                            "any command (every file is written atomically)",
+                            f"error: {e}".replace(tmp + "/", ""),
+                        )
+                    )
+                finally:
+                    subprocess.run(["umount", str(full)], check=False)
+        finally:
+            os.chdir(cwd)
+    for path, value, _ in SPEC_CASES:
+        try:
+            parse_spec(_with(path, value), "s.toml")
+        except ClusterarError as e:
+            rows.append(
+                (
+                    f"spec: `{'.'.join(path)} = {value!r}`",
+                    "`clusterar experiment s.toml --check`",
+                    f"error: {e}",
+                )
+            )
+    lines = ["| input | command | what the user gets |", "|---|---|---|"]
+    for a, b, c in rows:
+        c = re.sub(r"/tmp/[^ ]*?/(ro|full|f)\b", r"\1", c).replace("|", "\\|")
+        lines.append(f"| {a} | {b} | {c} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(_table())

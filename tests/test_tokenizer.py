@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -187,6 +188,25 @@ def test_training_resume_is_bit_exact(tmp_path):
     assert meta["step"] == 4
     for name in ("recon.png", "curves.png", "eval.json", "config.json"):
         assert (tmp_path / "split" / name).exists()
+
+
+def test_a_finished_tokenizer_run_is_extended_with_the_schedule_stated(tmp_path, capsys):
+    from clusterar.tokenizer_train import train_tokenizer
+
+    run = tmp_path / "run"
+    train_tokenizer(_train_cfg(), run, progress=False)
+    capsys.readouterr()
+    train_tokenizer(_train_cfg(steps=6), run, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert f"resuming {run} at step 4 of 6 (the budget was 4 steps; the cosine schedule is stretched" in err
+    meta, _ = load_checkpoint(run / "checkpoint.safetensors", VQModel(load_tokenizer(run).config))
+    assert meta["step"] == 6
+    steps = [
+        json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines() if "loss" in line
+    ]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # no step logged twice, none missing at the end
+    with pytest.raises(ClusterarError, match="already at step 6; give a larger --steps"):
+        train_tokenizer(_train_cfg(steps=5), run, resume=True, progress=False)
 
 
 def test_tiny_tokenizer_learns(tmp_path):
