@@ -38,7 +38,7 @@ import torch
 from .clusters import CodebookClusters
 from .data import to_uint8
 from .errors import ClusterarError
-from .fileio import atomic_path, read_json, write_json
+from .fileio import atomic_path, kill_point, read_json, write_json
 from .gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
 from .methods import restrict_logits
 from .runtime import autocast
@@ -973,6 +973,7 @@ def sample_to_folder(
                 _save_png(img, out / "images" / f"{lo + i:06d}.png")
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
+        kill_point("sample.batch")
     h = w = pipeline.image_size
     with atomic_path(out / "samples.npz") as tmp:
         stack = parts / "all.npy"

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float, to_uint8
 from .errors import ClusterarError
-from .fileio import read_meta, write_json, write_text_atomic
+from .fileio import kill_point, read_meta, write_json, write_text_atomic
 from .runtime import autocast, pick_device
 from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
 from .viz import plot_curves, save_grid
@@ -270,6 +270,7 @@ def train_tokenizer(
                     ev = evaluate_tokenizer(model, val, device)
                     log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
                     log.flush()
+                kill_point("tokenizer.step")
                 if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
                     meta = {
                         "kind": "clusterar.tokenizer-checkpoint",

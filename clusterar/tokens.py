@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data import collate_images, load_dataset, make_views, to_float, view_load_size
 from .errors import ClusterarError
-from .fileio import mmap_tensor, read_meta, save_tensors, write_json
+from .fileio import kill_point, mmap_tensor, read_meta, save_tensors, write_json
 from .runtime import autocast
 from .tokenizer import VQModel
 
@@ -219,6 +219,7 @@ def encode_dataset(
         if time.monotonic() - last_save > 30:
             save_progress(codes)
             last_save = time.monotonic()
+        kill_point("encode.batch")
     bar.close()
     save_progress(codes)
     keep = np.setdiff1d(np.arange(n), np.asarray(skipped, dtype=np.int64))
@@ -230,5 +231,6 @@ def encode_dataset(
     write_token_file(out, codes[keep] if skipped else np.asarray(codes), dataset.labels.numpy()[keep], meta)
     del codes  # close the memory map before removing its file
     part_codes.unlink()
+    kill_point("encode.cleanup")
     part_state.unlink()
     return TokenFile.open(out)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from .checkpoints import _unflatten_optimizer, load_checkpoint, load_state_strict, save_checkpoint
 from .clusters import CodebookClusters
 from .errors import ClusterarError
-from .fileio import load_tensors, read_meta, write_json
+from .fileio import kill_point, load_tensors, read_meta, write_json
 from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
 from .methods import METHODS, Method
 from .runtime import autocast, pick_device
@@ -638,6 +638,7 @@ class Trainer:
                         log.write(json.dumps(last) + "\n")
                         log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                kill_point("train.step")
                 snap = snap_every is not None and (self.step % snap_every == 0 or self.step == self.total)
                 if self.step % cfg.ckpt_every == 0 or self.step == end or snap:
                     t0 = time.perf_counter()
