@@ -96,6 +96,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
             batch_size=args.batch_size,
             num_workers=args.num_workers,
             on_error=args.on_error,
+            save_every=args.save_every,
         )
         print(f"{tf.path}: codes {list(tf.codes.shape)} {tf.codes.dtype}, {len(tf.meta['skipped'])} skipped")
 
@@ -474,6 +475,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enc.add_argument("--batch-size", type=int, default=128)
     enc.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for folder datasets")
+    enc.add_argument(
+        "--save-every",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="save progress (SPLIT.safetensors.partial.*) this often; a rerun continues from it (default: 30; "
+        "0: after every batch)",
+    )
     enc.add_argument("--device", default="auto")
     enc.add_argument(
         "--on-error",

@@ -11,8 +11,8 @@ safetensors file per split:
 V is the number of views per image: 1 (none), 2 (original + horizontal flip, the default) or 10 (ten-crop).
 `TokenFile.open` memory-maps the codes, so a training job touches only the rows it reads.
 
-Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json`, and the final file is
-written by atomic rename only when every image is done.
+Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json` (every `save_every`
+seconds, 30 by default), and the final file is written by atomic rename only when every image is done.
 """
 
 from __future__ import annotations
@@ -146,8 +146,13 @@ def encode_dataset(
     num_workers: int = 0,
     on_error: str = "fail",
     progress: bool = True,
+    save_every: float = 30.0,
 ) -> TokenFile:
-    """Encode one split of a dataset into one token file (resumable; see the module docstring)."""
+    """Encode one split of a dataset into one token file (resumable; see the module docstring).
+
+    Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
+    every batch); an interrupted run loses at most that much work.
+    """
     if views not in VIEW_NAMES:
         raise ClusterarError(f"unknown --views '{views}'; choose one of {', '.join(VIEW_NAMES)}")
     out = Path(out)
@@ -216,7 +221,7 @@ def encode_dataset(
             codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(dtype)
         done += len(ok)
         bar.update(len(ok))
-        if time.monotonic() - last_save > 30:
+        if time.monotonic() - last_save >= save_every:
             save_progress(codes)
             last_save = time.monotonic()
         kill_point("encode.batch")
