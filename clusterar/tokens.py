@@ -192,6 +192,9 @@ def encode_dataset(
             log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
             done = 0
     if done == 0:
+        # The state file says how many rows of the codes file are valid: a stale one (settings changed, or
+        # a run killed while it removed its partial files) must not vouch for the new codes file.
+        part_state.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         codes = np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq))
 
@@ -235,7 +238,7 @@ def encode_dataset(
         )
     write_token_file(out, codes[keep] if skipped else np.asarray(codes), dataset.labels.numpy()[keep], meta)
     del codes  # close the memory map before removing its file
-    part_codes.unlink()
+    part_state.unlink()  # first: a codes file without its state file is never trusted
     kill_point("encode.cleanup")
-    part_state.unlink()
+    part_codes.unlink()
     return TokenFile.open(out)
