@@ -948,6 +948,8 @@ def sample_to_folder(
                 )
             if path == summary_path:
                 print(f"{out}: already complete ({n} images); nothing to do")
+                if parts.exists():  # a run killed between sample.json and removing its parts
+                    shutil.rmtree(parts)
                 return read_json(summary_path)
     parts.mkdir(parents=True, exist_ok=True)
     write_json(parts / "run.json", run)
@@ -1007,6 +1009,7 @@ def sample_to_folder(
         "files": {"grid": "grid.png", "npz": "samples.npz", "images": "images/" if write_images else None},
     }
     write_json(summary_path, summary)
+    kill_point("sample.finish")
     shutil.rmtree(parts)
     return summary
 
