@@ -40,7 +40,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from clusterar.fileio import read_meta, read_safetensors_header
+from clusterar.fileio import atomic_path, read_meta, read_safetensors_header, remove_stale_temps
 
 # Fields that measure time or count one session's work: they may differ between an interrupted and an
 # uninterrupted run. Everything else must be equal.
@@ -474,6 +474,26 @@ def experiment(tmp_path_factory, tokenizer_file) -> Reference:
 
 
 # ----------------------------------------------------------------------------- the commands
+
+
+def test_stale_temporary_files_are_removed_by_the_next_write(tmp_path):
+    """A killed writer's temporary file goes with the next write into its folder; a live writer's, another
+    host's and files that only look alike stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    with atomic_path(tmp_path / "probe.json") as tmp:
+        tmp.write_text("{}")
+        host = tmp.name.rsplit("-", 1)[0].split(".tmp-", 1)[1]  # the name is .probe.json.tmp-HOST-PID
+    stale = tmp_path / f".model.safetensors.tmp-{host}-{dead_pid}"
+    keep = [
+        tmp_path / f".model.safetensors.tmp-{host}-{os.getpid()}",  # this process: a write in progress
+        tmp_path / f".model.safetensors.tmp-other-host-{dead_pid}",
+        tmp_path / f"model.safetensors.tmp-{host}-{dead_pid}",  # not hidden: not one of ours
+    ]
+    for p in [stale, *keep]:
+        p.write_bytes(b"half")
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert all(p.exists() for p in keep)
 
 
 def test_tokenizer_train(tokenizer, tmp_path):
