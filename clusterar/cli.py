@@ -219,6 +219,7 @@ def cmd_encode(args: argparse.Namespace) -> None:
             num_workers=args.num_workers,
             on_error=args.on_error,
             progress=not args.no_progress,
+            save_every=args.save_every,
         )
         print(f"{tf.path}: codes {list(tf.codes.shape)} {tf.codes.dtype}, {len(tf.meta['skipped'])} skipped")
 
@@ -609,6 +610,14 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         type=nonneg_int,
         default=0,
         help="DataLoader workers for folder datasets (default: 0)",
+    )
+    enc.add_argument(
+        "--save-every",
+        type=nonneg_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="save progress (SPLIT.safetensors.partial.*) this often; a rerun continues from it (default: 30; "
+        "0: after every batch)",
     )
     enc.add_argument(
         "--on-error",

@@ -31,7 +31,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from .errors import ClusterarError
-from .fileio import check_file, file_error, read_json, write_json
+from .fileio import check_file, file_error, kill_point, read_json, write_json
 
 METHODS = ("baseline", "iar", "ctf")
 SAMPLE_SWEEPS = ("cfg_scale", "temperature", "temperature2", "top_k", "top_k2", "top_p")
@@ -800,6 +800,7 @@ def run_experiment(
 
     def step(i: int, name: str) -> float:
         print(f"[{i}/7] {name}", flush=True)
+        kill_point("experiment.stage")
         return time.perf_counter()
 
     t = step(1, "tokenizer")

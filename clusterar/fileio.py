@@ -3,6 +3,13 @@
 Nothing is ever written in place: a crash or Ctrl-C leaves either the old file or the new one, never
 half of one. Everything we save is safetensors (weights, optimizer state, token files) with a JSON
 header, or plain JSON.
+
+A process killed while it writes leaves its temporary file (`.NAME.tmp-HOST-PID`, hidden, never a final
+name) behind; the next write into that folder by any process on the same host removes the temporary
+files of processes that no longer exist.
+
+`kill_point` is the hook of the kill tests (tests/test_kill.py): it does nothing unless the environment
+variable CLUSTERAR_KILL_AT is set.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ import errno
 import hashlib
 import json
 import os
+import signal
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -24,6 +33,90 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import ClusterarError
+
+# ----------------------------------------------------------------------------- the kill tests' hook
+
+
+def _parse_kill_at(value: str | None) -> tuple[str, int, int | None] | None:
+    if not value:
+        return None
+    target, _, rank = value.partition("@")
+    name, _, count = target.rpartition(":")
+    if not name or not count.isdigit() or int(count) < 1 or (rank and not rank.isdigit()):
+        raise ValueError(f"CLUSTERAR_KILL_AT={value!r}: expected NAME:N or NAME:N@RANK with N >= 1")
+    return name, int(count), int(rank) if rank else None
+
+
+_KILL_AT = _parse_kill_at(os.environ.get("CLUSTERAR_KILL_AT"))
+_kill_calls = 0
+
+
+def kill_point(name: str) -> None:
+    """A named place where the kill tests (tests/test_kill.py) stop the process dead; nothing otherwise.
+
+    With CLUSTERAR_KILL_AT=NAME:N in the environment, the N-th call of `kill_point(NAME)` sends SIGKILL to
+    this process: no exception, no `finally`, no flush of Python buffers, as when the machine's scheduler or
+    the OOM killer ends a job (files already written stay in the page cache). NAME:N@R fires only in the
+    torchrun process of RANK R. Without the variable (always, outside those tests) a call is one
+    comparison. The points:
+
+    - write:FILENAME   every atomic write, its temporary file complete, just before the rename
+    - tokenizer.step   `tokenizer train`, after an optimizer step and its log line, before a checkpoint
+    - train.step       `train`, after an optimizer step and its log line, before a snapshot or checkpoint
+    - encode.batch     `encode`, after a batch (and its progress save, when one was due)
+    - encode.cleanup   `encode`, with the token file written, between removing the two partial files
+    - sample.batch     `sample`, after a batch's images and part file are written
+    - sample.finish    `sample`, with sample.json written, before the parts are removed
+    - experiment.stage `experiment`, at the start of each of its 7 stages (N = 2: the tokenizer is done)
+    """
+    global _kill_calls
+    if _KILL_AT is None or name != _KILL_AT[0]:
+        return
+    if _KILL_AT[2] is not None and int(os.environ.get("RANK", "0")) != _KILL_AT[2]:
+        return
+    _kill_calls += 1
+    if _kill_calls == _KILL_AT[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+_HOST = socket.gethostname().replace("/", "_")
+_swept: set[Path] = set()  # folders whose stale temporary files this process has removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files that killed processes of this host left in `folder`; return them.
+
+    Only files named like `atomic_path`'s (`.NAME.tmp-HOST-PID`) whose PID no longer runs are removed: a
+    write in progress (this process or another one) is never touched, nor another host's file on a
+    shared file system.
+    """
+    removed = []
+    marker = f".tmp-{_HOST}-"
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        head, sep, pid = entry.name.rpartition(marker)
+        if not (sep and entry.name.startswith(".") and head and pid.isdigit()):
+            continue
+        if int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
 
 
 def _umask() -> int:
@@ -43,14 +136,21 @@ WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
 
-    A failed write (disk full, permissions) removes the temporary file and says which file it was.
+    A failed write (disk full, permissions) removes the temporary file and says which file it was. The
+    first write of a process into a folder also removes what killed writers left there (see the module
+    docstring), so an interrupted run does not accumulate temporary files over its reruns.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path.parent.absolute()
+        if folder not in _swept:
+            remove_stale_temps(folder)
+            _swept.add(folder)
         yield tmp
         os.chmod(tmp, FILE_MODE)
+        kill_point(f"write:{path.name}")
         os.replace(tmp, path)
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:

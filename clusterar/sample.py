@@ -38,7 +38,7 @@ import torch
 from .clusters import CodebookClusters
 from .data import to_uint8
 from .errors import ClusterarError
-from .fileio import atomic_path, read_json, remedy, write_json
+from .fileio import atomic_path, kill_point, read_json, remedy, write_json
 from .gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
 from .methods import restrict_logits
 from .runtime import autocast, notice
@@ -949,6 +949,8 @@ def sample_to_folder(
                 )
             if path == summary_path:
                 notice(f"{out} is already complete ({n} images with these settings); nothing to do")
+                if parts.exists():  # a run killed between sample.json and removing its parts
+                    shutil.rmtree(parts)
                 return {**read_json(summary_path), "already_complete": True}
     parts.mkdir(parents=True, exist_ok=True)
     write_json(parts / "run.json", run)
@@ -977,6 +979,7 @@ def sample_to_folder(
                 _save_png(img, out / "images" / f"{lo + i:06d}.png")
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
+        kill_point("sample.batch")
     h = w = pipeline.image_size
     with atomic_path(out / "samples.npz") as tmp:
         stack = parts / "all.npy"
@@ -1010,6 +1013,7 @@ def sample_to_folder(
         "files": {"grid": "grid.png", "npz": "samples.npz", "images": "images/" if write_images else None},
     }
     write_json(summary_path, summary)
+    kill_point("sample.finish")
     shutil.rmtree(parts)
     return summary
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .checkpoints import load_checkpoint, run_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float, to_uint8
 from .errors import ClusterarError
-from .fileio import write_json, write_text_atomic
+from .fileio import kill_point, write_json, write_text_atomic
 from .runtime import autocast, notice, pick_device
 from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
 from .viz import plot_curves, save_grid
@@ -241,8 +241,11 @@ def train_tokenizer(
             )
         notice(line)
         truncate_log(out / "log.jsonl", step)
-    elif resume:
-        notice(f"--resume: {out} holds no checkpoint yet; starting a new run there")
+    else:
+        if resume:
+            notice(f"--resume: {out} holds no checkpoint yet; starting a new run there")
+        if (out / "log.jsonl").exists():
+            (out / "log.jsonl").unlink()  # an earlier session stopped before its first checkpoint
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict()})
     log = open(out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
@@ -301,6 +304,7 @@ def train_tokenizer(
                     ev = evaluate_tokenizer(model, val, device)
                     log.write(json.dumps({"step": step, **{f"val_{k}": v for k, v in ev.items()}}) + "\n")
                     log.flush()
+                kill_point("tokenizer.step")
                 if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
                     meta = {
                         "kind": CHECKPOINT_KIND,
@@ -326,18 +330,19 @@ def finalize(
     device: torch.device,
     train_seconds: float,
 ) -> dict:
-    """Evaluate on val (and usage on train), write tokenizer.safetensors, eval.json, curves and a recon grid."""
+    """Evaluate on val (and usage on train), write eval.json, the log's final record, curves, a recon grid
+    and, last, tokenizer.safetensors: once that file exists the run is complete (the experiment runner
+    reuses it). Run again after an interruption (`--resume` at the last step), it writes the same files."""
     ev = evaluate_tokenizer(model, val, device)
     ev["train_usage"] = evaluate_tokenizer(model, train, device)["usage"]
     ev.update(data=cfg.data, preset=cfg.preset, steps=cfg.steps, params=num_params(model))
     ev["train_seconds_this_session"] = round(train_seconds, 1)
-    save_tokenizer(
-        model, out / TOKENIZER_FILE, info={"eval": ev, "data": cfg.data, "image_size": cfg.image_size}
-    )
     write_json(out / "eval.json", ev)
-    with open(out / "log.jsonl", "a") as f:
-        f.write(json.dumps({"step": cfg.steps, "val_psnr": ev["psnr"], "val_usage": ev["usage"]}) + "\n")
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    log_path = out / "log.jsonl"
+    records = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
+    records = [r for r in records if not _is_final_record(r, cfg.steps)]  # from an interrupted finalize
+    records.append({"step": cfg.steps, "val_psnr": ev["psnr"], "val_usage": ev["usage"]})
+    write_text_atomic(log_path, "".join(json.dumps(r) + "\n" for r in records))
     plot_curves(
         records,
         ["loss", "batch_psnr", "val_psnr", "val_usage"],
@@ -345,4 +350,12 @@ def finalize(
         title="tokenizer training",
     )
     reconstruction_grid(model, val, out / "recon.png", device)
+    save_tokenizer(
+        model, out / TOKENIZER_FILE, info={"eval": ev, "data": cfg.data, "image_size": cfg.image_size}
+    )
     return ev
+
+
+def _is_final_record(record: dict, steps: int) -> bool:
+    """The log record `finalize` adds: the val figures at the last step (the loop never evaluates there)."""
+    return record.get("step") == steps and "val_psnr" in record and "loss" not in record

@@ -11,11 +11,12 @@ safetensors file per split:
 V is the number of views per image: 1 (none), 2 (original + horizontal flip, the default) or 10 (ten-crop).
 `TokenFile.open` memory-maps the codes, so a training job touches only the rows it reads.
 
-Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json`, and the final file is
-written by atomic rename only when every image is done. A job that stops (an unreadable image, Ctrl-C)
-before any image is encoded leaves no partial files; one that stops later saves its progress and says so,
-and the same command continues. Images smaller than the image size are upscaled (as ADM and LlamaGen
-do) and counted in one warning at the end and in the metadata (`upscaled`).
+Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json` (every `save_every`
+seconds, 30 by default), and the final file is written by atomic rename only when every image is done. A
+job that stops (an unreadable image, Ctrl-C) before any image is encoded leaves no partial files; one that
+stops later saves its progress and says so, and the same command continues. Images smaller than the image
+size are upscaled (as ADM and LlamaGen do) and counted in one warning at the end and in the metadata
+(`upscaled`).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .data import (
     view_load_size,
 )
 from .errors import ClusterarError
-from .fileio import expect_kind, mmap_tensor, read_meta, save_tensors, write_json
+from .fileio import expect_kind, kill_point, mmap_tensor, read_meta, save_tensors, write_json
 from .runtime import autocast, notice
 from .tokenizer import VQModel
 
@@ -177,8 +178,13 @@ def encode_dataset(
     num_workers: int = 0,
     on_error: str = "fail",
     progress: bool = True,
+    save_every: float = 30.0,
 ) -> TokenFile:
-    """Encode one split of a dataset into one token file (resumable; see the module docstring)."""
+    """Encode one split of a dataset into one token file (resumable; see the module docstring).
+
+    Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
+    every batch); an interrupted run loses at most that much work.
+    """
     if views not in VIEW_NAMES:
         raise ClusterarError(f"unknown --views '{views}'; choose one of {', '.join(VIEW_NAMES)}")
     if batch_size < 1 or num_workers < 0 or image_size < 1:
@@ -223,6 +229,9 @@ def encode_dataset(
         else:
             log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
     if done == 0:
+        # The state file says how many rows of the codes file are valid: a stale one (settings changed, or
+        # a run killed while it removed its partial files) must not vouch for the new codes file.
+        part_state.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         codes = np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq))
 
@@ -261,9 +270,10 @@ def encode_dataset(
                     codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(dtype)
                 done += len(ok)
                 bar.update(len(ok))
-                if time.monotonic() - last_save > 30:
+                if time.monotonic() - last_save >= save_every:
                     save_progress(codes)
                     last_save = time.monotonic()
+                kill_point("encode.batch")
     except BaseException as e:
         bar.close()  # ends the bar's line, so the error is printed on a line of its own
         if done == 0:  # nothing to continue from: leave no partial files behind
@@ -290,6 +300,7 @@ def encode_dataset(
         log.warning("%s", describe_upscaled(dataset, upscaled))
     write_token_file(out, codes[keep] if skipped else np.asarray(codes), dataset.labels.numpy()[keep], meta)
     del codes  # close the memory map before removing its file
+    part_state.unlink()  # first: a codes file without its state file is never trusted
+    kill_point("encode.cleanup")
     part_codes.unlink()
-    part_state.unlink()
     return TokenFile.open(out)

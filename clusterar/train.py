@@ -52,7 +52,7 @@ from .checkpoints import (
 )
 from .clusters import CodebookClusters
 from .errors import ClusterarError
-from .fileio import load_tensors, write_json
+from .fileio import kill_point, load_tensors, write_json
 from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
 from .methods import METHODS, Method
 from .runtime import autocast, notice, pick_device
@@ -509,13 +509,20 @@ class Trainer:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
-    def save(self) -> None:
-        """Checkpoint + model.safetensors, each written atomically (rank 0; all ranks gather under FSDP)."""
+    def check_finite(self) -> None:
+        """Stop before a file is written from non-finite weights (all ranks)."""
         if not self.weights_finite():
             raise ClusterarError(
                 f"training diverged: weights became non-finite by step {self.step}; "
                 f"{self._kept()}. Lower --lr (or add --warmup) and start again"
             )
+
+    def save(self) -> None:
+        """model.safetensors, then the checkpoint, each written atomically (rank 0; all ranks gather under
+        FSDP). The checkpoint comes last: killed between the two, the run resumes from the previous
+        checkpoint and writes the same model file again, while the other order would leave a checkpoint
+        at the last step beside a model file of an earlier one."""
+        self.write_model(self.out / MODEL_FILE)
         meta = {
             "kind": CHECKPOINT_KIND,
             "step": self.step,
@@ -548,7 +555,6 @@ class Trainer:
                 save_checkpoint(self.ckpt, _StateDict(msd), _StateDict(osd), meta, extra)
         elif self.di.main:
             save_checkpoint(self.ckpt, self.bare, self.opt, meta, extra)
-        self.write_model(self.out / MODEL_FILE)
 
     def _kept(self) -> str:
         if self.saved_step is None:
@@ -684,15 +690,20 @@ class Trainer:
                         log.write(json.dumps(last) + "\n")
                         log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                kill_point("train.step")
                 snap = snap_every is not None and (self.step % snap_every == 0 or self.step == self.total)
-                if self.step % cfg.ckpt_every == 0 or self.step == end or snap:
+                ckpt = self.step % cfg.ckpt_every == 0 or self.step == end
+                if ckpt or snap:
                     t0 = time.perf_counter()
-                    if self.step % cfg.ckpt_every == 0 or self.step == end:
-                        self.save()
-                        self.saved_step = self.step
+                    self.check_finite()
+                    # The snapshot before the checkpoint: a run resumed from a checkpoint has every
+                    # snapshot up to it (a kill in between repeats steps that rewrite the same file).
                     if snap:
                         path = out / SNAPSHOT_DIR / f"model-step{self.step:07d}.safetensors"
                         self.write_model(path)
+                    if ckpt:
+                        self.save()
+                        self.saved_step = self.step
                     self.paused += time.perf_counter() - t0
                     window_tic += time.perf_counter() - t0
         finally:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -295,15 +292,8 @@ def test_schedule_and_data_order():
     assert sorted(epoch_permutation(50, 1, 0).tolist()) == list(range(50))
 
 
-def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += ["-m", "clusterar", "train", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("fsdp", [False, True])
-def test_two_processes_follow_one_process(files, tmp_path, fsdp):
+def test_two_processes_follow_one_process(files, tmp_path, fsdp, torchrun):
     """2 gloo processes x batch 4 == 1 process x batch 8 (DDP; FSDP2 shards on CPU too, and its run is
     stopped after 2 steps and resumed: sharded state goes through the single-file checkpoint)."""
     common = ["--tokens", files["rand"], "--tokenizer", files["tok"], "--model", "tiny", "--method", "iar"]
@@ -323,7 +313,7 @@ def test_two_processes_follow_one_process(files, tmp_path, fsdp):
     two = [*common, "--batch-size", "4", "--out", str(tmp_path / "two")]
     sessions = [[*two, "--fsdp", "--stop-at", "2"], [*two, "--fsdp", "--resume"]] if fsdp else [two]
     for args in sessions:
-        res = _torchrun(args, tmp_path)
+        res = torchrun(args, tmp_path)
         assert res.returncode == 0, res.stderr[-3000:]
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("loss", "token_ce", "cluster_ce", "acc_token", "acc_cluster", "grad_norm"):
