@@ -53,7 +53,7 @@ from .checkpoints import (
 from .clusters import CodebookClusters
 from .errors import ClusterarError
 from .fileio import kill_point, load_tensors, write_json
-from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, save_gpt
+from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, read_gpt_info, save_gpt
 from .methods import METHODS, Method
 from .runtime import autocast, notice, pick_device
 from .tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -628,8 +628,26 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _interrupted_first_save(self) -> bool:
+        """True if the folder holds only what a session killed inside its first save leaves: the model
+        file of that save (written before the checkpoint) and no checkpoint. Such a run starts over, and
+        recomputes the same steps. A model file of any later step, or of the final one (a run whose
+        checkpoint was deleted, or a one-save run killed in it: the two look alike), is still refused by
+        `run_checkpoint`, so that a finished model is never overwritten by a run started over."""
+        model = self.out / MODEL_FILE
+        if self.ckpt.exists() or not model.exists():
+            return False
+        step = read_gpt_info(model).get("step")
+        return step == min(self.cfg.ckpt_every, self.total) and step < self.total
+
     def fit(self, resume: bool, stop_at: int | None, progress: bool) -> dict:
         cfg, di, out = self.cfg, self.di, self.out
+        if resume and self._interrupted_first_save():
+            if di.main:
+                notice(f"--resume: {out} was stopped inside its first checkpoint; starting the run over")
+                (out / MODEL_FILE).unlink()
+            if di.world > 1:
+                dist.barrier()
         run_checkpoint(self.ckpt, CHECKPOINT_KIND, resume, MODEL_FILE)
         self.ckpt_meta = None
         self.build(resume)
