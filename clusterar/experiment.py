@@ -715,6 +715,10 @@ class Evaluator:
             "method": point.method,
             "epoch": point.epoch,
             **{k: metrics[k] for k in ("fid", "inception_score", "precision", "recall")},
+            # does a sample show the class it was asked for (the classifier's top-1 agreement), and how
+            # well the classifier reads real val images (the ceiling of that number)
+            "class_accuracy": metrics.get("class_accuracy"),
+            "extractor_val_accuracy": metrics.get("extractor_val_accuracy"),
             "val": val,
             "val_acc_token": _val_pick(val, "acc_token"),
             "val_acc_cluster": _val_pick(val, "acc_cluster"),
@@ -934,6 +938,7 @@ def comparison_table(spec: ExperimentSpec, curves: dict[str, list[dict]], speed:
             "params_stage2": p["stage2"]["total"] if "stage2" in p else None,
             "images_per_s": speed[run.name]["images_per_s"],
             **{k: final[k] for k in ("fid", "inception_score", "precision", "recall")},
+            "class_accuracy": final.get("class_accuracy"),  # absent in evaluations cached by older versions
             "val_acc_token": final["val_acc_token"],
             "val_acc_cluster": final["val_acc_cluster"],
             "reference": run.name == base,
@@ -956,12 +961,13 @@ def plot_report(data: dict, out: Path) -> None:
 
     curves = data["curves"]
     panels = {
-        title: {n: [(c["epoch"], c[key]) for c in cs] for n, cs in curves.items()}
+        title: {n: [(c["epoch"], c[key]) for c in cs if c.get(key) is not None] for n, cs in curves.items()}
         for title, key in (
             ("FID (lower is better)", "fid"),
             ("Inception Score", "inception_score"),
             ("precision", "precision"),
             ("recall", "recall"),
+            ("class accuracy of samples", "class_accuracy"),
             ("val token accuracy", "val_acc_token"),
             ("val cluster accuracy", "val_acc_cluster"),
         )
@@ -1089,8 +1095,8 @@ def render_report(data: dict, out: Path) -> str:
         + " IAR reports about 2x, CTF about 3x on ImageNet.",
         "",
         "| run | method | params stage 1 | params stage 2 | img/s | FID | IS | precision | recall | "
-        "val token acc | val cluster acc | epochs to baseline FID |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "class acc | val token acc | val cluster acc | epochs to baseline FID |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["table"]:
         reach = "-"
@@ -1106,9 +1112,25 @@ def render_report(data: dict, out: Path) -> str:
             f"| {row['run']} | {row['method']} | {_int(row['params_stage1'])} "
             f"({_int(row['params_stage1_tables'])}) | {_int(row['params_stage2'])} | "
             f"{_fmt(row['images_per_s'], 1)} | {_fmt(row['fid'])} | {_fmt(row['inception_score'])} | "
-            f"{_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} | {_pct(row['val_acc_token'])} | "
+            f"{_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} | {_pct(row.get('class_accuracy'))} | "
+            f"{_pct(row['val_acc_token'])} | "
             f"{_pct(row['val_acc_cluster'])} | {reach} |"
         )
+    ceiling = next(
+        (
+            c["extractor_val_accuracy"]
+            for cs in data["curves"].values()
+            for c in cs
+            if c.get("extractor_val_accuracy")
+        ),
+        None,
+    )
+    if ceiling is not None:
+        lines += [
+            "",
+            "class acc: the share of samples that the feature classifier reads as the class they were asked "
+            f"for; the same classifier reads real val images at {_pct(ceiling)}, the ceiling of this column.",
+        ]
     lines += ["", "![metrics against epochs](curves.png)", "", "### FID against epochs", ""]
     epochs = sorted({c["epoch"] for cs in data["curves"].values() for c in cs})
     lines.append("| run | " + " | ".join(f"{e:g}" for e in epochs) + " |")

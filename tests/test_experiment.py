@@ -41,7 +41,8 @@ def test_quick_spec_end_to_end_report_holds_numbers(quick):
     rows = _table(report)
     assert [r[0] for r in rows] == ["baseline", "iar", "ctf"]
     for r in rows:
-        run, method, params1, params2, speed, fid, is_, prec, rec, acc_tok, acc_cl = r[:11]
+        run, method, params1, params2, speed, fid, is_, prec, rec, cls, acc_tok, acc_cl = r[:12]
+        assert 0 <= float(cls.rstrip("%")) <= 100  # class accuracy of the samples
         assert int(params1.split()[0].replace(",", "")) > 0
         assert (params2 != "-") == (method == "ctf")
         assert float(speed) > 0
@@ -50,6 +51,11 @@ def test_quick_spec_end_to_end_report_holds_numbers(quick):
         assert 0 <= float(prec) <= 1 and 0 <= float(rec) <= 1
         assert 0 < float(acc_tok.rstrip("%")) <= 100 and 0 < float(acc_cl.rstrip("%")) <= 100
     data = json.loads((quick / "report.json").read_text())
+    # every evaluation records the class accuracy of its samples, next to the classifier's own ceiling
+    for cs in data["curves"].values():
+        for c in cs:
+            assert 0 <= c["class_accuracy"] <= 1 and c["extractor_val_accuracy"] > 0.9
+    assert "the same classifier reads real val images at" in report
     # every run evaluated after each of its 2 epochs, and the sweep on the baseline's final model
     assert {n: [c["epoch"] for c in cs] for n, cs in data["curves"].items()} == {
         "baseline": [1.0, 2.0],
