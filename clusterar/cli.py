@@ -38,7 +38,6 @@ def _number(kind: type, low: float, strict: bool, what: str):
             raise argparse.ArgumentTypeError(f"takes {what}, got {text}")
         return value
 
-    parse.__name__ = what  # argparse shows it in "invalid <name> value"
     return parse
 
 
@@ -114,29 +113,26 @@ def shared(*names: str, device_default: str | None = "auto") -> list[argparse.Ar
     return [p]
 
 
-def _field_type(f) -> tuple[type, bool]:
-    """(base type, optional) of a dataclass field, from its real annotation."""
+def _base_type(hint) -> type:
+    """int for `int | None`, and so on: the type a flag parses."""
     import typing
 
-    hint = f.type
-    if isinstance(hint, str):  # the config modules use `from __future__ import annotations`
-        hint = eval(hint, {"int": int, "float": float, "str": str, "bool": bool, "None": None})
-    args = typing.get_args(hint)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
+    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
 
 
 def _add_dataclass_args(
     p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), help: dict | None = None
 ) -> None:
     """One --flag per dataclass field: type, check and default from the field and FLAG_TYPES."""
+    import typing
+
     help = help or {}
+    hints = typing.get_type_hints(cls)  # real types, also under `from __future__ import annotations`
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind, _ = _field_type(f)
+        kind = _base_type(hints[f.name])
         text = help.get(f.name, "")
         default = f"default: {f.default}" if f.default is not None else "default: none"
         text = f"{text} ({default})" if text else default
