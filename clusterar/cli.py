@@ -56,6 +56,7 @@ FLAG_TYPES = {
     "eval_every": positive_int,
     "stop_at": positive_int,
     "snapshot_every": positive_float,
+    "snapshot_steps": positive_int,
     "lr": positive_float,
     "min_lr": nonneg_float,
     "warmup": nonneg_int,
@@ -596,9 +597,10 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     enc.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
     enc.add_argument(
         "--views",
-        default="flip",
-        choices=["none", "flip", "ten-crop"],
-        help="views per image (default: flip)",
+        default="auto",
+        choices=["auto", "none", "flip", "ten-crop"],
+        help="views per image; auto (default): flip for image folders, none for the bundled digits "
+        "(mirrored digits are not digits)",
     )
     enc.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
     enc.add_argument(
@@ -725,6 +727,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
                 "dropout": "token/residual/FFN dropout; none keeps the preset's 0.1",
                 "ema": "EMA decay, e.g. 0.9999 (the model file then holds the EMA weights)",
                 "snapshot_every": "epochs between snapshots/model-stepN.safetensors",
+                "snapshot_steps": "optimizer steps between snapshots (instead of --snapshot-every)",
                 "compile": "torch.compile the model",
                 "fsdp": "shard parameters/optimizer over processes (FSDP2)",
             },
@@ -749,9 +752,12 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         help="FID, Inception Score, precision/recall of samples against a reference",
         description=(
             "FID, Inception Score and precision/recall (k-NN manifolds) of SAMPLES (an .npz with arr_0 uint8 "
-            "[N, H, W, 3], as ADM, or a folder of images) against --ref. For the bundled data the features "
-            "come from a small classifier trained once on the dataset's train split and cached; for natural "
-            "images pass the standard FID Inception weights with --inception (needs the optional "
+            "[N, H, W, 3], as ADM, or a folder of images) against --ref. Without downloaded weights, the "
+            "features come from a small classifier trained once on the train split of the reference's "
+            "dataset (mnist, digits, or a labelled image folder: --ref PATH/val where PATH/train holds one "
+            "sub-folder per class) and cached; its held-out accuracy is printed with the scores, and the "
+            "class accuracy of conditional samples (labels from the npz's arr_1). For FIDs on the published "
+            "scale pass the standard FID Inception weights with --inception (needs the optional "
             "torch-fidelity: pip install 'clusterar[inception]'). ADM reference batches (.npz with mu/sigma "
             "and arr_0) are used as ADM does. Report the reference and the sample count with the numbers."
         ),
@@ -772,7 +778,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     evl.add_argument(
         "--extractor",
         default=None,
-        help="classifier, classifier:mnist or classifier:digits (default: the classifier of a bundled --ref)",
+        help="classifier (of the --ref dataset), classifier:mnist, classifier:digits or classifier:folder:PATH "
+        "(default: classifier, unless --inception is given)",
     )
     evl.add_argument(
         "--k", type=positive_int, default=3, help="neighbourhood size for precision/recall (default: 3)"

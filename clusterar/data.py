@@ -502,6 +502,13 @@ def _load_folder(spec: str, split: str, image_size: int, on_error: str) -> Image
 # ----------------------------------------------------------------------------------------------------
 
 
+def default_views(spec: str) -> str:
+    """The views to encode train images with when none are asked for: LlamaGen's original + horizontal
+    flip for image folders, only the original for the bundled digits (a mirrored 3 is not a digit: a
+    model trained on flipped digits draws mirror writing, which no reader takes for the digit)."""
+    return "none" if spec in BUNDLED else "flip"
+
+
 def check_dataset_name(spec: str) -> None:
     """Validate a dataset spec cheaply (no images read): used before long jobs start."""
     if spec in BUNDLED:
@@ -534,6 +541,7 @@ __all__ = [
     "ImageDataset",
     "center_crop_arr",
     "check_dataset_name",
+    "default_views",
     "collate_images",
     "collate_with_sizes",
     "describe_upscaled",

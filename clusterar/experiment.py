@@ -18,6 +18,7 @@ import copy
 import json
 import math
 import re
+import statistics
 import sys
 import time
 import typing
@@ -30,6 +31,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from .compare import aggregate, fmt_spread
 from .errors import ClusterarError
 from .fileio import check_file, file_error, kill_point, read_json, write_json
 
@@ -59,6 +61,7 @@ class ClustersSpec:
 @dataclass
 class EvalSpec:
     every_epochs: float = 0.0  # 0: only the final model
+    every_steps: int = 0  # ... or every so many optimizer steps (finer than an epoch); not both
     samples: int = 1000  # images per evaluation, class-balanced
     reference: str = "val"  # split of the spec's data used as reference
     cfg_scale: float = 2.0
@@ -68,7 +71,8 @@ class EvalSpec:
     top_k2: int = 0
     top_p: float = 1.0
     batch_size: int = 250
-    inception: str | None = None  # path to pt_inception-2015-12-05-6726825d.pth (folder data)
+    inception: str | None = None  # path to pt_inception-2015-12-05-6726825d.pth
+    extractor: str | None = None  # "classifier" | "inception"; None: inception if a path is given
 
 
 @dataclass
@@ -89,11 +93,23 @@ class SweepSpec:
 
 
 @dataclass
+class ClaimSpec:
+    """A paper's speed-up claim, checked per seed: `run` reaches the best FID of `against` in at most
+    1/`speedup` of the epochs `against` needed for it."""
+
+    run: str
+    speedup: float
+    against: str = ""  # empty: the reference run (the spec's first baseline run)
+    text: str = ""  # how the report names the claim, e.g. "IAR: 2x fewer epochs (paper, Fig. 4c)"
+
+
+@dataclass
 class ExperimentSpec:
     name: str
     data: str = "mnist"
     image_size: int = 32
-    seed: int = 0
+    seed: int = 0  # the tokenizer's and every run's seed ...
+    seeds: list[int] = field(default_factory=list)  # ... unless this lists the seeds to repeat runs with
     device: str = "auto"
     tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
     clusters: dict[str, ClustersSpec] = field(default_factory=dict)
@@ -101,6 +117,12 @@ class ExperimentSpec:
     eval: EvalSpec = field(default_factory=EvalSpec)
     runs: list[RunSpec] = field(default_factory=list)
     sweeps: list[SweepSpec] = field(default_factory=list)
+    claims: list[ClaimSpec] = field(default_factory=list)
+
+
+def spec_seeds(spec: ExperimentSpec) -> list[int]:
+    """The seeds every run (and every sweep point) is repeated with."""
+    return list(spec.seeds) or [spec.seed]
 
 
 _TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
@@ -154,7 +176,8 @@ def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
     """Build and validate a spec from a parsed TOML dict; every mistake is reported before any work starts."""
     d = copy.deepcopy(d)
     d.setdefault("name", Path(source).stem)
-    top = {k: v for k, v in d.items() if k not in ("tokenizer", "clusters", "eval", "runs", "sweeps")}
+    tables = ("tokenizer", "clusters", "eval", "runs", "sweeps", "claims")
+    top = {k: v for k, v in d.items() if k not in tables}
     spec = _build(ExperimentSpec, top, source)
     spec.tokenizer = _build(TokenizerSpec, d.get("tokenizer", {}), f"{source} [tokenizer]")
     spec.clusters = {
@@ -164,6 +187,9 @@ def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
     spec.runs = [_build(RunSpec, r, f"{source} [[runs]] #{i + 1}") for i, r in enumerate(d.get("runs", []))]
     spec.sweeps = [
         _build(SweepSpec, s, f"{source} [[sweeps]] #{i + 1}") for i, s in enumerate(d.get("sweeps", []))
+    ]
+    spec.claims = [
+        _build(ClaimSpec, c, f"{source} [[claims]] #{i + 1}") for i, c in enumerate(d.get("claims", []))
     ]
     validate(spec, source)
     return spec
@@ -215,6 +241,7 @@ def validate(spec: ExperimentSpec, source: str) -> None:
             tokenizer_config(spec).validate()
         except ClusterarError as e:
             raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
+    _validate_eval(spec, source)
     k = codebook_size(spec)
     for name, c in spec.clusters.items():
         if c.method not in CLUSTER_METHODS:
@@ -306,7 +333,47 @@ def validate(spec: ExperimentSpec, source: str) -> None:
             raise ClusterarError(
                 f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
             )
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in spec.seeds):
+        raise ClusterarError(f"{source}: seeds must be a list of whole numbers >= 0, got {spec.seeds}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ClusterarError(f"{source}: seeds {spec.seeds} repeat a seed; list each seed once")
+    for c in spec.claims:
+        if not c.against:
+            c.against = _reference_run(spec) or ""
+            if not c.against:
+                raise ClusterarError(
+                    f"{source} [[claims]] {c.run}: no baseline run to compare against; add one, or name the "
+                    "run with against = NAME"
+                )
+        for what, name in (("run", c.run), ("against", c.against)):
+            if name not in names:
+                raise ClusterarError(
+                    f"{source} [[claims]]: {what} = {name!r} is not one of the runs {sorted(names)}"
+                )
+        if not c.speedup > 0:
+            raise ClusterarError(
+                f"{source} [[claims]] {c.run}: speedup must be a number > 0, got {c.speedup}"
+            )
+
+
+def _validate_eval(spec: ExperimentSpec, source: str) -> None:
+    """The [eval] table (checked first: its settings shape every run's snapshots)."""
     ev = spec.eval
+    if ev.every_steps < 0 or (ev.every_steps and ev.every_epochs):
+        raise ClusterarError(
+            f"{source} [eval]: give evaluation points as one of every_epochs or every_steps (a whole number "
+            f">= 1), got every_epochs = {ev.every_epochs}, every_steps = {ev.every_steps}"
+        )
+    if ev.extractor not in (None, "classifier", "inception"):
+        raise ClusterarError(
+            f"{source} [eval]: extractor = {ev.extractor!r}; choose classifier (trained on the data's train "
+            "split, no download) or inception (with inception = PATH)"
+        )
+    if eval_extractor(spec) == "inception" and not ev.inception:
+        raise ClusterarError(
+            f"{source} [eval]: extractor = inception needs inception = PATH to the standard FID weights "
+            "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded); or use extractor = classifier"
+        )
     if ev.samples <= 3 or ev.batch_size < 1:
         raise ClusterarError(
             f"{source} [eval]: samples must be > 3 (precision/recall use k = 3), batch_size >= 1"
@@ -315,13 +382,14 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         raise ClusterarError(
             f"{source} [eval]: every_epochs must be >= 0 (0: evaluate the final models only)"
         )
-    if spec.data.startswith("folder:") and not ev.inception:
-        raise ClusterarError(
-            f"{source} [eval]: folder data is scored with Inception-v3: set inception = PATH to the standard FID "
-            "weights pt_inception-2015-12-05-6726825d.pth"
-        )
     if not spec.data.startswith("folder:") and ev.reference not in ("train", "val", "all"):
         raise ClusterarError(f"{source} [eval]: reference is a split of {spec.data}: train, val or all")
+
+
+def eval_extractor(spec: ExperimentSpec) -> str:
+    """The [eval] feature extractor: as set, else Inception when a weights path is given, else the
+    classifier trained on the spec's own data."""
+    return spec.eval.extractor or ("inception" if spec.eval.inception else "classifier")
 
 
 # ----------------------------------------------------------------------------- stage bookkeeping
@@ -425,19 +493,22 @@ def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> P
 def stage_tokens(
     spec: ExperimentSpec, tokenizer_path: Path, out: Path, progress: bool = True
 ) -> dict[str, Path]:
-    """One token file per split (train with flips, val without), reused when made by this tokenizer."""
+    """One token file per split (train with the data's default views, val without), reused when made by
+    this tokenizer with those views."""
+    from .data import default_views
     from .runtime import pick_device
     from .tokenizer import load_tokenizer
-    from .tokens import TokenFile, encode_dataset
+    from .tokens import VIEW_NAMES, TokenFile, encode_dataset
 
     tokenizer = None
     paths = {}
     fp = _tokenizer_fingerprint(tokenizer_path)
-    for split, views in (("train", "flip"), ("val", "none")):
+    for split, views in (("train", default_views(spec.data)), ("val", "none")):
         path = out / "tokens" / f"{split}.safetensors"
         paths[split] = path
         if path.exists():
-            if TokenFile.open(path).meta["tokenizer_fingerprint"] == fp:
+            meta = TokenFile.open(path).meta
+            if meta["tokenizer_fingerprint"] == fp and meta["views"] == VIEW_NAMES[views]:
                 print(f"tokens: reusing {path}")
                 continue
         if tokenizer is None:
@@ -502,7 +573,9 @@ class Inputs:
     clusters: dict[str, Path]
 
 
-def train_configs(spec: ExperimentSpec, run: RunSpec, inputs: Inputs | None = None) -> dict[str, Any]:
+def train_configs(
+    spec: ExperimentSpec, run: RunSpec, inputs: Inputs | None = None, seed: int | None = None
+) -> dict[str, Any]:
     """The TrainConfig of each stage of `run` ({"model": cfg} or, for CTF, {"coarse": cfg, "refiner": cfg}).
 
     Without `inputs` the paths are placeholders: `validate` builds the configs this way to check every
@@ -515,10 +588,12 @@ def train_configs(spec: ExperimentSpec, run: RunSpec, inputs: Inputs | None = No
     clusters = None
     if run.clusters is not None:
         clusters = str(inputs.clusters[run.clusters]) if inputs else f"<clusters {run.clusters}>"
-    snapshot = spec.eval.every_epochs if spec.eval.every_epochs > 0 else None
-    common = dict(tokens=tokens, tokenizer=tokenizer, clusters=clusters, seed=spec.seed, device=spec.device)
-    if snapshot is not None:
-        common["snapshot_every"] = snapshot
+    seed = spec.seed if seed is None else seed
+    common = dict(tokens=tokens, tokenizer=tokenizer, clusters=clusters, seed=seed, device=spec.device)
+    if spec.eval.every_epochs > 0:
+        common["snapshot_every"] = spec.eval.every_epochs
+    if spec.eval.every_steps > 0:
+        common["snapshot_steps"] = spec.eval.every_steps
     if run.method != "ctf":
         stages = {"model": (run.method, {**spec.train, **run.train})}
     else:
@@ -564,6 +639,12 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
     return summary
 
 
+def run_dir(spec: ExperimentSpec, out: Path, run: str, seed: int) -> Path:
+    """runs/RUN, or runs/RUN/seed-S when the spec repeats runs over several seeds."""
+    base = out / "runs" / run
+    return base / f"seed-{seed}" if len(spec_seeds(spec)) > 1 else base
+
+
 def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
     """(epoch, step, model file) of every snapshot of a run, the final model when there are none."""
     from .gpt import MODEL_FILE, read_gpt_info
@@ -587,17 +668,18 @@ class Point:
     models: dict[str, Path]  # stage -> model file (for validation accuracy)
     steps: dict[str, int]  # stage -> training step of that file
     folder: Path  # the run's folder; evaluations go to its evals/
+    seed: int = 0  # the run's training seed, also the seed its samples are drawn with
 
 
-def run_points(spec: ExperimentSpec, run: RunSpec, out: Path) -> list[Point]:
+def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list[Point]:
     """The models of a trained run to evaluate, in epoch order (CTF: stage-1 and stage-2 snapshots paired
     in order, with a pipeline file per pair)."""
     from .sample import write_ctf_pipeline
 
-    base = out / "runs" / run.name
+    base = run_dir(spec, out, run.name, seed)
     if run.method != "ctf":
         return [
-            Point(run.name, run.method, e, f, {"model": f}, {"model": n}, base)
+            Point(run.name, run.method, e, f, {"model": f}, {"model": n}, base, seed)
             for e, n, f in _snapshots(base)
         ]
     coarse, refiner = _snapshots(base / "coarse"), _snapshots(base / "refiner")
@@ -613,7 +695,14 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path) -> list[Point]:
             write_ctf_pipeline(f1, f2, path)
         points.append(
             Point(
-                run.name, "ctf", e1, path, {"coarse": f1, "refiner": f2}, {"coarse": n1, "refiner": n2}, base
+                run.name,
+                "ctf",
+                e1,
+                path,
+                {"coarse": f1, "refiner": f2},
+                {"coarse": n1, "refiner": n2},
+                base,
+                seed,
             )
         )
     return points
@@ -656,10 +745,11 @@ class Evaluator:
         if spec.data.startswith("folder:"):
             root = Path(spec.data[len("folder:") :])
             self.reference = str(root / ev.reference if (root / ev.reference).is_dir() else root)
-            extractor = f"inception:{ev.inception}"
         else:
             self.reference = f"{spec.data}:{ev.reference}"
-            extractor = None
+        extractor = (
+            f"inception:{ev.inception}" if eval_extractor(spec) == "inception" else f"classifier:{spec.data}"
+        )
         ref_source = open_images(self.reference, spec.image_size, require_images=False)
         self.extractor = make_extractor(extractor, ref_source, device=self.device, progress=progress)
 
@@ -674,7 +764,7 @@ class Evaluator:
             "steps": point.steps,
             "settings": settings,
             "samples": ev.samples,
-            "seed": self.spec.seed,
+            "seed": point.seed,
             "reference": self.reference,
             "extractor": self.extractor.fingerprint,
         }
@@ -692,7 +782,7 @@ class Evaluator:
             labels,
             folder,
             settings=s,
-            seed=self.spec.seed,
+            seed=point.seed,
             batch_size=ev.batch_size,
             per_class=True,
             write_images=False,
@@ -722,6 +812,9 @@ class Evaluator:
             "val": val,
             "val_acc_token": _val_pick(val, "acc_token"),
             "val_acc_cluster": _val_pick(val, "acc_cluster"),
+            "val_loss": _val_pick(val, "loss"),
+            "seed": point.seed,
+            "step": max(point.steps.values()),
             "images_per_s": summary["images_per_s"],
             "grid": str((folder / "grid.png").relative_to(self.out)),
             "n_samples": metrics["n_samples"],
@@ -731,13 +824,96 @@ class Evaluator:
         _stage_save(record, key, result)
         return result
 
+    def ceiling(self, images: dict[str, Path]) -> dict[str, dict]:
+        """The metrics of the tokenizer's val reconstructions and of real train images (see
+        stage_reconstructions) against the same reference with the same extractor as every run."""
+        from .metrics import evaluate_images
+
+        out = {}
+        for name, path in images.items():
+            key = {"images": str(path), "reference": self.reference, "extractor": self.extractor.fingerprint}
+            record = path.with_suffix(".eval.json")
+            done = _stage_done(record, key, f"{name} ceiling evaluation")
+            if done is None:
+                m = evaluate_images(
+                    path,
+                    self.reference,
+                    extractor=self.extractor,
+                    device=self.device,
+                    progress=False,
+                    image_size=self.spec.image_size,
+                )
+                done = {k: m[k] for k in ("fid", "inception_score", "precision", "recall", "class_accuracy")}
+                done["n_samples"] = m["n_samples"]
+                _stage_save(record, key, done)
+            out[name] = done
+        return out
+
+
+def stage_reconstructions(
+    spec: ExperimentSpec, inputs: Inputs, out: Path, progress: bool = True
+) -> dict[str, Path]:
+    """The images that bound every run's scores, as ADM npz files with labels (written once):
+
+    - `tokenizer`: the val token file decoded by the tokenizer, i.e. the val images as the best possible
+      transformer on these tokens would draw them (the tokenizer's ceiling);
+    - `real`: real train images, class-balanced, as many as an evaluation has samples: what real data
+      scores against the reference at this sample size (FID is biased upwards for small sets).
+    """
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset, to_uint8
+    from .fileio import atomic_path
+    from .runtime import pick_device
+    from .sample import make_labels
+    from .tokenizer import load_tokenizer
+    from .tokens import TokenFile
+
+    folder = out / "ceiling"
+    paths = {"tokenizer": folder / "tokenizer-val.npz", "real": folder / "real-train.npz"}
+    settings = {
+        "tokenizer": _tokenizer_fingerprint(inputs.tokenizer),
+        "samples": spec.eval.samples,
+        "data": spec.data,
+        "image_size": spec.image_size,
+    }
+    record = folder / "images.json"
+    if _stage_done(record, settings, "ceiling images") is not None and all(
+        p.exists() for p in paths.values()
+    ):
+        return paths
+    device = pick_device(spec.device)
+    tokenizer = load_tokenizer(inputs.tokenizer, device)
+    tf = TokenFile.open(inputs.tokens["val"])
+    recon = []
+    for i in tqdm(range(0, len(tf), 250), desc="tokenizer reconstructions", disable=not progress):
+        codes, _ = tf.batch(np.arange(i, min(i + 250, len(tf))))
+        images = tokenizer.decode(codes.to(device).reshape(len(codes), *tf.grid))
+        recon.append(to_uint8(images.cpu()).permute(0, 2, 3, 1).numpy())
+    train = load_dataset(spec.data, "train", spec.image_size)
+    want, _ = make_labels(spec.eval.samples, train.num_classes, per_class=True)
+    labels = train.labels.numpy()
+    pick = np.concatenate(
+        [np.flatnonzero(labels == c)[: int((want == c).sum())] for c in range(train.num_classes)]
+    )
+    real = np.stack([train[int(i)][0].permute(1, 2, 0).numpy() for i in pick])
+    for path, images, lab in (
+        (paths["tokenizer"], np.concatenate(recon), tf.labels),
+        (paths["real"], real, labels[pick]),
+    ):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, arr_0=images, arr_1=np.asarray(lab, dtype=np.int64))
+    _stage_save(record, settings, {k: str(v) for k, v in paths.items()})
+    return paths
+
 
 def _val_pick(val: dict[str, dict], key: str) -> float | None:
-    """A val accuracy of the run as a whole: the stage that predicts it (CTF: tokens from the refiner,
-    given the true coarse labels; clusters from stage 1)."""
+    """A val figure of the run as a whole: the stage that predicts it (CTF: tokens and loss from the
+    refiner, given the true coarse labels; clusters from stage 1)."""
     if "model" in val:
         return val["model"].get(key)
-    return val["refiner" if key == "acc_token" else "coarse"].get(key)
+    return val["refiner" if key in ("acc_token", "loss") else "coarse"].get(key)
 
 
 def stage_speed(
@@ -803,7 +979,7 @@ def run_experiment(
     t_all, timings = time.perf_counter(), {}
 
     def step(i: int, name: str) -> float:
-        print(f"[{i}/7] {name}", flush=True)
+        print(f"[{i}/8] {name}", flush=True)
         kill_point("experiment.stage")
         return time.perf_counter()
 
@@ -818,57 +994,72 @@ def run_experiment(
     timings["clusters"] = elapsed(t)
     inputs = Inputs(tokenizer, tokens, clusters)
 
-    t = step(4, f"training {len(spec.runs)} runs")
-    trained: dict[str, dict[str, dict]] = {}
-    for run in spec.runs:
-        configs = train_configs(spec, run, inputs)
-        base = out / "runs" / run.name
-        trained[run.name] = {
-            stage: stage_train(
-                cfg, base if stage == "model" else base / stage, f"{run.name} {stage}", progress
-            )
-            for stage, cfg in configs.items()
-        }
+    seeds = spec_seeds(spec)
+    t = step(4, f"training {len(spec.runs)} runs" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else ""))
+    trained: dict[str, dict[str, dict[str, dict]]] = {r.name: {} for r in spec.runs}
+    for seed in seeds:  # seed by seed: a complete comparison exists as early as possible
+        for run in spec.runs:
+            base = run_dir(spec, out, run.name, seed)
+            what = run.name if len(seeds) == 1 else f"{run.name} (seed {seed})"
+            trained[run.name][str(seed)] = {
+                stage: stage_train(
+                    cfg, base if stage == "model" else base / stage, f"{what} {stage}", progress
+                )
+                for stage, cfg in train_configs(spec, run, inputs, seed).items()
+            }
     timings["training"] = elapsed(t)
 
     t = step(5, "evaluation")
     evaluator = Evaluator(spec, inputs, out, progress)
-    curves: dict[str, list[dict]] = {}
-    finals: dict[str, Point] = {}
-    for run in spec.runs:
-        points = run_points(spec, run, out)
-        finals[run.name] = points[-1]
-        curves[run.name] = []
-        for p in points:
-            r = evaluator.evaluate(
-                p, sample_settings(spec, run), f"evaluation of {run.name} at epoch {p.epoch}"
-            )
-            curves[run.name].append(r)
-            print(
-                f"  {run.name:<16} epoch {p.epoch:g}: FID {_fmt(r['fid'])}  IS {_fmt(r['inception_score'])}  "
-                f"P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}"
-            )
+    per_seed: dict[str, dict[str, list[dict]]] = {r.name: {} for r in spec.runs}
+    finals: dict[str, dict[int, Point]] = {r.name: {} for r in spec.runs}
+    for seed in seeds:
+        for run in spec.runs:
+            points = run_points(spec, run, out, seed)
+            finals[run.name][seed] = points[-1]
+            what = run.name if len(seeds) == 1 else f"{run.name} (seed {seed})"
+            per_seed[run.name][str(seed)] = []
+            for p in points:
+                r = evaluator.evaluate(
+                    p, sample_settings(spec, run), f"evaluation of {what} at epoch {p.epoch}"
+                )
+                per_seed[run.name][str(seed)].append(r)
+                print(
+                    f"  {what:<16} epoch {p.epoch:.4g}: FID {_fmt(r['fid'])}  IS {_fmt(r['inception_score'])}  "
+                    f"P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}  class acc {_pct(r['class_accuracy'])}"
+                )
+    curves = {name: aggregate(list(by_seed.values()), name) for name, by_seed in per_seed.items()}
     timings["evaluation"] = elapsed(t)
 
     t = step(6, "sampling speed and sweeps")
-    speed = stage_speed(spec, finals, out)
+    speed = stage_speed(spec, {name: f[seeds[0]] for name, f in finals.items()}, out)
     sweeps: dict[str, dict[str, list[dict]]] = {}
     by_name = {r.name: r for r in spec.runs}
     for s in spec.sweeps:
         sweeps[s.param] = {}
         for name in sweep_runs(spec, s):
+            replicas = [
+                [
+                    evaluator.evaluate(
+                        finals[name][seed],
+                        sample_settings(spec, by_name[name], **{s.param: v}),
+                        f"{s.param}={v} sweep of {name}" + (f" (seed {seed})" if len(seeds) > 1 else ""),
+                    )
+                    for v in s.values
+                ]
+                for seed in seeds
+            ]
             sweeps[s.param][name] = [
-                evaluator.evaluate(
-                    finals[name],
-                    sample_settings(spec, by_name[name], **{s.param: v}),
-                    f"{s.param}={v} sweep of {name}",
-                )
-                | {"value": v}
-                for v in s.values
+                a | {"value": v}
+                for a, v in zip(aggregate(replicas, f"sweep {s.param} of {name}"), s.values, strict=True)
             ]
     timings["speed_and_sweeps"] = elapsed(t)
 
-    step(7, "report")
+    t = step(7, "tokenizer ceiling and real-data rows")
+    ceiling = evaluator.ceiling(stage_reconstructions(spec, inputs, out, progress))
+    timings["ceiling"] = elapsed(t)
+
+    step(8, "report")
     timings["total_this_invocation"] = elapsed(t_all)
     with open(out / "timings.jsonl", "a") as f:  # one line per invocation: the first is the full cost
         f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **timings}) + "\n")
@@ -881,19 +1072,26 @@ def run_experiment(
         "machine": describe_machine(pick_device(spec.device)),
         "tokenizer": tokenizer_summary(tokenizer),
         "tokens": {k: str(v.relative_to(out)) for k, v in tokens.items()},
+        "train_views": _token_views(tokens["train"]),
         "sampling": {
             r.name: asdict(SampleSettings.for_method(r.method, **sample_settings(spec, r))) for r in spec.runs
         },
         "clusters": {
             k: read_json(v.with_suffix(".json"), "clusters record")["result"] for k, v in clusters.items()
         },
+        "seeds": seeds,
         "training": trained,
         "curves": curves,
+        "curves_per_seed": per_seed,
+        "ceiling": ceiling,
         "speed": speed,
         "sweeps": sweeps,
         "timings": timings,
     }
-    data["table"] = comparison_table(spec, curves, speed)
+    data["table"] = comparison_table(spec, curves, per_seed, speed)
+    data["verdicts"] = verdicts(spec, curves)
+    data["claims"] = claim_results(spec, per_seed)
+    data["convergence"] = convergence(spec, curves)
     write_json(out / "report.json", data)
     plot_report(data, out)
     report = out / "report.md"
@@ -919,11 +1117,23 @@ def tokenizer_summary(path: Path) -> dict:
     return {"path": str(path), "config": cfg, "eval": meta.get("eval", {})}
 
 
-def comparison_table(spec: ExperimentSpec, curves: dict[str, list[dict]], speed: dict) -> list[dict]:
-    """One row per run: parameters, images/s, final metrics, and the epoch at which the run first reached
-    the first baseline run's final FID (with the speed-up over the baseline's epochs)."""
-    base = next((r.name for r in spec.runs if r.method == "baseline"), None)
-    target = curves[base][-1] if base else None
+def _reference_run(spec: ExperimentSpec) -> str | None:
+    """The first baseline run: what every comparison is against."""
+    return next((r.name for r in spec.runs if r.method == "baseline"), None)
+
+
+def comparison_table(
+    spec: ExperimentSpec,
+    curves: dict[str, list[dict]],
+    per_seed: dict[str, dict[str, list[dict]]],
+    speed: dict,
+) -> list[dict]:
+    """One row per run: parameters, images/s, final metrics (mean and spread over seeds), and per seed the
+    epoch at which the run first reached the same seed's baseline final FID (with the speed-up over the
+    baseline's epochs)."""
+    from .compare import METRICS, first_epoch_reaching
+
+    base = _reference_run(spec)
     rows = []
     for run in spec.runs:
         final = curves[run.name][-1]
@@ -933,35 +1143,100 @@ def comparison_table(spec: ExperimentSpec, curves: dict[str, list[dict]], speed:
             "method": run.method,
             "clusters": run.clusters,
             "epochs": final["epoch"],
+            "n_seeds": final["n_seeds"],
             "params_stage1": p["stage1"]["total"],
             "params_stage1_tables": p["stage1"]["head_and_embedding"],
             "params_stage2": p["stage2"]["total"] if "stage2" in p else None,
             "images_per_s": speed[run.name]["images_per_s"],
-            **{k: final[k] for k in ("fid", "inception_score", "precision", "recall")},
-            "class_accuracy": final.get("class_accuracy"),  # absent in evaluations cached by older versions
-            "val_acc_token": final["val_acc_token"],
-            "val_acc_cluster": final["val_acc_cluster"],
+            **{k: v for k, v in final.items() if k in METRICS or _is_spread_key(k)},
             "reference": run.name == base,
             "epochs_to_baseline_fid": None,
+            "epochs_to_baseline_fid_per_seed": None,
             "speedup_vs_baseline": None,
+            "speedup_per_seed": None,
         }
-        if run.name == base:  # the reference: its final FID at its final epoch, by definition
-            row["epochs_to_baseline_fid"], row["speedup_vs_baseline"] = final["epoch"], 1.0
-        elif target is not None:
-            reached = next((c["epoch"] for c in curves[run.name] if c["fid"] <= target["fid"]), None)
-            row["epochs_to_baseline_fid"] = reached
-            if reached:
-                row["speedup_vs_baseline"] = target["epoch"] / reached
+        if base is not None:
+            reached, ups = [], []
+            for seed, curve in per_seed[run.name].items():
+                target = per_seed[base][seed][-1]
+                e = target["epoch"] if run.name == base else first_epoch_reaching(curve, target["fid"])
+                reached.append(e)
+                ups.append(target["epoch"] / e if e else None)
+            row["epochs_to_baseline_fid_per_seed"], row["speedup_per_seed"] = reached, ups
+            if all(e is not None for e in reached):
+                row["epochs_to_baseline_fid"] = statistics.median(reached)
+                row["speedup_vs_baseline"] = statistics.median(ups)
         rows.append(row)
     return rows
+
+
+def _is_spread_key(k: str) -> bool:
+    from .compare import METRICS
+
+    stem, _, tail = k.rpartition("_")
+    return tail in ("std", "min", "max", "all") and stem in METRICS
+
+
+def verdicts(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> list[dict]:
+    """Every run against the baseline on final FID and class accuracy, by the rule of clusterar.compare:
+    'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
+    from .compare import METRICS, resolved, values
+
+    base = _reference_run(spec)
+    out = []
+    if base is None:
+        return out
+    for run in spec.runs:
+        if run.name == base:
+            continue
+        for key in ("fid", "class_accuracy"):
+            a, b = values(curves[run.name][-1], key), values(curves[base][-1], key)
+            if a is None or b is None:
+                continue
+            out.append(
+                {
+                    "run": run.name,
+                    "against": base,
+                    "metric": key,
+                    "verdict": resolved(a, b, METRICS[key]),
+                    "run_range": [min(a), max(a)],
+                    "against_range": [min(b), max(b)],
+                    "n_seeds": len(a),
+                }
+            )
+    return out
+
+
+def claim_results(spec: ExperimentSpec, per_seed: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    from .compare import check_claim
+
+    return [check_claim(per_seed, c.run, c.against, c.speedup) | {"text": c.text} for c in spec.claims]
+
+
+def convergence(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> dict | None:
+    """Whether the baseline's curve has flattened (see clusterar.compare.converged)."""
+    from .compare import converged
+
+    base = _reference_run(spec)
+    return None if base is None else {"run": base, **converged(curves[base])}
 
 
 def plot_report(data: dict, out: Path) -> None:
     from .viz import plot_series
 
     curves = data["curves"]
+
+    def pts(cs: list[dict], key: str) -> list[tuple]:  # (x, mean, min, max): a band over seeds
+        return [
+            (c["epoch"], c[key], c.get(f"{key}_min", c[key]), c.get(f"{key}_max", c[key]))
+            for c in cs
+            if c.get(key) is not None
+        ]
+
+    seeds = data.get("seeds", [data["spec"]["seed"]])
+    band = f" (mean and min..max over seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
     panels = {
-        title: {n: [(c["epoch"], c[key]) for c in cs if c.get(key) is not None] for n, cs in curves.items()}
+        title: {n: pts(cs, key) for n, cs in curves.items()}
         for title, key in (
             ("FID (lower is better)", "fid"),
             ("Inception Score", "inception_score"),
@@ -972,14 +1247,21 @@ def plot_report(data: dict, out: Path) -> None:
             ("val cluster accuracy", "val_acc_cluster"),
         )
     }
-    plot_series(panels, out / "curves.png", "epoch", title=f"{data['spec']['name']}: metrics against epochs")
+    plot_series(
+        panels, out / "curves.png", "epoch", title=f"{data['spec']['name']}: metrics against epochs{band}"
+    )
     plot_samples(data, out)
     for param, per_run in data["sweeps"].items():
         numeric = all(isinstance(c["value"], int | float) for cs in per_run.values() for c in cs)
         if not numeric:
             continue
         sweep_panels = {
-            title: {n: [(c["value"], c[key]) for c in cs] for n, cs in per_run.items()}
+            title: {
+                n: [
+                    (c["value"], c[key], c.get(f"{key}_min", c[key]), c.get(f"{key}_max", c[key])) for c in cs
+                ]
+                for n, cs in per_run.items()
+            }
             for title, key in (
                 ("FID", "fid"),
                 ("Inception Score", "inception_score"),
@@ -1033,7 +1315,8 @@ def render_report(data: dict, out: Path) -> str:
         "## Setup",
         "",
         f"- **Data**: `{spec['data']}` at {spec['image_size']}x{spec['image_size']}; token files "
-        f"`{data['tokens']['train']}` (with flips) and `{data['tokens']['val']}`.",
+        f"`{data['tokens']['train']}` ({_views_words(data.get('train_views'))}) and "
+        f"`{data['tokens']['val']}`.",
     ]
     if "config" in tok:
         c, e = tok["config"], tok.get("eval", {})
@@ -1055,17 +1338,42 @@ def render_report(data: dict, out: Path) -> str:
         )
     t = spec["train"]
     budget = f"{t['epochs']} epochs" if "epochs" in t else f"{t.get('steps')} steps"
+    seeds = data.get("seeds", [spec["seed"]])
+    several = len(seeds) > 1
+    seed_words = (
+        f"seeds {', '.join(map(str, seeds))}: every run and every sweep point once per seed, each seed's "
+        "samples drawn with that seed"
+        if several
+        else f"seed {seeds[0]}"
+    )
+    if ev.get("every_steps"):
+        points = f"every {ev['every_steps']} steps"
+    elif ev["every_epochs"]:
+        points = f"every {ev['every_epochs']:g} epochs"
+    else:
+        points = "of the final models"
     lines += [
-        f"- **Training** (every run, same seed {spec['seed']}): {budget}, "
+        f"- **Training** (every run, {seed_words}; the tokenizer and token files are shared, seed "
+        f"{spec['seed']}): {budget}, "
         + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("epochs", "steps"))
         + "; per-run changes in the table of runs below.",
-        f"- **Evaluation**: {ev['samples']} class-balanced samples per point (seed {spec['seed']}), scored "
+        f"- **Evaluation** ({points}): {ev['samples']} class-balanced samples per point, scored "
         f"against {data['curves'][spec['runs'][0]['name']][-1]['n_reference']} images of "
-        f"`{_reference_name(spec)}` with {_extractor_name(spec)}: FID, Inception Score, precision and recall "
-        "(k = 3), with the sampling settings of the table of runs. Val accuracies: teacher-forced on every val image (CTF: stage-2 token accuracy given the true coarse "
-        "labels, stage-1 label accuracy); cluster accuracy is with respect to the run's own clusters.",
+        f"`{_reference_name(spec)}` with {_extractor_name(spec, data)}: FID, Inception Score, precision "
+        "and recall (k = 3), and class accuracy (the share of samples that the classifier reads as the class "
+        "they were asked for), with the sampling settings of the table of runs. Val accuracies: "
+        "teacher-forced on every val image (CTF: stage-2 token accuracy given the true coarse labels, "
+        "stage-1 label accuracy); cluster accuracy is with respect to the run's own clusters.",
         "- **Speed**: images/s of the final models (tokens and decoding) at batch 64, median of 3 rounds "
         "timed in turns, on the same machine.",
+    ]
+    if several:
+        lines.append(
+            "- **Spread**: every figure is the mean over seeds ± the sample standard deviation (min..max). "
+            "A difference counts as resolved only when the min..max ranges do not overlap (two runs that "
+            f"do not differ separate this way by chance with probability {_chance(len(seeds))})."
+        )
+    lines += [
         "",
         "## Runs",
         "",
@@ -1085,36 +1393,36 @@ def render_report(data: dict, out: Path) -> str:
         "",
         "Parameters: stage 1 is the autoregressive transformer (in brackets: its vocabulary-sized input "
         "embedding and output head), stage 2 CTF's refiner. *Epochs to baseline FID*: the first evaluated "
-        "epoch at which the run's FID is at or below the baseline's final FID, and the baseline's epochs "
-        "divided by it "
+        "epoch at which the run's FID is at or below the baseline's final FID"
+        + (" (each seed against the same seed's baseline)" if several else "")
+        + ", and the baseline's epochs divided by it "
         + (
-            f"(resolution: evaluations every {ev['every_epochs']:g} epochs)."
-            if ev["every_epochs"]
+            f"(resolution: evaluations {points})."
+            if points != "of the final models"
             else "(only the final models were evaluated here: 'by E' means reached at the final epoch E)."
         )
-        + " IAR reports about 2x, CTF about 3x on ImageNet.",
+        + " The last rows are not models: the tokenizer's reconstructions of the val images (the best any "
+        "transformer on these tokens can reach) and real train images, as many as a run's samples (what "
+        "real data scores at this sample size).",
         "",
         "| run | method | params stage 1 | params stage 2 | img/s | FID | IS | precision | recall | "
         "class acc | val token acc | val cluster acc | epochs to baseline FID |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in data["table"]:
-        reach = "-"
-        if row["reference"]:
-            reach = f"{row['epochs_to_baseline_fid']:g} (reference)"
-        elif row["epochs_to_baseline_fid"] is not None and not ev["every_epochs"]:
-            reach = f"by {row['epochs_to_baseline_fid']:g}"  # only final models evaluated: no finer answer
-        elif row["epochs_to_baseline_fid"] is not None:
-            reach = f"{row['epochs_to_baseline_fid']:g} ({row['speedup_vs_baseline']:.1f}x)"
-        elif any(r["method"] == "baseline" for r in spec["runs"]):
-            reach = "not reached"
         lines.append(
             f"| {row['run']} | {row['method']} | {_int(row['params_stage1'])} "
             f"({_int(row['params_stage1_tables'])}) | {_int(row['params_stage2'])} | "
-            f"{_fmt(row['images_per_s'], 1)} | {_fmt(row['fid'])} | {_fmt(row['inception_score'])} | "
-            f"{_fmt(row['precision'], 3)} | {_fmt(row['recall'], 3)} | {_pct(row.get('class_accuracy'))} | "
-            f"{_pct(row['val_acc_token'])} | "
-            f"{_pct(row['val_acc_cluster'])} | {reach} |"
+            f"{_fmt(row['images_per_s'], 1)} | {fmt_spread(row, 'fid')} | {fmt_spread(row, 'inception_score')} | "
+            f"{fmt_spread(row, 'precision', 3)} | {fmt_spread(row, 'recall', 3)} | "
+            f"{fmt_spread(row, 'class_accuracy', 1, pct=True)} | {fmt_spread(row, 'val_acc_token', 1, pct=True)} | "
+            f"{fmt_spread(row, 'val_acc_cluster', 1, pct=True)} | {_reach(row, spec, points)} |"
+        )
+    names = {"tokenizer": "tokenizer (val reconstructions)", "real": "real train images"}
+    for key, m in data.get("ceiling", {}).items():
+        lines.append(
+            f"| *{names.get(key, key)}* | - | - | - | - | {_fmt(m['fid'])} | {_fmt(m['inception_score'])} | "
+            f"{_fmt(m['precision'], 3)} | {_fmt(m['recall'], 3)} | {_pct(m.get('class_accuracy'))} | - | - | - |"
         )
     ceiling = next(
         (
@@ -1131,24 +1439,32 @@ def render_report(data: dict, out: Path) -> str:
             "class acc: the share of samples that the feature classifier reads as the class they were asked "
             f"for; the same classifier reads real val images at {_pct(ceiling)}, the ceiling of this column.",
         ]
+    lines += _verdict_lines(data)
     lines += ["", "![metrics against epochs](curves.png)", "", "### FID against epochs", ""]
     epochs = sorted({c["epoch"] for cs in data["curves"].values() for c in cs})
-    lines.append("| run | " + " | ".join(f"{e:g}" for e in epochs) + " |")
+    lines.append("| run | " + " | ".join(f"{e:.4g}" for e in epochs) + " |")
     lines.append("|---|" + "---:|" * len(epochs))
     for run, cs in data["curves"].items():
-        by_epoch = {c["epoch"]: c["fid"] for c in cs}
-        lines.append(f"| {run} | " + " | ".join(_fmt(by_epoch.get(e)) for e in epochs) + " |")
+        by_epoch = {c["epoch"]: c for c in cs}
+        cells = [fmt_spread(by_epoch[e], "fid") if e in by_epoch else "-" for e in epochs]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
     for param, per_run in data["sweeps"].items():
         values = [c["value"] for c in next(iter(per_run.values()))] if per_run else []
         lines += [
             "",
-            f"## Sweep: {param} (final models, FID / precision / recall)",
+            f"## Sweep: {param} (final models, FID / precision / recall / class accuracy"
+            + (", means over seeds" if several else "")
+            + ")",
             "",
             "| run | " + " | ".join(str(v) for v in values) + " |",
             "|---|" + "---:|" * len(values),
         ]
         for run, cs in per_run.items():
-            cells = [f"{_fmt(c['fid'])} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)}" for c in cs]
+            cells = [
+                f"{_fmt(c['fid'])} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)} / "
+                f"{_pct(c.get('class_accuracy'))}"
+                for c in cs
+            ]
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
         if (out / f"sweep-{param}.png").exists():
             lines += ["", f"![sweep of {param}](sweep-{param}.png)"]
@@ -1175,6 +1491,113 @@ def render_report(data: dict, out: Path) -> str:
     return "\n".join(lines)
 
 
+def _token_views(path: Path) -> list[str]:
+    from .tokens import TokenFile
+
+    return list(TokenFile.open(path).meta["views"])
+
+
+def _views_words(views: list[str] | None) -> str:
+    if not views:
+        return "views not recorded"
+    if views == ["original"]:
+        return "the images as they are, no flips"
+    if views == ["original", "hflip"]:
+        return "each image and its horizontal flip"
+    return f"views {', '.join(views)}"
+
+
+def _ep(e: float) -> str:
+    return f"{e:.4g}"
+
+
+def _chance(n_seeds: int) -> str:
+    """P(two exchangeable runs of n seeds each have disjoint ranges) = 2 / C(2n, n)."""
+    return f"{2 / math.comb(2 * n_seeds, n_seeds):.0%}"
+
+
+def _reach(row: dict, spec: dict, points: str) -> str:
+    per = row.get("epochs_to_baseline_fid_per_seed")
+    if per is None:
+        return "-"
+    if row["reference"]:
+        return f"{_ep(row['epochs'])} (reference)"
+    if points == "of the final models":  # only final models evaluated: no finer answer
+        return ", ".join(f"by {_ep(e)}" if e is not None else "not reached" for e in per)
+    return ", ".join(
+        f"{_ep(e)} ({u:.1f}x)" if e is not None else "not reached"
+        for e, u in zip(per, row["speedup_per_seed"], strict=True)
+    )
+
+
+_WORDS = {"fid": ("FID", "lower"), "class_accuracy": ("class accuracy", "higher")}
+
+
+def _verdict_lines(data: dict) -> list[str]:
+    """The plain-words answers: differences by the range rule, the claims, the baseline's convergence."""
+    lines = ["", "### Verdicts", ""]
+    n = len(data.get("seeds", [0]))
+    if n < 2:
+        lines.append(
+            "One seed: no spread is measured, so no difference below counts as resolved; repeat the runs "
+            "with `seeds = [0, 1, 2]` in the spec to resolve them."
+        )
+    else:
+        lines.append(
+            f"Rule: with {n} seeds per run, a difference is resolved when the two runs' min..max ranges do not "
+            "overlap; otherwise it is unresolved, whatever the means say."
+        )
+    lines.append("")
+    for v in data.get("verdicts", []):
+        metric, better = _WORDS[v["metric"]]
+        nd, scale = (2, 1) if v["metric"] == "fid" else (1, 100)
+        ra = "..".join(f"{scale * x:.{nd}f}" for x in v["run_range"])
+        rb = "..".join(f"{scale * x:.{nd}f}" for x in v["against_range"])
+        if v["verdict"] == "better":
+            text = f"**{v['run']} beats {v['against']}** on final {metric} ({better} is better; {ra} against {rb})"
+        elif v["verdict"] == "worse":
+            text = f"**{v['against']} beats {v['run']}** on final {metric} ({rb} against {ra})"
+        else:
+            text = f"{v['run']} against {v['against']}, final {metric}: **unresolved** ({ra} against {rb})"
+        lines.append(f"- {text}.")
+    for c in data.get("claims", []):
+        ups = ", ".join(f"{r['speedup']:.2g}x" if r["speedup"] else "not reached" for r in c["per_seed"])
+        targets = ", ".join(
+            f"{r['target_fid']:.2f} at epoch {_ep(r['reference_epoch'])}" for r in c["per_seed"]
+        )
+        name = c["text"] or f"{c['run']} needs at most 1/{c['claimed']:g} of {c['against']}'s epochs"
+        lines.append(
+            f"- Claim: {name}. **{c['verdict'].capitalize()}** ({c['seeds_holding']} of {c['n_seeds']} seeds): "
+            f"{c['run']} reaches {c['against']}'s best FID ({targets}) {ups} sooner than {c['against']}; the "
+            f"claim needs {c['claimed']:g}x."
+        )
+    conv = data.get("convergence")
+    if conv:
+        parts = []
+        if "fid_change" in conv:
+            parts.append(
+                f"its mean FID moved by {conv['fid_change']:.2f} over the last {conv['points']} evaluations, "
+                + (
+                    f"{'within' if conv['flat'] else 'more than'} the seed spread there ({conv['seed_range']:.2f})"
+                    if conv["seed_range"] > 0
+                    else "with no seed spread to compare against (one seed)"
+                )
+            )
+        if "val_loss_min" in conv:
+            parts.append(
+                f"its val loss is {'above' if conv['loss_rising'] else 'at'} its minimum "
+                f"({conv['val_loss_last']:.4f} now, {conv['val_loss_min']:.4f} at epoch "
+                f"{_ep(conv['val_loss_min_epoch'])})"
+            )
+        state = (
+            "**has converged**"
+            if conv["converged"]
+            else "**has not converged** (the comparison is of models still learning)"
+        )
+        lines.append(f"- The baseline `{conv['run']}` {state}: " + "; ".join(parts) + ".")
+    return lines
+
+
 def _sampling(s: dict, method: str) -> str:
     text = f"CFG {s['cfg_scale']}, temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}"
     if method == "ctf":
@@ -1190,7 +1613,8 @@ def _reference_name(spec: dict) -> str:
     return f"{spec['data']}:{spec['eval']['reference']}"
 
 
-def _extractor_name(spec: dict) -> str:
-    if spec["data"].startswith("folder:"):
-        return f"Inception-v3 (`{spec['eval']['inception']}`)"
+def _extractor_name(spec: dict, data: dict | None = None) -> str:
+    ev = spec["eval"]
+    if ev.get("extractor") == "inception" or (ev.get("extractor") is None and ev.get("inception")):
+        return f"Inception-v3 (`{ev['inception']}`)"
     return f"the `{spec['data']}` classifier's features (trained on its train split, cached)"

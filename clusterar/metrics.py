@@ -504,7 +504,8 @@ class FeatureExtractor:
 
 
 class ClassifierExtractor(FeatureExtractor):
-    """The cached digit classifier of `dataset` (see clusterar.classifier): 128-d features, 10-way softmax."""
+    """The cached classifier of `dataset` (mnist, digits or folder:PATH; see clusterar.classifier): 128-d
+    features, a softmax over the dataset's classes."""
 
     def __init__(
         self,
@@ -523,7 +524,8 @@ class ClassifierExtractor(FeatureExtractor):
         )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(to_classifier_input(images).to(self.device))
+        c = self.model.config
+        return self.model(to_classifier_input(images, c.channels, c.input_size).to(self.device))
 
 
 def _import_fidelity():
@@ -598,27 +600,47 @@ def make_extractor(
     device: str | torch.device = "auto",
     progress: bool = True,
 ) -> FeatureExtractor:
-    """None: the classifier of a bundled reference; "classifier[:DATA]"; "inception:PATH"; or an instance."""
+    """None or "classifier": the classifier of the reference's dataset (a bundled set, or the folder
+    dataset whose split the reference folder is); "classifier:DATA" (mnist, digits, folder:PATH);
+    "inception:PATH"; or an instance."""
     if isinstance(extractor, FeatureExtractor):
         return extractor
-    if extractor is None:
-        if isinstance(reference, BundledSource):
-            return ClassifierExtractor(reference.dataset, cache, device, progress)
-        raise ClusterarError(
-            f"choose a feature extractor for reference {reference.name}: an Inception-v3 weights file "
-            f"(--inception {STANDARD_INCEPTION}) for natural images, or --extractor classifier:mnist "
-            "for digit images"
-        )
-    if extractor == "classifier" or extractor.startswith("classifier:"):
-        data = extractor.partition(":")[2]
-        if not data:
-            data = reference.dataset if isinstance(reference, BundledSource) else "mnist"
+    if extractor is None or extractor == "classifier":
+        data = reference_dataset(reference)
+        if data is None:
+            raise ClusterarError(
+                f"choose a feature extractor for reference {reference.name}: --extractor "
+                "classifier:folder:PATH (a classifier trained on the labelled image folder PATH, which has "
+                f"one sub-folder per class, no download), or an Inception-v3 weights file (--inception "
+                f"{STANDARD_INCEPTION})"
+            )
         return ClassifierExtractor(data, cache, device, progress)
+    if extractor.startswith("classifier:"):
+        return ClassifierExtractor(extractor.partition(":")[2], cache, device, progress)
     if extractor.startswith("inception:"):
         return Inception(extractor.partition(":")[2], device)
     raise ClusterarError(
-        f"unknown extractor '{extractor}'; use classifier, classifier:mnist, classifier:digits or inception:PATH"
+        f"unknown extractor '{extractor}'; use classifier, classifier:mnist, classifier:digits, "
+        "classifier:folder:PATH or inception:PATH"
     )
+
+
+def reference_dataset(reference: ImageSource) -> str | None:
+    """The labelled dataset a reference belongs to: a bundled set, or for a folder reference PATH/val
+    (any split name) of a dataset folder PATH with class sub-folders, or such a dataset folder itself."""
+    from .data import SPLIT_NAMES
+
+    if isinstance(reference, BundledSource):
+        return reference.dataset
+    if not isinstance(reference, FolderSource):
+        return None
+    root = reference.root.expanduser().resolve()
+    has_classes = any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+    if root.name in SPLIT_NAMES and (root.parent / "train").is_dir() and has_classes:
+        return f"folder:{root.parent}"
+    if (root / "train").is_dir() or (has_classes and root.name not in SPLIT_NAMES):
+        return f"folder:{root}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -830,5 +852,6 @@ __all__ = [
     "manifold_radii",
     "open_images",
     "precision_recall",
+    "reference_dataset",
     "reference_statistics",
 ]

@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .data import (
     WithSourceSizes,
     collate_with_sizes,
+    default_views,
     describe_upscaled,
     load_dataset,
     make_views,
@@ -173,7 +174,7 @@ def encode_dataset(
     split: str,
     out: str | os.PathLike,
     image_size: int,
-    views: str = "flip",
+    views: str = "auto",
     batch_size: int = 128,
     num_workers: int = 0,
     on_error: str = "fail",
@@ -182,11 +183,15 @@ def encode_dataset(
 ) -> TokenFile:
     """Encode one split of a dataset into one token file (resumable; see the module docstring).
 
+    views "auto": data.default_views (flips for image folders, none for the bundled digits).
+
     Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
     every batch); an interrupted run loses at most that much work.
     """
+    if views == "auto":
+        views = default_views(data)
     if views not in VIEW_NAMES:
-        raise ClusterarError(f"unknown --views '{views}'; choose one of {', '.join(VIEW_NAMES)}")
+        raise ClusterarError(f"unknown --views '{views}'; choose one of auto, {', '.join(VIEW_NAMES)}")
     if batch_size < 1 or num_workers < 0 or image_size < 1:
         raise ClusterarError(
             f"--batch-size and --image-size must be at least 1 and --num-workers >= 0, got {batch_size}, "

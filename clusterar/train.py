@@ -68,7 +68,7 @@ SNAPSHOT_DIR = "snapshots"
 BETAS = (0.9, 0.95)
 SCHEDULES = ("constant", "cosine")
 # Settings that may differ when a run is resumed: they change how a session runs, not what it computes.
-SESSION_FIELDS = ("log_every", "ckpt_every", "snapshot_every", "compile", "device", "fsdp")
+SESSION_FIELDS = ("log_every", "ckpt_every", "snapshot_every", "snapshot_steps", "compile", "device", "fsdp")
 # The budget may grow on resume (a finished run extended); the rest of the run stays as it was.
 BUDGET_FIELDS = ("steps", "epochs")
 
@@ -101,6 +101,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 1000
     snapshot_every: float | None = None  # epochs between snapshots/model-stepNNNNNNN.safetensors
+    snapshot_steps: int | None = None  # ... or optimizer steps between them (finer than an epoch)
     seed: int = 0
     device: str = "auto"
 
@@ -150,6 +151,10 @@ class TrainConfig:
             raise ClusterarError(
                 f"--snapshot-every is a positive number of epochs, got {self.snapshot_every}"
             )
+        if self.snapshot_steps is not None and self.snapshot_steps < 1:
+            raise ClusterarError(f"--snapshot-steps must be at least 1, got {self.snapshot_steps}")
+        if self.snapshot_steps is not None and self.snapshot_every is not None:
+            raise ClusterarError("give snapshots as one of --snapshot-every (epochs) or --snapshot-steps")
         if self.seed < 0:
             raise ClusterarError(f"--seed must be >= 0, got {self.seed}")
 
@@ -673,9 +678,9 @@ class Trainer:
                 },
             )
             log = open(out / LOG_FILE, "a")  # noqa: SIM115 - closed in finally
-        snap_every = (
-            max(1, round(cfg.snapshot_every * self.per_epoch)) if cfg.snapshot_every is not None else None
-        )
+        snap_every = cfg.snapshot_steps
+        if cfg.snapshot_every is not None:
+            snap_every = max(1, round(cfg.snapshot_every * self.per_epoch))
         end = min(self.total, stop_at) if stop_at is not None else self.total
         bar = tqdm(
             total=self.total,

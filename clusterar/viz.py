@@ -78,13 +78,14 @@ def plot_curves(
 
 
 def plot_series(
-    panels: dict[str, dict[str, Sequence[tuple[float, float]]]],
+    panels: dict[str, dict[str, Sequence[tuple[float, ...]]]],
     path: str | os.PathLike,
     xlabel: str,
     title: str = "",
     logx: bool = False,
 ) -> None:
-    """One subplot per panel, one line per named series of (x, y) points; saved as PNG.
+    """One subplot per panel, one line per named series of (x, y) points; saved as PNG. Points given as
+    (x, y, low, high) also draw a band from low to high (the spread over seeds).
 
     Used for the experiment report: FID / IS / accuracy against epochs per run, and the sweeps.
     """
@@ -103,9 +104,18 @@ def plot_series(
         ax.axis("off")
     for ax, (name, series) in zip(axes.flat, panels.items(), strict=False):
         for label, pts in series.items():
-            pts = [(x, y) for x, y in pts if y is not None]
+            pts = [p for p in pts if p[1] is not None]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+                (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+                if all(len(p) == 4 for p in pts) and any(p[2] != p[3] for p in pts):  # min..max band
+                    ax.fill_between(
+                        [p[0] for p in pts],
+                        [p[2] for p in pts],
+                        [p[3] for p in pts],
+                        color=line.get_color(),
+                        alpha=0.2,
+                        linewidth=0,
+                    )
         ax.set_xlabel(xlabel)
         ax.set_title(name)
         if logx:

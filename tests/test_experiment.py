@@ -32,6 +32,8 @@ def _table(report: str) -> list[list[str]]:
     for line in rows:
         if line.startswith("| run |"):
             break
+        if line.startswith("| *"):  # the tokenizer-ceiling and real-data rows: not runs
+            continue
         body.append([c.strip() for c in line.strip("|").split("|")])
     return body
 
@@ -153,6 +155,13 @@ def _with(**changes):
         ({"eval": {"samples": 2}}, "samples must be > 3"),
         ({"eval": {"reference": "test"}}, "reference is a split"),
         ({"colour": "blue"}, "unknown key\\(s\\) \\['colour'\\]"),
+        ({"seeds": [0, 0]}, "repeat a seed"),
+        ({"seeds": [1, -1]}, "whole numbers >= 0"),
+        ({"claims": [{"run": "nope", "speedup": 2.0}]}, "run = 'nope' is not one of the runs"),
+        ({"claims": [{"run": "ctf", "speedup": 0.0}]}, "speedup must be a number > 0"),
+        ({"eval": {"every_steps": 5, "every_epochs": 1.0}}, "one of every_epochs or every_steps"),
+        ({"eval": {"extractor": "clip"}}, "choose classifier"),
+        ({"eval": {"extractor": "inception"}}, "needs inception = PATH"),
     ],
 )
 def test_bad_specs_are_refused_before_any_work(changes, message):
@@ -188,3 +197,58 @@ def test_readme_spec_example_is_a_valid_spec():
     spec = parse_spec(tomllib.loads(block), "README.md")
     assert [r.method for r in spec.runs] == ["baseline", "iar", "ctf"]
     assert spec.runs[2].refiner == {"model": "cpu-m"} and spec.sweeps[0].values == [1.0, 1.5, 3.0]
+
+
+def test_two_seeds_on_a_labelled_colour_folder(tmp_path, monkeypatch, shapes):
+    """A user's own labelled folder, scored without downloaded weights (the folder's classifier), every run
+    repeated with 2 seeds and evaluated every few steps: the report aggregates the seeds point by point,
+    states the rule, checks the claim per seed and adds the tokenizer's ceiling."""
+    monkeypatch.setenv("CLUSTERAR_CACHE", str(tmp_path / "cache"))
+    folder = shapes.write(tmp_path / "shapes", n_train=16, n_val=4)
+    d = {
+        "name": "two-seeds",
+        "data": f"folder:{folder}",
+        "image_size": 32,
+        "seeds": [0, 1],
+        "device": "cpu",
+        "tokenizer": {"preset": "tiny", "steps": 12, "warmup": 2, "restart_every": 6, "batch_size": 16},
+        "clusters": {"b": {"method": "balanced", "n": 16}},
+        "train": {"model": "tiny", "epochs": 2, "batch_size": 16, "lr": 1e-3, "log_every": 2},
+        "eval": {"every_steps": 2, "samples": 12, "batch_size": 12},
+        "runs": [{"name": "base", "method": "baseline"}, {"name": "iar", "method": "iar", "clusters": "b"}],
+        "claims": [{"run": "iar", "speedup": 2.0, "text": "IAR needs half the epochs"}],
+    }
+    spec = parse_spec(d, "two-seeds.toml")
+    report = run_experiment(spec, tmp_path / "exp", progress=False).read_text()
+    data = json.loads((tmp_path / "exp" / "report.json").read_text())
+    assert data["seeds"] == [0, 1]
+    # 48 train images (one random view of each per epoch), batch 16: 3 steps per epoch, a point every 2
+    steps = {n: [c["step"] for c in cs] for n, cs in data["curves"].items()}
+    assert steps == {"base": [2, 4, 6], "iar": [2, 4, 6]}
+    for name, by_seed in data["curves_per_seed"].items():
+        assert sorted(by_seed) == ["0", "1"]
+        for i, point in enumerate(data["curves"][name]):
+            fids = [by_seed[s][i]["fid"] for s in ("0", "1")]
+            assert point["fid_all"] == fids and point["fid"] == pytest.approx(sum(fids) / 2)
+            assert (point["fid_min"], point["fid_max"]) == (min(fids), max(fids))
+            assert point["fid_std"] == pytest.approx(abs(fids[0] - fids[1]) / math.sqrt(2))
+            assert point["n_seeds"] == 2 and 0 <= point["class_accuracy"] <= 1
+        # each seed trained its own model and drew its own samples
+        finals = [by_seed[s][-1] for s in ("0", "1")]
+        assert finals[0]["fid"] != finals[1]["fid"]
+        models = [tmp_path / "exp" / "runs" / name / f"seed-{s}" / "model.safetensors" for s in (0, 1)]
+        assert models[0].read_bytes() != models[1].read_bytes()
+    # the folder's own classifier scored everything; its held-out accuracy travels with every point
+    assert all(c["extractor_val_accuracy"] > 0.5 for cs in data["curves"].values() for c in cs)
+    assert f"the `folder:{folder}` classifier" in report
+    # the report: mean ± std (min..max), the rule, a verdict per metric, the claim per seed, the ceiling
+    rows = _table(report)
+    assert [r[0] for r in rows] == ["base", "iar"] and all("±" in r[5] for r in rows)
+    assert "Rule: with 2 seeds per run" in report and "probability 33%" in report
+    assert len(data["verdicts"]) == 2 and all(v["n_seeds"] == 2 for v in data["verdicts"])
+    claim = data["claims"][0]
+    assert claim["n_seeds"] == 2 and claim["verdict"] in ("holds", "does not hold", "mixed")
+    assert f"Claim: IAR needs half the epochs. **{claim['verdict'].capitalize()}**" in report
+    assert set(data["ceiling"]) == {"tokenizer", "real"} and "*tokenizer (val reconstructions)*" in report
+    assert data["convergence"]["run"] == "base"
+    assert (tmp_path / "exp" / "curves.png").is_file()

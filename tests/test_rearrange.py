@@ -56,7 +56,9 @@ def files(tok, tmp_path_factory):
     """The tokenizer saved to disk, and a real token file of the digits val split (2 views)."""
     d = tmp_path_factory.mktemp("rearrange")
     save_tokenizer(tok, d / "tok.safetensors")
-    tf = encode_dataset(tok, "digits", "val", d / "val.safetensors", image_size=32, progress=False)
+    tf = encode_dataset(
+        tok, "digits", "val", d / "val.safetensors", image_size=32, views="flip", progress=False
+    )
     return d, tf
 
 

@@ -1,0 +1,198 @@
+"""Comparing runs over seeds: mean and spread of every metric, the rule that says when a difference is
+resolved, the papers' speed-up claims checked per seed, and whether the reference run has converged.
+
+Evaluation results are dicts (one per evaluated snapshot, see experiment.Evaluator) with an `epoch` and
+metric values. A run repeated with seeds 0, 1, 2 has three such curves; `aggregate` turns them into one
+curve whose points hold, for every metric M, M (the mean over seeds), M_std (sample standard deviation,
+0 for one seed), M_min, M_max and M_all (the values per seed).
+
+The rule (`resolved`): a difference between two runs counts as resolved only when their min..max ranges
+over seeds do not overlap. With three seeds each, two runs whose results are exchangeable (no real
+difference) separate this way with probability 2 / C(6, 3) = 10%, so a resolved difference is
+evidence, not proof; with one seed nothing is resolved.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from .errors import ClusterarError
+
+# Metrics of an evaluation point; True where lower is better.
+METRICS: dict[str, bool] = {
+    "fid": True,
+    "inception_score": False,
+    "precision": False,
+    "recall": False,
+    "class_accuracy": False,
+    "val_acc_token": False,
+    "val_acc_cluster": False,
+    "val_loss": True,
+}
+# (Sampling speed is not aggregated: it measures the machine's load as much as the model; the report
+# times the final models side by side instead.)
+# Keys copied from the first seed's point (the same for every seed, or a pointer to one seed's files).
+_SHARED = ("run", "method", "epoch", "step", "grid", "n_samples", "n_reference", "extractor_val_accuracy")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """mean, std (sample, ddof 1; 0 for one value), min and max."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def aggregate(replicas: list[list[dict]], where: str) -> list[dict]:
+    """One curve from the curves of several seeds (aligned point by point; their epochs must agree)."""
+    if not replicas:
+        raise ClusterarError(f"{where}: no seeds to aggregate")
+    lengths = sorted({len(r) for r in replicas})
+    if len(lengths) != 1:
+        raise ClusterarError(
+            f"{where}: the seeds have different numbers of evaluation points ({lengths}); every seed of a run "
+            "must be trained with the same budget and evaluation settings"
+        )
+    out = []
+    for pts in zip(*replicas, strict=True):
+        epochs = sorted({round(p["epoch"], 9) for p in pts})
+        if len(epochs) != 1:
+            raise ClusterarError(f"{where}: the seeds' evaluation points are at different epochs {epochs}")
+        a: dict[str, Any] = {k: pts[0].get(k) for k in _SHARED if k in pts[0]}
+        a["n_seeds"] = len(pts)
+        a["seeds"] = [p.get("seed") for p in pts]
+        for key in METRICS:
+            values = [p.get(key) for p in pts]
+            if not all(_number(v) for v in values):
+                a[key] = None
+                continue
+            s = spread(values)
+            a[key], a[f"{key}_std"], a[f"{key}_min"], a[f"{key}_max"] = (
+                s["mean"],
+                s["std"],
+                s["min"],
+                s["max"],
+            )
+            a[f"{key}_all"] = values
+        out.append(a)
+    return out
+
+
+def values(point: dict, key: str) -> list[float] | None:
+    """The per-seed values of `key` at an aggregated point (None if the metric is missing)."""
+    if point.get(key) is None:
+        return None
+    return list(point.get(f"{key}_all", [point[key]]))
+
+
+def resolved(a: list[float], b: list[float], lower_is_better: bool) -> str:
+    """'better', 'worse' (a against b, by the range rule) or 'unresolved'."""
+    if len(a) < 2 or len(b) < 2:
+        return "unresolved"
+    if max(a) < min(b):
+        return "better" if lower_is_better else "worse"
+    if min(a) > max(b):
+        return "worse" if lower_is_better else "better"
+    return "unresolved"
+
+
+def first_epoch_reaching(curve: list[dict], fid: float) -> float | None:
+    """The first evaluated epoch at which the curve's FID is at or below `fid`."""
+    return next((c["epoch"] for c in curve if c.get("fid") is not None and c["fid"] <= fid), None)
+
+
+def speedup_to_best(reference: list[dict], run: list[dict]) -> dict[str, Any]:
+    """How soon `run` reaches the best FID of `reference` (one seed each): the reference's best FID, the
+    epoch it first got there, the epoch `run` first got there (None: never), and their ratio."""
+    best = min((c for c in reference if c.get("fid") is not None), key=lambda c: c["fid"])
+    reached = first_epoch_reaching(run, best["fid"])
+    return {
+        "target_fid": best["fid"],
+        "reference_epoch": best["epoch"],
+        "epoch": reached,
+        "speedup": best["epoch"] / reached if reached else None,
+    }
+
+
+def check_claim(
+    per_seed: dict[str, dict[str, list[dict]]], run: str, against: str, speedup: float
+) -> dict[str, Any]:
+    """A speed-up claim per seed (seeds paired: run seed s against reference seed s) and its verdict:
+    'holds' (every seed), 'does not hold' (no seed) or 'mixed'."""
+    rows = []
+    for seed, ref_curve in per_seed[against].items():
+        r = speedup_to_best(ref_curve, per_seed[run][seed])
+        r["seed"] = seed
+        r["holds"] = r["speedup"] is not None and r["speedup"] >= speedup * (1 - 1e-9)
+        rows.append(r)
+    n = sum(r["holds"] for r in rows)
+    verdict = "holds" if n == len(rows) else "does not hold" if n == 0 else "mixed"
+    reached = [r["speedup"] for r in rows if r["speedup"] is not None]
+    return {
+        "run": run,
+        "against": against,
+        "claimed": speedup,
+        "per_seed": rows,
+        "seeds_holding": n,
+        "n_seeds": len(rows),
+        "verdict": verdict,
+        "speedup_median": statistics.median(reached) if len(reached) == len(rows) else None,
+    }
+
+
+def converged(curve: list[dict], last: int = 3) -> dict[str, Any]:
+    """Has an aggregated curve stopped improving? Its mean FID over the last `last` points moves by no
+    more than the seed spread there (the mean of their min..max ranges), or its val loss is above its
+    minimum (over-fitting). With one seed there is no spread, so only the loss test can say yes."""
+    tail = [c for c in curve if c.get("fid") is not None][-last:]
+    out: dict[str, Any] = {"points": len(tail), "flat": False, "loss_rising": False}
+    if len(tail) >= 2:
+        moves = max(c["fid"] for c in tail) - min(c["fid"] for c in tail)
+        seed_range = statistics.fmean(c.get("fid_max", c["fid"]) - c.get("fid_min", c["fid"]) for c in tail)
+        out.update(fid_change=moves, seed_range=seed_range, flat=seed_range > 0 and moves <= seed_range)
+    losses = [(c["epoch"], c["val_loss"]) for c in curve if c.get("val_loss") is not None]
+    if losses:
+        best_epoch, best = min(losses, key=lambda x: x[1])
+        out.update(val_loss_min=best, val_loss_min_epoch=best_epoch, val_loss_last=losses[-1][1])
+        out["loss_rising"] = losses[-1][1] > best and best_epoch != losses[-1][0]
+    out["converged"] = out["flat"] or out["loss_rising"]
+    return out
+
+
+def fmt_spread(point: dict, key: str, nd: int = 2, pct: bool = False) -> str:
+    """'44.68' for one seed, '44.68 ± 1.42 (42.10..46.94)' for several; '-' when missing."""
+    if point.get(key) is None:
+        return "-"
+    scale, unit = (100.0, "%") if pct else (1.0, "")
+
+    def f(x: float) -> str:
+        return f"{scale * x:.{nd}f}"
+
+    if point.get("n_seeds", 1) < 2 or f"{key}_std" not in point:
+        return f(point[key]) + unit
+    return (
+        f"{f(point[key])}{unit} ± {f(point[f'{key}_std'])} "
+        f"({f(point[f'{key}_min'])}..{f(point[f'{key}_max'])})"
+    )
+
+
+__all__ = [
+    "METRICS",
+    "aggregate",
+    "check_claim",
+    "converged",
+    "first_epoch_reaching",
+    "fmt_spread",
+    "resolved",
+    "speedup_to_best",
+    "spread",
+    "values",
+]

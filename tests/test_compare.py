@@ -1,0 +1,124 @@
+"""Comparing runs over seeds: aggregation, the range rule, the speed-up claims and the convergence test,
+on hand-made curves whose answers are worked out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clusterar.compare import (
+    aggregate,
+    check_claim,
+    converged,
+    first_epoch_reaching,
+    fmt_spread,
+    resolved,
+    speedup_to_best,
+    values,
+)
+from clusterar.errors import ClusterarError
+
+
+def curve(fids: list[float], epochs: list[float] | None = None, seed: int = 0, **extra) -> list[dict]:
+    epochs = epochs or [float(i + 1) for i in range(len(fids))]
+    pts = [{"epoch": e, "fid": f, "seed": seed} for e, f in zip(epochs, fids, strict=True)]
+    for key, vals in extra.items():
+        for p, v in zip(pts, vals, strict=True):
+            p[key] = v
+    return pts
+
+
+def test_aggregate_mean_std_min_max_per_point():
+    a = curve([10.0, 8.0], seed=0, class_accuracy=[0.5, 0.6])
+    b = curve([12.0, 6.0], seed=1, class_accuracy=[0.7, 0.8])
+    c = curve([14.0, 7.0], seed=2, class_accuracy=[0.6, 0.7])
+    agg = aggregate([a, b, c], "run")
+    assert [p["epoch"] for p in agg] == [1.0, 2.0]
+    p = agg[0]
+    assert p["n_seeds"] == 3 and p["seeds"] == [0, 1, 2]
+    assert p["fid"] == pytest.approx(12.0) and p["fid_std"] == pytest.approx(2.0)  # sample std, ddof 1
+    assert (p["fid_min"], p["fid_max"], p["fid_all"]) == (10.0, 14.0, [10.0, 12.0, 14.0])
+    assert agg[1]["class_accuracy"] == pytest.approx(0.7) and agg[1]["class_accuracy_std"] == pytest.approx(
+        0.1
+    )
+    assert values(agg[1], "fid") == [8.0, 6.0, 7.0]
+    # a metric missing in one seed is missing in the aggregate, not averaged over the others
+    assert agg[0]["precision"] is None and values(agg[0], "precision") is None
+    one = aggregate([a], "run")[0]
+    assert one["fid_std"] == 0.0 and one["n_seeds"] == 1
+
+
+def test_aggregate_refuses_misaligned_seeds():
+    with pytest.raises(ClusterarError, match="different numbers of evaluation points"):
+        aggregate([curve([1.0, 2.0]), curve([1.0])], "iar")
+    with pytest.raises(ClusterarError, match="different epochs"):
+        aggregate([curve([1.0], [1.0]), curve([1.0], [2.0])], "iar")
+    with pytest.raises(ClusterarError, match="no seeds"):
+        aggregate([], "iar")
+
+
+def test_range_rule():
+    # disjoint ranges: resolved, in the metric's direction
+    assert resolved([30.0, 31.0, 32.0], [33.0, 35.0, 34.0], lower_is_better=True) == "better"
+    assert resolved([30.0, 31.0, 32.0], [33.0, 35.0, 34.0], lower_is_better=False) == "worse"
+    assert resolved([0.9, 0.8], [0.5, 0.6], lower_is_better=False) == "better"
+    # touching or overlapping ranges: unresolved, whatever the means say
+    assert resolved([30.0, 31.0, 40.0], [33.0, 35.0, 34.0], lower_is_better=True) == "unresolved"
+    assert resolved([30.0, 33.0], [33.0, 35.0], lower_is_better=True) == "unresolved"
+    # one seed resolves nothing
+    assert resolved([1.0], [100.0], lower_is_better=True) == "unresolved"
+
+
+def test_speedup_to_best_and_claims_per_seed():
+    base = curve([40.0, 30.0, 25.0, 20.0, 21.0, 20.5, 22.0, 23.0])  # best 20.0, first at epoch 4
+    fast = curve([35.0, 19.5, 18.0, 17.0, 17.0, 17.0, 17.0, 17.0])  # at or below 20 from epoch 2: 2x
+    slow = curve([38.0, 29.0, 24.0, 21.0, 20.0, 19.0, 19.0, 19.0])  # epoch 5: 0.8x
+    never = curve([45.0] * 8)
+    assert first_epoch_reaching(fast, 20.0) == 2.0 and first_epoch_reaching(never, 20.0) is None
+    r = speedup_to_best(base, fast)
+    assert (r["target_fid"], r["reference_epoch"], r["epoch"], r["speedup"]) == (20.0, 4.0, 2.0, 2.0)
+    assert speedup_to_best(base, never)["speedup"] is None
+
+    per_seed = {"baseline": {"0": base, "1": base}, "m": {"0": fast, "1": fast}}
+    c = check_claim(per_seed, "m", "baseline", 2.0)
+    assert c["verdict"] == "holds" and c["seeds_holding"] == 2 and c["speedup_median"] == 2.0
+    assert check_claim(per_seed, "m", "baseline", 3.0)["verdict"] == "does not hold"
+    per_seed["m"]["1"] = slow
+    c = check_claim(per_seed, "m", "baseline", 2.0)
+    assert c["verdict"] == "mixed" and [r["holds"] for r in c["per_seed"]] == [True, False]
+    assert c["speedup_median"] == pytest.approx((2.0 + 0.8) / 2)
+    per_seed["m"]["1"] = never
+    c = check_claim(per_seed, "m", "baseline", 2.0)
+    assert c["speedup_median"] is None and c["per_seed"][1]["epoch"] is None
+
+
+def test_converged_by_flat_fid_or_rising_loss():
+    # three seeds whose mean FID moves less over the last 3 points than their min..max ranges
+    seeds = [
+        curve([40.0, 30.0, 25.0, 24.0, 25.0], seed=0, val_loss=[5.0, 4.0, 3.5, 3.4, 3.3]),
+        curve([42.0, 31.0, 27.0, 26.0, 26.5], seed=1, val_loss=[5.0, 4.0, 3.5, 3.4, 3.3]),
+        curve([41.0, 32.0, 23.0, 24.5, 24.0], seed=2, val_loss=[5.0, 4.0, 3.5, 3.4, 3.3]),
+    ]
+    c = converged(aggregate(seeds, "b"))
+    assert c["flat"] and not c["loss_rising"] and c["converged"]
+    means = [25.0, 24.833333, 25.166667]
+    assert c["fid_change"] == pytest.approx(max(means) - min(means), abs=1e-5)
+    assert c["seed_range"] == pytest.approx((4.0 + 2.0 + 2.5) / 3)
+    # still improving faster than the spread: not converged
+    falling = [curve([40.0, 30.0, 20.0, 10.0], seed=s, val_loss=[4.0, 3.0, 2.0, 1.0]) for s in (0, 1)]
+    falling[1][-1]["fid"] = 10.5
+    assert not converged(aggregate(falling, "b"))["converged"]
+    # one seed: no spread, so only a rising val loss says yes
+    one = curve([40.0, 30.0, 30.0, 30.0], val_loss=[4.0, 3.0, 3.1, 3.2])
+    c = converged(aggregate([one], "b"))
+    assert not c["flat"] and c["loss_rising"] and c["converged"] and c["val_loss_min_epoch"] == 2.0
+
+
+def test_fmt_spread():
+    agg = aggregate([curve([10.0], seed=0), curve([14.0], seed=1)], "r")[0]
+    assert fmt_spread(agg, "fid") == f"12.00 ± {math.sqrt(8):.2f} (10.00..14.00)"
+    assert fmt_spread(aggregate([curve([10.0])], "r")[0], "fid") == "10.00"
+    assert fmt_spread(agg, "recall") == "-"
+    pct = aggregate([curve([1.0], class_accuracy=[0.5]), curve([1.0], class_accuracy=[0.7], seed=1)], "r")[0]
+    assert fmt_spread(pct, "class_accuracy", 1, pct=True) == "60.0% ± 14.1 (50.0..70.0)"
