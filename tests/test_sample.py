@@ -19,6 +19,7 @@ from clusterar.gpt import GPT, export_llamagen, get_preset, load_llamagen_gpt, s
 from clusterar.sample import (
     Pipeline,
     SampleSettings,
+    draw,
     filter_top_k,
     filter_top_p,
     generate,
@@ -216,6 +217,25 @@ def test_top_p_and_top_k_on_a_hand_made_distribution():
         SampleSettings(top_p=0.0).check()
     with pytest.raises(ClusterarError, match="temperature"):
         SampleSettings(temperature=0).check()
+
+
+def test_draw_is_exact_categorical_sampling():
+    """Inverse-CDF draws: frequencies match the (unnormalised) probabilities, zero entries never come up,
+    a seed repeats its draws, and every row draws on its own."""
+    probs = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0, 3.0]])
+    many = probs.repeat(20000, 1)
+    ids = draw(many, torch.Generator().manual_seed(0)).view(20000, 2)
+    first = torch.bincount(ids[:, 0], minlength=6).float() / 20000
+    second = torch.bincount(ids[:, 1], minlength=6).float() / 20000
+    assert first[[0, 2, 5]].sum() == 0 and second[1:5].sum() == 0
+    assert torch.allclose(first[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25]), atol=0.015)
+    assert abs(second[5].item() - 0.75) < 0.015
+    again = draw(many, torch.Generator().manual_seed(0)).view(20000, 2)
+    assert torch.equal(ids, again)
+    assert not torch.equal(ids, draw(many, torch.Generator().manual_seed(1)).view(20000, 2))
+    one_hot = torch.zeros(3, 4096)
+    one_hot[torch.arange(3), torch.tensor([0, 17, 4095])] = 1.0  # the first and last entries too
+    assert draw(one_hot, torch.Generator().manual_seed(3)).tolist() == [0, 17, 4095]
 
 
 def test_compiled_decode_step_traces_whole_and_matches():
