@@ -14,7 +14,7 @@ from clusterar.compare import (
     first_epoch_reaching,
     fmt_spread,
     resolved,
-    speedup_to_best,
+    speedup_to_level,
     values,
 )
 from clusterar.errors import ClusterarError
@@ -70,15 +70,17 @@ def test_range_rule():
     assert resolved([1.0], [100.0], lower_is_better=True) == "unresolved"
 
 
-def test_speedup_to_best_and_claims_per_seed():
-    base = curve([40.0, 30.0, 25.0, 20.0, 21.0, 20.5, 22.0, 23.0])  # best 20.0, first at epoch 4
-    fast = curve([35.0, 19.5, 18.0, 17.0, 17.0, 17.0, 17.0, 17.0])  # at or below 20 from epoch 2: 2x
-    slow = curve([38.0, 29.0, 24.0, 21.0, 20.0, 19.0, 19.0, 19.0])  # epoch 5: 0.8x
+def test_speedup_to_the_converged_level_and_claims_per_seed():
+    base = curve([40.0, 30.0, 25.0, 20.0, 21.0, 19.5, 22.0, 21.5])  # level: mean of the last 3 = 21.0
+    fast = curve([35.0, 20.5, 18.0, 17.0, 17.0, 17.0, 17.0, 17.0])  # <= 21 from epoch 2, base from 4: 2x
+    slow = curve([38.0, 29.0, 24.0, 22.0, 20.0, 19.0, 19.0, 19.0])  # epoch 5: 0.8x
     never = curve([45.0] * 8)
-    assert first_epoch_reaching(fast, 20.0) == 2.0 and first_epoch_reaching(never, 20.0) is None
-    r = speedup_to_best(base, fast)
-    assert (r["target_fid"], r["reference_epoch"], r["epoch"], r["speedup"]) == (20.0, 4.0, 2.0, 2.0)
-    assert speedup_to_best(base, never)["speedup"] is None
+    assert first_epoch_reaching(fast, 21.0) == 2.0 and first_epoch_reaching(never, 21.0) is None
+    r = speedup_to_level(base, fast)
+    assert (r["target_fid"], r["reference_epoch"], r["epoch"], r["speedup"]) == (21.0, 4.0, 2.0, 2.0)
+    # one lucky low point (19.5) is not the target: the level of the flat tail is
+    assert speedup_to_level(base, fast, tail=1)["target_fid"] == 21.5
+    assert speedup_to_level(base, never)["speedup"] is None
 
     per_seed = {"baseline": {"0": base, "1": base}, "m": {"0": fast, "1": fast}}
     c = check_claim(per_seed, "m", "baseline", 2.0)
