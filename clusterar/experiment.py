@@ -1,11 +1,14 @@
 """`clusterar experiment SPEC`: baseline, IAR and CTF trained and evaluated under identical conditions.
 
 A spec (TOML) names the data, the tokenizer, the shared training budget and the runs; every run starts
-from the same tokenizer and token files with the same seed and budget. Each run is evaluated on snapshots
-taken every `eval.every_epochs` epochs (FID, IS, precision, recall with the bundled-data classifier or
-Inception, plus val token and cluster accuracy), and sampling-time sweeps (CFG scale, temperatures,
-stage-2 top-k) run on the final models. The report holds the analogues of CTF's Tables 1-3 / Fig. 2 and
-IAR's Fig. 4c.
+from the same tokenizer and token files with the same seed and budget, or, with `seeds = [...]`, once per
+seed. Each run is evaluated on snapshots taken every `eval.every_epochs` epochs or `eval.every_steps`
+steps (FID, IS, precision, recall and the class accuracy of the samples, with the data's own classifier
+or Inception, plus val token and cluster accuracy and loss), and sampling-time sweeps (CFG scale,
+temperatures, stage-2 top-k) run on the final models. The report holds the analogues of CTF's Tables 1-3
+/ Fig. 2 and IAR's Fig. 4c, the tokenizer's ceiling, and (clusterar.compare) the mean and spread over
+seeds with verdicts by a stated rule, the papers' speed-up claims checked per seed, and whether the
+baseline has converged.
 
 Everything is resumable: each stage writes its result atomically and is skipped when the result exists
 and was produced with the same settings; a changed setting is an error naming the stage, never a silent
@@ -94,8 +97,8 @@ class SweepSpec:
 
 @dataclass
 class ClaimSpec:
-    """A paper's speed-up claim, checked per seed: `run` reaches the best FID of `against` in at most
-    1/`speedup` of the epochs `against` needed for it."""
+    """A paper's speed-up claim, checked per seed: `run` reaches the converged FID of `against` (the mean
+    of its last 3 evaluations) in at most 1/`speedup` of the epochs `against` needed for it."""
 
     run: str
     speedup: float
@@ -118,6 +121,8 @@ class ExperimentSpec:
     runs: list[RunSpec] = field(default_factory=list)
     sweeps: list[SweepSpec] = field(default_factory=list)
     claims: list[ClaimSpec] = field(default_factory=list)
+    # [run, against] pairs judged (final FID, class accuracy) beside every run against the baseline
+    contrasts: list[list[str]] = field(default_factory=list)
 
 
 def spec_seeds(spec: ExperimentSpec) -> list[int]:
@@ -337,6 +342,16 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         raise ClusterarError(f"{source}: seeds must be a list of whole numbers >= 0, got {spec.seeds}")
     if len(set(spec.seeds)) != len(spec.seeds):
         raise ClusterarError(f"{source}: seeds {spec.seeds} repeat a seed; list each seed once")
+    for pair in spec.contrasts:
+        if (
+            len(pair) != 2
+            or any(not isinstance(x, str) or x not in names for x in pair)
+            or pair[0] == pair[1]
+        ):
+            raise ClusterarError(
+                f"{source}: contrasts holds [run, against] pairs of two different runs of {sorted(names)}, "
+                f"got {pair!r}"
+            )
     for c in spec.claims:
         if not c.against:
             c.against = _reference_run(spec) or ""
@@ -621,22 +636,52 @@ def _train_settings(cfg: Any) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in SESSION_FIELDS}
 
 
-def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
-    """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint."""
+def _train_done(cfg: Any, run_dir: Path, what: str) -> dict | None:
+    """The stored summary of a finished training with these settings; None when it is still to do (not
+    started, interrupted, or to be extended). Changed settings are refused."""
     from .gpt import MODEL_FILE
-    from .train import CHECKPOINT, train
 
     record = run_dir / "done.json"
     settings = _train_settings(cfg)
+    if record.exists() and _extends(read_json(record, f"{what} record")["settings"], settings):
+        return None
     done = _stage_done(record, settings, what)
-    if done is not None and (run_dir / MODEL_FILE).exists():
-        print(f"train: reusing {what} ({run_dir})")
+    return done if done is not None and (run_dir / MODEL_FILE).exists() else None
+
+
+def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
+    """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint."""
+    from .train import CHECKPOINT, train
+
+    done = _train_done(cfg, run_dir, what)
+    if done is not None:
+        print(f"train: reusing {what} ({run_dir})", flush=True)
         return done
+    record = run_dir / "done.json"
+    if record.exists() and _extends(read_json(record, f"{what} record")["settings"], _train_settings(cfg)):
+        print(f"train: extending {what} to {cfg.epochs or cfg.steps} {'epochs' if cfg.epochs else 'steps'}")
     resume = (run_dir / CHECKPOINT).exists()
-    print(f"train: {'resuming' if resume else 'training'} {what} ({cfg.method}, {cfg.model}) -> {run_dir}")
+    print(
+        f"train: {'resuming' if resume else 'training'} {what} ({cfg.method}, {cfg.model}) -> {run_dir}",
+        flush=True,
+    )
     summary = train(cfg, run_dir, resume=resume, progress=progress)
-    _stage_save(record, settings, summary)
+    _stage_save(run_dir / "done.json", _train_settings(cfg), summary)
     return summary
+
+
+def _extends(saved: dict, now: dict) -> bool:
+    """Is `now` the finished run `saved` with a larger budget on a constant schedule? Then training on from
+    its checkpoint computes what a straight run to the new budget would (the trainer's extension rule, once
+    the warm-up is over), and every snapshot evaluated so far stays valid: an experiment whose baseline has
+    not converged can be given more epochs."""
+    from .train import BUDGET_FIELDS
+
+    others = {k for k in set(saved) | set(now) if k not in BUDGET_FIELDS}
+    if any(saved.get(k) != now.get(k) for k in others) or now.get("schedule") != "constant":
+        return False
+    key = "epochs" if now.get("epochs") is not None else "steps"
+    return saved.get(key) is not None and now[key] > saved[key]
 
 
 def run_dir(spec: ExperimentSpec, out: Path, run: str, seed: int) -> Path:
@@ -753,22 +798,26 @@ class Evaluator:
         ref_source = open_images(self.reference, spec.image_size, require_images=False)
         self.extractor = make_extractor(extractor, ref_source, device=self.device, progress=progress)
 
+    def _where(self, point: Point, settings: dict[str, Any]) -> tuple[dict, Path]:
+        """The settings that identify an evaluation, and its folder (named by their hash)."""
+        key = {
+            "models": {k: str(v) for k, v in point.models.items()},
+            "steps": point.steps,
+            "settings": settings,
+            "samples": self.spec.eval.samples,
+            "seed": point.seed,
+            "reference": self.reference,
+            "extractor": self.extractor.fingerprint,
+        }
+        return key, point.folder / "evals" / _key(key)
+
     def evaluate(self, point: Point, settings: dict[str, Any], what: str) -> dict:
         from .metrics import evaluate_images
         from .sample import Pipeline, SampleSettings, make_labels, sample_to_folder
         from .train import validate
 
         ev = self.spec.eval
-        key = {
-            "models": {k: str(v) for k, v in point.models.items()},
-            "steps": point.steps,
-            "settings": settings,
-            "samples": ev.samples,
-            "seed": point.seed,
-            "reference": self.reference,
-            "extractor": self.extractor.fingerprint,
-        }
-        folder = point.folder / "evals" / _key(key)
+        key, folder = self._where(point, settings)
         record = folder / "eval.json"
         done = _stage_done(record, key, what)
         if done is not None:
@@ -936,9 +985,11 @@ def stage_speed(
         "batch_size": batch_size,
         "device": spec.device,
     }
-    done = _stage_done(out / "speed.json", settings, "sampling speed")
-    if done is not None:
-        return done
+    record = out / "speed.json"
+    if record.exists():  # a measurement of the current final models: redone when they changed
+        done = read_json(record, "sampling speed record")
+        if done.get("settings") == json.loads(json.dumps(settings)):
+            return done["result"]
     device = pick_device(spec.device)
     pipes = {name: Pipeline.load(p.source, device=device) for name, p in points.items()}
     rates: dict[str, list[float]] = {name: [] for name in pipes}
@@ -1011,47 +1062,57 @@ def run_experiment(
 
     t = step(5, "evaluation")
     evaluator = Evaluator(spec, inputs, out, progress)
+    by_name = {r.name: r for r in spec.runs}
+    points = {(r.name, seed): run_points(spec, r, out, seed) for seed in seeds for r in spec.runs}
+    finals = {r.name: {seed: points[r.name, seed][-1] for seed in seeds} for r in spec.runs}
+
+    def name(run: str, seed: int) -> str:
+        return run if len(seeds) == 1 else f"{run} (seed {seed})"
+
+    curve_jobs = {
+        (run, seed): [
+            (p, sample_settings(spec, by_name[run]), f"{name(run, seed)} at epoch {p.epoch}") for p in pts
+        ]
+        for (run, seed), pts in points.items()
+    }
+    sweep_jobs = {
+        (s.param, run, seed, v): (
+            finals[run][seed],
+            sample_settings(spec, by_name[run], **{s.param: v}),
+            f"{s.param}={v} sweep of {name(run, seed)}",
+        )
+        for s in spec.sweeps
+        for run in sweep_runs(spec, s)
+        for seed in seeds
+        for v in s.values
+    }
     per_seed: dict[str, dict[str, list[dict]]] = {r.name: {} for r in spec.runs}
-    finals: dict[str, dict[int, Point]] = {r.name: {} for r in spec.runs}
     for seed in seeds:
         for run in spec.runs:
-            points = run_points(spec, run, out, seed)
-            finals[run.name][seed] = points[-1]
-            what = run.name if len(seeds) == 1 else f"{run.name} (seed {seed})"
             per_seed[run.name][str(seed)] = []
-            for p in points:
-                r = evaluator.evaluate(
-                    p, sample_settings(spec, run), f"evaluation of {what} at epoch {p.epoch}"
-                )
+            for p, settings, what in curve_jobs[run.name, seed]:
+                r = evaluator.evaluate(p, settings, f"evaluation of {what}")
                 per_seed[run.name][str(seed)].append(r)
                 print(
-                    f"  {what:<16} epoch {p.epoch:.4g}: FID {_fmt(r['fid'])}  IS {_fmt(r['inception_score'])}  "
-                    f"P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}  class acc {_pct(r['class_accuracy'])}"
+                    f"  {name(run.name, seed):<16} epoch {p.epoch:.4g}: FID {_fmt(r['fid'])}  "
+                    f"IS {_fmt(r['inception_score'])}  P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}  "
+                    f"class acc {_pct(r['class_accuracy'])}"
                 )
-    curves = {name: aggregate(list(by_seed.values()), name) for name, by_seed in per_seed.items()}
+    curves = {run: aggregate(list(by_seed.values()), run) for run, by_seed in per_seed.items()}
     timings["evaluation"] = elapsed(t)
 
     t = step(6, "sampling speed and sweeps")
-    speed = stage_speed(spec, {name: f[seeds[0]] for name, f in finals.items()}, out)
+    speed = stage_speed(spec, {run: f[seeds[0]] for run, f in finals.items()}, out)
     sweeps: dict[str, dict[str, list[dict]]] = {}
-    by_name = {r.name: r for r in spec.runs}
     for s in spec.sweeps:
         sweeps[s.param] = {}
-        for name in sweep_runs(spec, s):
+        for run in sweep_runs(spec, s):
             replicas = [
-                [
-                    evaluator.evaluate(
-                        finals[name][seed],
-                        sample_settings(spec, by_name[name], **{s.param: v}),
-                        f"{s.param}={v} sweep of {name}" + (f" (seed {seed})" if len(seeds) > 1 else ""),
-                    )
-                    for v in s.values
-                ]
-                for seed in seeds
+                [evaluator.evaluate(*sweep_jobs[s.param, run, seed, v]) for v in s.values] for seed in seeds
             ]
-            sweeps[s.param][name] = [
+            sweeps[s.param][run] = [
                 a | {"value": v}
-                for a, v in zip(aggregate(replicas, f"sweep {s.param} of {name}"), s.values, strict=True)
+                for a, v in zip(aggregate(replicas, f"sweep {s.param} of {run}"), s.values, strict=True)
             ]
     timings["speed_and_sweeps"] = elapsed(t)
 
@@ -1178,25 +1239,23 @@ def _is_spread_key(k: str) -> bool:
 
 
 def verdicts(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> list[dict]:
-    """Every run against the baseline on final FID and class accuracy, by the rule of clusterar.compare:
-    'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
+    """Every run against the baseline, and every pair of `contrasts`, on final FID and class accuracy by the
+    rule of clusterar.compare: 'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
     from .compare import METRICS, resolved, values
 
     base = _reference_run(spec)
+    pairs = [(r.name, base) for r in spec.runs if base is not None and r.name != base]
+    pairs += [(a, b) for a, b in spec.contrasts if (a, b) not in pairs]
     out = []
-    if base is None:
-        return out
-    for run in spec.runs:
-        if run.name == base:
-            continue
+    for run, against in pairs:
         for key in ("fid", "class_accuracy"):
-            a, b = values(curves[run.name][-1], key), values(curves[base][-1], key)
+            a, b = values(curves[run][-1], key), values(curves[against][-1], key)
             if a is None or b is None:
                 continue
             out.append(
                 {
-                    "run": run.name,
-                    "against": base,
+                    "run": run,
+                    "against": against,
                     "metric": key,
                     "verdict": resolved(a, b, METRICS[key]),
                     "run_range": [min(a), max(a)],
@@ -1563,13 +1622,14 @@ def _verdict_lines(data: dict) -> list[str]:
     for c in data.get("claims", []):
         ups = ", ".join(f"{r['speedup']:.2g}x" if r["speedup"] else "not reached" for r in c["per_seed"])
         targets = ", ".join(
-            f"{r['target_fid']:.2f} at epoch {_ep(r['reference_epoch'])}" for r in c["per_seed"]
+            f"{r['target_fid']:.2f}, reached at epoch {_ep(r['reference_epoch'])}" for r in c["per_seed"]
         )
         name = c["text"] or f"{c['run']} needs at most 1/{c['claimed']:g} of {c['against']}'s epochs"
         lines.append(
             f"- Claim: {name}. **{c['verdict'].capitalize()}** ({c['seeds_holding']} of {c['n_seeds']} seeds): "
-            f"{c['run']} reaches {c['against']}'s best FID ({targets}) {ups} sooner than {c['against']}; the "
-            f"claim needs {c['claimed']:g}x."
+            f"the target is {c['against']}'s converged FID, the mean of its last 3 evaluations ({targets}, per "
+            f"seed); {c['against']}'s epochs to reach it divided by {c['run']}'s are {ups}; the claim needs "
+            f"{c['claimed']:g}x."
         )
     conv = data.get("convergence")
     if conv:

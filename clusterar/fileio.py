@@ -67,7 +67,7 @@ def kill_point(name: str) -> None:
     - encode.cleanup   `encode`, with the token file written, between removing the two partial files
     - sample.batch     `sample`, after a batch's images and part file are written
     - sample.finish    `sample`, with sample.json written, before the parts are removed
-    - experiment.stage `experiment`, at the start of each of its 7 stages (N = 2: the tokenizer is done)
+    - experiment.stage `experiment`, at the start of each of its 8 stages (N = 2: the tokenizer is done)
     """
     global _kill_calls
     if _KILL_AT is None or name != _KILL_AT[0]:

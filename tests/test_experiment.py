@@ -8,6 +8,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from clusterar.cli import main
 from clusterar.errors import ClusterarError
@@ -98,7 +99,7 @@ def test_rerun_reuses_every_stage_and_refuses_changed_training(quick, capsys, mo
 
     spec = load_spec("quick")
     spec.device = "cpu"
-    spec.train["epochs"] = 3
+    spec.train["lr"] = 2e-3  # a longer budget on a constant schedule extends; other changes are refused
     with pytest.raises(ClusterarError, match="other settings"):
         run_experiment(spec, quick, progress=False)
 
@@ -156,6 +157,8 @@ def _with(**changes):
         ({"eval": {"reference": "test"}}, "reference is a split"),
         ({"colour": "blue"}, "unknown key\\(s\\) \\['colour'\\]"),
         ({"seeds": [0, 0]}, "repeat a seed"),
+        ({"contrasts": [["ctf", "nope"]]}, "contrasts holds \\[run, against\\] pairs"),
+        ({"contrasts": [["ctf", "ctf"]]}, "two different runs"),
         ({"seeds": [1, -1]}, "whole numbers >= 0"),
         ({"claims": [{"run": "nope", "speedup": 2.0}]}, "run = 'nope' is not one of the runs"),
         ({"claims": [{"run": "ctf", "speedup": 0.0}]}, "speedup must be a number > 0"),
@@ -180,8 +183,8 @@ def test_cli_check_and_bad_file(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "broken.toml")]) == 2
     assert "not valid TOML" in capsys.readouterr().err
     assert main(["experiment", "no-such-spec"]) == 2
-    assert "shipped specs: ablations, demo, quick" in capsys.readouterr().err
-    for name in ("ablations", "demo", "quick"):  # every shipped spec validates
+    assert "shipped specs: ablations, claims, demo, quick" in capsys.readouterr().err
+    for name in ("ablations", "claims", "demo", "quick"):  # every shipped spec validates
         assert main(["experiment", name, "--check"]) == 0
         assert "valid" in capsys.readouterr().out
 
@@ -195,7 +198,10 @@ def test_readme_spec_example_is_a_valid_spec():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
     spec = parse_spec(tomllib.loads(block), "README.md")
-    assert [r.method for r in spec.runs] == ["baseline", "iar", "ctf"]
+    assert [r.method for r in spec.runs] == ["baseline", "iar", "ctf", "iar"]
+    assert (
+        spec.seeds == [0, 1, 2] and spec.contrasts == [["iar-random", "iar"]] and spec.claims[0].speedup == 2
+    )
     assert spec.runs[2].refiner == {"model": "cpu-m"} and spec.sweeps[0].values == [1.0, 1.5, 3.0]
 
 
@@ -252,3 +258,41 @@ def test_two_seeds_on_a_labelled_colour_folder(tmp_path, monkeypatch, shapes):
     assert set(data["ceiling"]) == {"tokenizer", "real"} and "*tokenizer (val reconstructions)*" in report
     assert data["convergence"]["run"] == "base"
     assert (tmp_path / "exp" / "curves.png").is_file()
+
+
+def test_constant_schedule_runs_extend_and_equal_a_straight_run(quick, tmp_path, monkeypatch, capsys):
+    """More epochs for a finished experiment on a constant schedule: every run trains on from its checkpoint
+    (not from scratch), the evaluations made so far are reused, and the models equal a straight run's."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("CLUSTERAR_CACHE", str(quick.parent / "cache"))
+    d = {
+        "name": "extend",
+        "data": "digits",
+        "device": "cpu",
+        "tokenizer": {"path": str(quick / "tokenizer")},
+        "clusters": {"k": {"method": "kmeans", "n": 16}},
+        "train": {"model": "tiny", "epochs": 1, "batch_size": 128, "schedule": "constant", "warmup": 2},
+        "eval": {"every_epochs": 1.0, "samples": 20, "batch_size": 20},
+        "runs": [{"name": "base", "method": "baseline"}, {"name": "ctf", "method": "ctf", "clusters": "k"}],
+    }
+    run_experiment(parse_spec(d, "extend.toml"), tmp_path / "a", progress=False)
+    first = {p: p.read_bytes() for p in (tmp_path / "a").rglob("eval.json")}
+    d["train"]["epochs"] = 2
+    capsys.readouterr()
+    run_experiment(parse_spec(d, "extend.toml"), tmp_path / "a", progress=False)
+    log = capsys.readouterr().out
+    assert log.count("train: extending") == 3 and "train: training" not in log  # baseline, coarse, refiner
+    assert all(p.read_bytes() == b for p, b in first.items())  # epoch-1 evaluations reused as they were
+    data = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [c["epoch"] for c in data["curves"]["base"]] == [1.0, 2.0]
+    run_experiment(parse_spec(d, "extend.toml"), tmp_path / "b", progress=False)  # straight to 2 epochs
+    for model in ("runs/base/model.safetensors", "runs/ctf/coarse/model.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / model)), load_file(str(tmp_path / "b" / model))
+        assert all(torch.equal(a[k], b[k]) for k in a), model
+    # a cosine schedule would change under a longer budget: refused, as any other changed setting
+    d["train"] |= {"schedule": "cosine", "epochs": 1}
+    run_experiment(parse_spec(d, "extend.toml"), tmp_path / "c", progress=False)
+    d["train"]["epochs"] = 2
+    with pytest.raises(ClusterarError, match="other settings"):
+        run_experiment(parse_spec(d, "extend.toml"), tmp_path / "c", progress=False)
