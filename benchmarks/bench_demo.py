@@ -1,0 +1,147 @@
+"""The demo's budget against what its samples show: wall time vs class accuracy vs FID, per setting.
+
+    python benchmarks/bench_demo.py [--variants NAME,NAME...] [--out runs/bench-demo] [--no-write]
+
+The shipped `demo` spec runs first, from an empty folder, exactly as `clusterar demo` does (its wall time
+is the demo's). Every other variant is the demo spec with a few settings changed, run as an experiment
+of its own on the demo's tokenizer (so the variants differ only in what follows the tokenizer; a variant
+of the tokenizer trains its own); its estimated demo time is the demo's tokenizer time plus the
+variant's own wall time. Each variant reports
+the final models' FID and class accuracy per method (500 class-balanced samples against the 500 MNIST val
+images, MNIST-classifier features), so that the demo's settings can be chosen by measurement.
+
+Every variant is one run of one seed, and the machine's other jobs slow all of them: compare minutes as
+ratios measured in one invocation, and treat FID differences of a couple of points as noise (see the
+seed spread measured by `clusterar experiment claims`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._results import write_section  # noqa: E402
+from clusterar.experiment import SPECS_DIR, parse_spec, run_experiment, tomllib  # noqa: E402
+
+# name -> (what changes, overrides as "table.key" -> value on the shipped demo spec)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "demo": ("the shipped `demo` spec", {}),
+    "epochs+1": ("one epoch more", {"train.epochs": "+1"}),
+    "every-epoch": ("evaluations after every epoch", {"eval.every_epochs": 1}),
+    "tokenizer-400": ("tokenizer trained 400 steps (its own)", {"tokenizer.steps": 400}),
+}
+
+
+def apply(spec: dict, overrides: dict) -> dict:
+    d = copy.deepcopy(spec)
+    for path, value in overrides.items():
+        table, key = path.split(".")
+        if isinstance(value, str) and value.startswith("+"):
+            value = d[table][key] + int(value[1:])
+        d[table][key] = value
+    return d
+
+
+def finals(out: Path) -> dict:
+    """Final FID and class accuracy per run, and the wall time of the experiment's first invocation."""
+    report = json.loads((out / "report.json").read_text())
+    first = json.loads((out / "timings.jsonl").read_text().splitlines()[0])
+    runs = {name: cs[-1] for name, cs in report["curves"].items()}
+    return {
+        "runs": {n: {"fid": c["fid"], "class_accuracy": c["class_accuracy"]} for n, c in runs.items()},
+        "epochs": next(iter(runs.values()))["epoch"],
+        "ceiling": report.get("ceiling", {}),
+        "timings": first,
+        "sweeps": {
+            param: {n: [(c["value"], c["fid"], c["class_accuracy"]) for c in cs] for n, cs in per_run.items()}
+            for param, per_run in report["sweeps"].items()
+        },
+    }
+
+
+def render(results: dict, base: dict) -> str:
+    """The RESULTS.md section: one row per variant, then the shipped demo's sweeps."""
+    tok_s = results["demo"]["timings"].get("tokenizer", 0.0)
+    ev = base["eval"]
+    sampling = ", ".join(f"{k} {ev[k]}" for k in ("cfg_scale", "temperature") if k in ev) or "defaults"
+    lines = [
+        "| variant | change | epochs | demo minutes | "
+        + " | ".join(f"{r} FID | {r} class acc" for r in results["demo"]["runs"])
+        + " |",
+        "|---|---|---:|---:|" + "---:|---:|" * len(results["demo"]["runs"]),
+    ]
+    for name, r in results.items():
+        t = r["timings"]["total_this_invocation"] + (0.0 if r["own_tokenizer"] else tok_s)
+        cells = " | ".join(f"{m['fid']:.2f} | {100 * m['class_accuracy']:.1f}%" for m in r["runs"].values())
+        lines.append(f"| {name} | {r['what']} | {r['epochs']:g} | {t / 60:.1f} | {cells} |")
+    ceiling = results["demo"]["ceiling"].get("tokenizer")
+    body = (
+        f"The demo spec (`clusterar/specs/demo.toml`: tokenizer cpu-32, transformer and budget as shipped, "
+        f"sampling: {sampling}) and variants of it, one seed each. *demo minutes*: the shipped demo's wall time "
+        "from an empty folder (the MNIST classifier already cached: its first training adds about 10 s); "
+        f"for a variant on the demo's tokenizer, the demo's tokenizer time ({tok_s / 60:.1f} min) plus the "
+        "variant's own wall time (token files, clusters, training, evaluations, speed, sweep, report). FID and class accuracy of the final models: 500 "
+        "class-balanced samples against the 500 MNIST val images, MNIST-classifier features.\n\n"
+        + "\n".join(lines)
+    )
+    if ceiling:
+        body += (
+            f"\n\nCeiling (the demo tokenizer's val reconstructions): FID {ceiling['fid']:.2f}, class accuracy "
+            f"{100 * ceiling['class_accuracy']:.1f}%."
+        )
+    for param, per_run in results["demo"]["sweeps"].items():
+        values = [v for v, _, _ in next(iter(per_run.values()))]
+        body += f"\n\nSweep of {param}, the shipped demo's final models (FID / class accuracy):\n\n"
+        body += "| run | " + " | ".join(f"{param} {v:g}" for v in values) + " |\n"
+        body += "|---|" + "---:|" * len(values) + "\n"
+        for run, pts in per_run.items():
+            body += f"| {run} | " + " | ".join(f"{f:.2f} / {100 * a:.1f}%" for _, f, a in pts) + " |\n"
+    return body
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names; demo always runs")
+    p.add_argument("--out", default="runs/bench-demo")
+    p.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
+    args = p.parse_args()
+    names = ["demo"] + [n for n in args.variants.split(",") if n and n != "demo"]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    base = tomllib.loads((SPECS_DIR / "demo.toml").read_text())
+    out = Path(args.out)
+    results = {}
+    for name in names:
+        what, overrides = VARIANTS[name]
+        d = apply(base, overrides)
+        d["name"] = f"demo-{name}"
+        own_tokenizer = name == "demo" or any(k.startswith("tokenizer.") for k in overrides)
+        if not own_tokenizer:
+            d["tokenizer"] = {"path": str(out / "demo" / "tokenizer")}
+        print(f"== {name}: {what}", flush=True)
+        tic = time.perf_counter()
+        run_experiment(parse_spec(d, f"bench-demo {name}"), out / name, progress=False)
+        results[name] = finals(out / name) | {
+            "what": what,
+            "wall": time.perf_counter() - tic,
+            "own_tokenizer": own_tokenizer,
+        }
+    body = render(results, base)
+    print(body)
+    if not args.no_write:
+        command = "python benchmarks/bench_demo.py" + (
+            f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""
+        )
+        write_section("demo", "The demo's budget: wall time vs class accuracy vs FID", command, body)
+    json.dump(results, open(os.path.join(out, "results.json"), "w"), indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
