@@ -201,9 +201,10 @@ def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
-    """Read a spec file; a bare name (e.g. "demo") means the spec shipped in clusterar/specs/."""
+    """Read a spec file; a bare name (e.g. "demo") means the spec shipped in clusterar/specs/, also where a
+    folder of that name exists (a run folder called `claims` must not hide the `claims` spec)."""
     p = Path(path)
-    if not p.exists() and (SPECS_DIR / f"{path}.toml").exists():
+    if (not p.exists() or p.is_dir()) and (SPECS_DIR / f"{path}.toml").exists():
         p = SPECS_DIR / f"{path}.toml"
     if not p.exists():
         shipped = ", ".join(sorted(q.stem for q in SPECS_DIR.glob("*.toml")))

@@ -189,6 +189,13 @@ def test_cli_check_and_bad_file(tmp_path, capsys):
         assert "valid" in capsys.readouterr().out
 
 
+def test_a_folder_named_like_a_shipped_spec_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "claims").mkdir()  # e.g. `--out claims` of an earlier run
+    assert load_spec("claims").name == "claims"
+    assert main(["experiment", "claims", "--check"]) == 0
+
+
 def test_readme_spec_example_is_a_valid_spec():
     """The annotated spec in the README parses and validates: the documentation cannot drift."""
     from pathlib import Path
