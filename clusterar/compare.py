@@ -164,7 +164,12 @@ def converged(curve: list[dict], last: int = TAIL) -> dict[str, Any]:
     if len(tail) >= 2:
         moves = max(c["fid"] for c in tail) - min(c["fid"] for c in tail)
         seed_range = statistics.fmean(c.get("fid_max", c["fid"]) - c.get("fid_min", c["fid"]) for c in tail)
-        out.update(fid_change=moves, seed_range=seed_range, flat=seed_range > 0 and moves <= seed_range)
+        out.update(
+            fid_change=moves,
+            seed_range=seed_range,
+            flat=seed_range > 0 and moves <= seed_range,
+            fid_tail=[c["fid"] for c in tail],
+        )
     losses = [(c["epoch"], c["val_loss"]) for c in curve if c.get("val_loss") is not None]
     if losses:
         best_epoch, best = min(losses, key=lambda x: x[1])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import statistics
 import sys
@@ -34,9 +35,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .compare import aggregate, fmt_spread
+from .compare import aggregate, fmt_spread, values
 from .errors import ClusterarError
-from .fileio import check_file, file_error, kill_point, read_json, write_json
+from .fileio import check_file, file_error, kill_point, read_json, write_json, write_text_atomic
 
 METHODS = ("baseline", "iar", "ctf")
 SAMPLE_SWEEPS = ("cfg_scale", "temperature", "temperature2", "top_k", "top_k2", "top_p")
@@ -440,6 +441,32 @@ def spec_dict(spec: ExperimentSpec) -> dict:
 
 def elapsed(t0: float) -> float:
     return round(time.perf_counter() - t0, 1)
+
+
+class InvocationClock:
+    """This invocation's wall times in OUT/timings.jsonl (one line per invocation), rewritten after every
+    stage and every trained or evaluated model, so that an invocation that was killed still counts, up to
+    its last finished piece, in the folder's total cost."""
+
+    def __init__(self, out: Path):
+        self.path, self.t0 = out / "timings.jsonl", time.perf_counter()
+        self.id = f"{time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}"
+        self.stages: dict[str, float] = {}
+
+    def tick(self, stage: str | None = None, since: float | None = None) -> None:
+        """Record `stage` as having taken the time since `since`, and the invocation's time so far."""
+        if stage is not None and since is not None:
+            self.stages[stage] = elapsed(since)
+        entry = {"date": self.id[:16], "invocation": self.id, **self.stages}
+        entry["total_this_invocation"] = elapsed(self.t0)
+        kept = [line for line in self.lines() if json.loads(line).get("invocation") != self.id]
+        write_text_atomic(self.path, "".join(line + "\n" for line in [*kept, json.dumps(entry)]))
+
+    def lines(self) -> list[str]:
+        return self.path.read_text().splitlines() if self.path.exists() else []
+
+    def history(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines()]
 
 
 # ----------------------------------------------------------------------------- shared stages
@@ -1019,7 +1046,6 @@ def run_experiment(
     spec: ExperimentSpec | str | Path, out: str | Path | None = None, progress: bool = True
 ) -> Path:
     """Run (or continue) every stage of a spec into `out` (default runs/NAME); return report.md's path."""
-    from .fileio import write_text_atomic
     from .runtime import describe_machine, pick_device
     from .sample import SampleSettings
 
@@ -1028,7 +1054,7 @@ def run_experiment(
     out = Path(out) if out is not None else Path("runs") / spec.name
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", spec_dict(spec))
-    t_all, timings = time.perf_counter(), {}
+    clock = InvocationClock(out)
 
     def step(i: int, name: str) -> float:
         print(f"[{i}/8] {name}", flush=True)
@@ -1037,13 +1063,13 @@ def run_experiment(
 
     t = step(1, "tokenizer")
     tokenizer = stage_tokenizer(spec, out, progress)
-    timings["tokenizer"] = elapsed(t)
+    clock.tick("tokenizer", t)
     t = step(2, "token files")
     tokens = stage_tokens(spec, tokenizer, out, progress)
-    timings["tokens"] = elapsed(t)
+    clock.tick("tokens", t)
     t = step(3, "clusters")
     clusters = stage_clusters(spec, tokenizer, out)
-    timings["clusters"] = elapsed(t)
+    clock.tick("clusters", t)
     inputs = Inputs(tokenizer, tokens, clusters)
 
     seeds = spec_seeds(spec)
@@ -1059,7 +1085,8 @@ def run_experiment(
                 )
                 for stage, cfg in train_configs(spec, run, inputs, seed).items()
             }
-    timings["training"] = elapsed(t)
+            clock.tick()
+    clock.tick("training", t)
 
     t = step(5, "evaluation")
     evaluator = Evaluator(spec, inputs, out, progress)
@@ -1094,13 +1121,14 @@ def run_experiment(
             for p, settings, what in curve_jobs[run.name, seed]:
                 r = evaluator.evaluate(p, settings, f"evaluation of {what}")
                 per_seed[run.name][str(seed)].append(r)
+                clock.tick()
                 print(
                     f"  {name(run.name, seed):<16} epoch {p.epoch:.4g}: FID {_fmt(r['fid'])}  "
                     f"IS {_fmt(r['inception_score'])}  P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}  "
                     f"class acc {_pct(r['class_accuracy'])}"
                 )
     curves = {run: aggregate(list(by_seed.values()), run) for run, by_seed in per_seed.items()}
-    timings["evaluation"] = elapsed(t)
+    clock.tick("evaluation", t)
 
     t = step(6, "sampling speed and sweeps")
     speed = stage_speed(spec, {run: f[seeds[0]] for run, f in finals.items()}, out)
@@ -1115,17 +1143,16 @@ def run_experiment(
                 a | {"value": v}
                 for a, v in zip(aggregate(replicas, f"sweep {s.param} of {run}"), s.values, strict=True)
             ]
-    timings["speed_and_sweeps"] = elapsed(t)
+    clock.tick("speed_and_sweeps", t)
 
     t = step(7, "tokenizer ceiling and real-data rows")
     ceiling = evaluator.ceiling(stage_reconstructions(spec, inputs, out, progress))
-    timings["ceiling"] = elapsed(t)
+    clock.tick("ceiling", t)
 
     step(8, "report")
-    timings["total_this_invocation"] = elapsed(t_all)
-    with open(out / "timings.jsonl", "a") as f:  # one line per invocation: the first is the full cost
-        f.write(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M"), **timings}) + "\n")
-    history = [json.loads(line) for line in open(out / "timings.jsonl")]
+    clock.tick()
+    history = clock.history()
+    timings = {k: v for k, v in history[-1].items() if k not in ("date", "invocation")}
     timings["all_invocations"] = round(sum(h["total_this_invocation"] for h in history), 1)
     timings["invocations"] = len(history)
     data = {
@@ -1347,8 +1374,16 @@ def plot_samples(data: dict, out: Path, per_class: int = 6) -> None:
             images, labels = f["arr_0"], f["arr_1"]
         pick = [i for c in np.unique(labels) for i in np.flatnonzero(labels == c)[:per_class]]
         grid = image_grid(torch.from_numpy(images[pick]).permute(0, 3, 1, 2), nrow=per_class)
-        panels[f"{run} (epoch {final['epoch']:g}, FID {_fmt(final['fid'])})"] = grid
+        panels[_grid_title(run, final)] = grid
     plot_image_panels(panels, out / "samples.png")
+
+
+def _grid_title(run: str, point: dict) -> str:
+    """A sample grid's caption: its grid is the first seed's, so is its FID (not the mean over seeds)."""
+    fid = values(point, "fid")
+    seeds = point.get("seeds") or [None]
+    where = f"seed {seeds[0]}, " if len(seeds) > 1 else ""
+    return f"{run} ({where}epoch {point['epoch']:g}, FID {_fmt(fid[0] if fid else None)})"
 
 
 def _int(x: int | None) -> str:
@@ -1509,15 +1544,15 @@ def render_report(data: dict, out: Path) -> str:
         cells = [fmt_spread(by_epoch[e], "fid") if e in by_epoch else "-" for e in epochs]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
     for param, per_run in data["sweeps"].items():
-        values = [c["value"] for c in next(iter(per_run.values()))] if per_run else []
+        swept = [c["value"] for c in next(iter(per_run.values()))] if per_run else []
         lines += [
             "",
             f"## Sweep: {param} (final models, FID / precision / recall / class accuracy"
             + (", means over seeds" if several else "")
             + ")",
             "",
-            "| run | " + " | ".join(str(v) for v in values) + " |",
-            "|---|" + "---:|" * len(values),
+            "| run | " + " | ".join(str(v) for v in swept) + " |",
+            "|---|" + "---:|" * len(swept),
         ]
         for run, cs in per_run.items():
             cells = [
@@ -1538,7 +1573,7 @@ def render_report(data: dict, out: Path) -> str:
         "",
     ]
     for run, cs in data["curves"].items():
-        lines += [f"**{run}** (epoch {cs[-1]['epoch']:g}, FID {_fmt(cs[-1]['fid'])})", ""]
+        lines += [f"**{_grid_title(run, cs[-1])}**", ""]
         lines += [f"![{run} samples]({cs[-1]['grid']})", ""]
     lines += [
         "## Files",
@@ -1634,29 +1669,44 @@ def _verdict_lines(data: dict) -> list[str]:
         )
     conv = data.get("convergence")
     if conv:
-        parts = []
-        if "fid_change" in conv:
-            parts.append(
-                f"its mean FID moved by {conv['fid_change']:.2f} over the last {conv['points']} evaluations, "
-                + (
-                    f"{'within' if conv['flat'] else 'more than'} the seed spread there ({conv['seed_range']:.2f})"
-                    if conv["seed_range"] > 0
-                    else "with no seed spread to compare against (one seed)"
-                )
+        lines.append(_convergence_line(conv))
+    return lines
+
+
+def _convergence_line(conv: dict) -> str:
+    """Whether the baseline has converged, the test that decides it first and the other one after it."""
+    tests = []  # (says converged?, words)
+    if "fid_change" in conv:
+        tail = ", ".join(f"{x:.2f}" for x in conv.get("fid_tail", []))
+        spread = (
+            f"{'within' if conv['flat'] else 'more than'} the seed spread there ({conv['seed_range']:.2f})"
+            if conv["seed_range"] > 0
+            else "with no seed spread to compare against (one seed)"
+        )
+        tests.append(
+            (
+                conv["flat"],
+                f"its mean FID moved by {conv['fid_change']:.2f} over the last {conv['points']} evaluations "
+                f"({tail}), {spread}",
             )
-        if "val_loss_min" in conv:
-            parts.append(
+        )
+    if "val_loss_min" in conv:
+        tests.append(
+            (
+                conv["loss_rising"],
                 f"its val loss is {'above' if conv['loss_rising'] else 'at'} its minimum "
                 f"({conv['val_loss_last']:.4f} now, {conv['val_loss_min']:.4f} at epoch "
-                f"{_ep(conv['val_loss_min_epoch'])})"
+                f"{_ep(conv['val_loss_min_epoch'])}"
+                + ("; it has begun to over-fit)" if conv["loss_rising"] else ")"),
             )
-        state = (
-            "**has converged**"
-            if conv["converged"]
-            else "**has not converged** (the comparison is of models still learning)"
         )
-        lines.append(f"- The baseline `{conv['run']}` {state}: " + "; ".join(parts) + ".")
-    return lines
+    if conv["converged"]:
+        state = "**has converged**"
+        words = [w for ok, w in tests if ok] + [f"but {w}" for ok, w in tests if not ok]
+    else:
+        state = "**has not converged** (the comparison is of models still learning)"
+        words = [w for _, w in tests]
+    return f"- The baseline `{conv['run']}` {state}: " + "; ".join(words) + "."
 
 
 def _sampling(s: dict, method: str) -> str:

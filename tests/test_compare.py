@@ -18,6 +18,7 @@ from clusterar.compare import (
     values,
 )
 from clusterar.errors import ClusterarError
+from clusterar.experiment import InvocationClock, _convergence_line
 
 
 def curve(fids: list[float], epochs: list[float] | None = None, seed: int = 0, **extra) -> list[dict]:
@@ -115,6 +116,21 @@ def test_converged_by_flat_fid_or_rising_loss():
     one = curve([40.0, 30.0, 30.0, 30.0], val_loss=[4.0, 3.0, 3.1, 3.2])
     c = converged(aggregate([one], "b"))
     assert not c["flat"] and c["loss_rising"] and c["converged"] and c["val_loss_min_epoch"] == 2.0
+    assert c["fid_tail"] == [30.0, 30.0, 30.0]
+
+
+def test_convergence_line_leads_with_the_test_that_decides():
+    # converged by the rising loss while the FID still moves more than the spread: "but" the FID part
+    seeds = [curve([40.0, 20.0, 30.0, 22.0], seed=s, val_loss=[4.0, 3.0, 3.1, 3.2]) for s in (0, 1)]
+    seeds[1][-1]["fid"] = 23.0
+    c = converged(aggregate(seeds, "b")) | {"run": "baseline"}
+    line = _convergence_line(c)
+    assert line.startswith("- The baseline `baseline` **has converged**: its val loss is above its minimum")
+    assert "; but its mean FID moved by 10.00 over the last 3 evaluations (20.00, 30.00, 22.50)" in line
+    falling = [curve([40.0, 30.0, 20.0, 10.0], seed=s, val_loss=[4.0, 3.0, 2.0, 1.0]) for s in (0, 1)]
+    falling[1][-1]["fid"] = 10.5
+    line = _convergence_line(converged(aggregate(falling, "b")) | {"run": "baseline"})
+    assert "**has not converged**" in line and "but" not in line and "at its minimum (1.0000 now" in line
 
 
 def test_fmt_spread():
@@ -124,3 +140,17 @@ def test_fmt_spread():
     assert fmt_spread(agg, "recall") == "-"
     pct = aggregate([curve([1.0], class_accuracy=[0.5]), curve([1.0], class_accuracy=[0.7], seed=1)], "r")[0]
     assert fmt_spread(pct, "class_accuracy", 1, pct=True) == "60.0% ± 14.1 (50.0..70.0)"
+
+
+def test_invocation_clock_counts_a_killed_invocation(tmp_path):
+    killed = InvocationClock(tmp_path)
+    killed.tick("tokenizer", killed.t0 - 5.0)  # its tokenizer took 5 s; then the process died
+    again = InvocationClock(tmp_path)
+    again.id += " (second)"  # two clocks started in the same second by one process
+    again.tick()
+    again.tick("training", again.t0 - 2.0)
+    history = again.history()
+    assert len(history) == 2  # one line per invocation, rewritten in place
+    assert history[0]["tokenizer"] == pytest.approx(5.0, abs=0.5) and "training" not in history[0]
+    assert history[1]["training"] == pytest.approx(2.0, abs=0.5) and "tokenizer" not in history[1]
+    assert history[0]["total_this_invocation"] >= 0.0 and history[1]["invocation"].endswith("(second)")
