@@ -32,7 +32,11 @@ from clusterar.experiment import SPECS_DIR, parse_spec, run_experiment, tomllib 
 # name -> (what changes, overrides as "table.key" -> value on the shipped demo spec)
 VARIANTS: dict[str, tuple[str, dict]] = {
     "demo": ("the shipped `demo` spec", {}),
-    "epochs+1": ("one epoch more", {"train.epochs": "+1"}),
+    "cpu-s-4": (
+        "the previous demo: transformer cpu-s, 4 epochs",
+        {"train.model": "cpu-s", "train.epochs": 4},
+    ),
+    "epochs+2": ("two epochs more", {"train.epochs": "+2"}),
     "every-epoch": ("evaluations after every epoch", {"eval.every_epochs": 1}),
     "tokenizer-400": ("tokenizer trained 400 steps (its own)", {"tokenizer.steps": 400}),
 }
@@ -121,7 +125,7 @@ def main() -> None:
     for name in names:
         what, overrides = VARIANTS[name]
         d = apply(base, overrides)
-        d["name"] = f"demo-{name}"
+        d["name"] = "demo" if name == "demo" else f"demo-{name}"
         own_tokenizer = name == "demo" or any(k.startswith("tokenizer.") for k in overrides)
         if not own_tokenizer:
             d["tokenizer"] = {"path": str(out / "demo" / "tokenizer")}
