@@ -664,37 +664,28 @@ def _train_settings(cfg: Any) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in SESSION_FIELDS}
 
 
-def _train_done(cfg: Any, run_dir: Path, what: str) -> dict | None:
-    """The stored summary of a finished training with these settings; None when it is still to do (not
-    started, interrupted, or to be extended). Changed settings are refused."""
+def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
+    """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint, a
+    finished one on a constant schedule trains on when its budget grew (`_extends`)."""
     from .gpt import MODEL_FILE
+    from .train import CHECKPOINT, train
 
     record = run_dir / "done.json"
     settings = _train_settings(cfg)
     if record.exists() and _extends(read_json(record, f"{what} record")["settings"], settings):
-        return None
-    done = _stage_done(record, settings, what)
-    return done if done is not None and (run_dir / MODEL_FILE).exists() else None
-
-
-def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
-    """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint."""
-    from .train import CHECKPOINT, train
-
-    done = _train_done(cfg, run_dir, what)
-    if done is not None:
-        print(f"train: reusing {what} ({run_dir})", flush=True)
-        return done
-    record = run_dir / "done.json"
-    if record.exists() and _extends(read_json(record, f"{what} record")["settings"], _train_settings(cfg)):
         print(f"train: extending {what} to {cfg.epochs or cfg.steps} {'epochs' if cfg.epochs else 'steps'}")
+    else:
+        done = _stage_done(record, settings, what)  # changed settings are refused here
+        if done is not None and (run_dir / MODEL_FILE).exists():
+            print(f"train: reusing {what} ({run_dir})", flush=True)
+            return done
     resume = (run_dir / CHECKPOINT).exists()
     print(
         f"train: {'resuming' if resume else 'training'} {what} ({cfg.method}, {cfg.model}) -> {run_dir}",
         flush=True,
     )
     summary = train(cfg, run_dir, resume=resume, progress=progress)
-    _stage_save(run_dir / "done.json", _train_settings(cfg), summary)
+    _stage_save(record, settings, summary)
     return summary
 
 
@@ -1097,29 +1088,14 @@ def run_experiment(
     def name(run: str, seed: int) -> str:
         return run if len(seeds) == 1 else f"{run} (seed {seed})"
 
-    curve_jobs = {
-        (run, seed): [
-            (p, sample_settings(spec, by_name[run]), f"{name(run, seed)} at epoch {p.epoch}") for p in pts
-        ]
-        for (run, seed), pts in points.items()
-    }
-    sweep_jobs = {
-        (s.param, run, seed, v): (
-            finals[run][seed],
-            sample_settings(spec, by_name[run], **{s.param: v}),
-            f"{s.param}={v} sweep of {name(run, seed)}",
-        )
-        for s in spec.sweeps
-        for run in sweep_runs(spec, s)
-        for seed in seeds
-        for v in s.values
-    }
     per_seed: dict[str, dict[str, list[dict]]] = {r.name: {} for r in spec.runs}
     for seed in seeds:
         for run in spec.runs:
             per_seed[run.name][str(seed)] = []
-            for p, settings, what in curve_jobs[run.name, seed]:
-                r = evaluator.evaluate(p, settings, f"evaluation of {what}")
+            for p in points[run.name, seed]:
+                r = evaluator.evaluate(
+                    p, sample_settings(spec, run), f"evaluation of {name(run.name, seed)} at epoch {p.epoch}"
+                )
                 per_seed[run.name][str(seed)].append(r)
                 clock.tick()
                 print(
@@ -1137,7 +1113,15 @@ def run_experiment(
         sweeps[s.param] = {}
         for run in sweep_runs(spec, s):
             replicas = [
-                [evaluator.evaluate(*sweep_jobs[s.param, run, seed, v]) for v in s.values] for seed in seeds
+                [
+                    evaluator.evaluate(
+                        finals[run][seed],
+                        sample_settings(spec, by_name[run], **{s.param: v}),
+                        f"{s.param}={v} sweep of {name(run, seed)}",
+                    )
+                    for v in s.values
+                ]
+                for seed in seeds
             ]
             sweeps[s.param][run] = [
                 a | {"value": v}
@@ -1269,7 +1253,7 @@ def _is_spread_key(k: str) -> bool:
 def verdicts(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> list[dict]:
     """Every run against the baseline, and every pair of `contrasts`, on final FID and class accuracy by the
     rule of clusterar.compare: 'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
-    from .compare import METRICS, resolved, values
+    from .compare import METRICS, resolved
 
     base = _reference_run(spec)
     pairs = [(r.name, base) for r in spec.runs if base is not None and r.name != base]
