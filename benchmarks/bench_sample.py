@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from clusterar.gpt import GPT, get_preset, param_breakdown
+from clusterar.gpt import GPT, gpt_preset, param_breakdown
 from clusterar.runtime import pick_device
 from clusterar.sample import generate, refine
 
@@ -35,7 +35,7 @@ from benchmarks._results import write_section  # noqa: E402
 def build(preset: str, device: torch.device, **kw) -> GPT:
     torch.manual_seed(0)
     with torch.device(device):
-        model = GPT(get_preset(preset, **kw))
+        model = GPT(gpt_preset(preset, **kw))
     torch.nn.init.normal_(model.output.weight, std=0.02)  # the zero-initialised head would sample uniformly
     return model.eval()
 
@@ -77,8 +77,7 @@ def millions(n: int) -> str:
 
 
 def cpu(args: argparse.Namespace) -> None:
-    from clusterar.tokenizer import VQModel
-    from clusterar.tokenizer import get_preset as vq_preset
+    from clusterar.tokenizer import VQModel, vq_preset
 
     device = torch.device("cpu")
     b, k, m = args.batch, 4096, 512
@@ -158,8 +157,7 @@ def gpu(args: argparse.Namespace) -> None:
     if args.naive:
         t_naive = timed(stage1(base, labels, args.cfg, use_cache=False), device, 1, warmup=1)
         rows.append(f"| naive (no cache, eager) | {b / t_naive:.2f} | | | | |")
-    from clusterar.tokenizer import VQModel
-    from clusterar.tokenizer import get_preset as vq_preset
+    from clusterar.tokenizer import VQModel, vq_preset
 
     with torch.device(device):
         tok = VQModel(vq_preset("vq-16")).eval()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from clusterar.clusters import CodebookClusters
-from clusterar.methods import METHODS
-from clusterar.tokenizer import VQModel, get_preset, save_tokenizer
+from clusterar.methods import TRAIN_METHODS
+from clusterar.tokenizer import VQModel, save_tokenizer, vq_preset
 from clusterar.tokens import write_token_file
 from clusterar.train import TrainConfig, train
 
@@ -46,7 +46,7 @@ def shape_of(model: str) -> tuple[int, int, int]:
 def make_data(d: Path, k: int, grid: int, classes: int, images: int, seed: int = 0) -> dict[str, str]:
     """A random tokenizer with k codes, random clusters and a random token file of `images` x 2 views."""
     torch.manual_seed(seed)
-    tok = VQModel(get_preset("tiny", codebook_size=k)).eval()
+    tok = VQModel(vq_preset("tiny", codebook_size=k)).eval()
     save_tokenizer(tok, d / "tok.safetensors")
     w = tok.quantize.embedding.weight.detach()
     CodebookClusters.fit(w, "random", k // 128, seed=seed).save(d / "iar.safetensors")
@@ -113,7 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", "--models", dest="models", nargs="+", default=None, help="GPT presets")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(TRAIN_METHODS), choices=TRAIN_METHODS)
     p.add_argument("--batch", "--batch-size", dest="batch", type=int, default=64)
     p.add_argument("--warmup", type=int, default=None, help="steps before timing (default 4 CPU, 10 CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 CPU, 30 CUDA)")

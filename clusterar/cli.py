@@ -252,14 +252,16 @@ def cmd_experiment(args: argparse.Namespace) -> None:
 
 def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
     """The options of `clusterar cluster fit`; also on `clusterar cluster` itself (its short form)."""
-    from .clusters import METHODS
+    from .clusters import CLUSTER_METHODS
 
     p.add_argument(
         "--tokenizer", required=required, help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"
     )
     how = p.add_mutually_exclusive_group(required=required)
     how.add_argument(
-        "--method", choices=METHODS, help="kmeans (CTF), balanced (IAR: K/M codes each) or random (ablation)"
+        "--method",
+        choices=CLUSTER_METHODS,
+        help="kmeans (CTF), balanced (IAR: K/M codes each) or random (ablation)",
     )
     how.add_argument(
         "--from-iar",
@@ -545,7 +547,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     if full("tokenizer"):
         from .data import DATASET_HELP
-        from .tokenizer import PRESETS
+        from .tokenizer import VQ_PRESETS
         from .tokenizer_train import TokenizerTrainConfig
 
         tr.description = "Train a LlamaGen-architecture VQ tokenizer. " + DATASET_HELP
@@ -555,7 +557,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
             skip=("device", "seed"),
             help={
                 "data": "dataset: mnist, digits or folder:PATH",
-                "preset": f"architecture preset: {', '.join(PRESETS)}",
+                "preset": f"architecture preset: {', '.join(VQ_PRESETS)}",
                 "codebook_size": "override the preset's codebook size",
                 "restart_every": "dead-code restart window in steps, 0 = off",
                 "on_error": "unreadable images: fail or skip",
@@ -704,7 +706,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     trn.add_argument("--tokens", required=True, help="train token file (clusterar encode)")
     trn.add_argument("--tokenizer", required=True, help="the tokenizer that encoded --tokens")
     if full("train"):
-        from .gpt import PRESETS as GPT_PRESETS
+        from .gpt import GPT_PRESETS
         from .train import TrainConfig
 
         _add_dataclass_args(

@@ -48,7 +48,7 @@ from .checkpoints import load_torch_file
 from .errors import ClusterarError
 from .fileio import expect_kind, file_error, fingerprint, load_tensors, save_tensors
 
-METHODS = ("kmeans", "balanced", "random")
+CLUSTER_METHODS = ("kmeans", "balanced", "random")
 FORMAT = "codebook_clusters"
 FORMAT_VERSION = 1
 _TOL = 1e-10  # strict-improvement threshold on costs of order 1: float64 noise never counts as a gain
@@ -798,8 +798,10 @@ class CodebookClusters:
     ) -> CodebookClusters:
         """Cluster `codebook` [K, D] (raw rows; normalised inside) with "kmeans" (CTF), "balanced" (IAR)
         or "random" (the ablation; balanced=True by default). Extra keywords go to the algorithm."""
-        if method not in METHODS:
-            raise ClusterarError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
+        if method not in CLUSTER_METHODS:
+            raise ClusterarError(
+                f"unknown clustering method {method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
+            )
         codebook = _check_codebook(codebook)
         if method == "kmeans":
             labels, _, objective = kmeans(codebook, n_clusters, seed=seed, **kw)

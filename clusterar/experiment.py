@@ -39,7 +39,7 @@ from .compare import aggregate, fmt_spread, values
 from .errors import ClusterarError
 from .fileio import check_file, file_error, kill_point, read_json, write_json, write_text_atomic
 
-METHODS = ("baseline", "iar", "ctf")
+RUN_METHODS = ("baseline", "iar", "ctf")
 SAMPLE_SWEEPS = ("cfg_scale", "temperature", "temperature2", "top_k", "top_k2", "top_p")
 SPECS_DIR = Path(__file__).parent / "specs"
 
@@ -197,7 +197,7 @@ def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
     spec.claims = [
         _build(ClaimSpec, c, f"{source} [[claims]] #{i + 1}") for i, c in enumerate(d.get("claims", []))
     ]
-    validate(spec, source)
+    check_spec(spec, source)
     return spec
 
 
@@ -226,13 +226,12 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     return parse_spec(d, str(p))
 
 
-def validate(spec: ExperimentSpec, source: str) -> None:
-    from .clusters import METHODS as CLUSTER_METHODS
-    from .clusters import check_n_clusters
+def check_spec(spec: ExperimentSpec, source: str) -> None:
+    from .clusters import CLUSTER_METHODS, check_n_clusters
     from .data import check_dataset_name
-    from .gpt import PRESETS as GPT_PRESETS
+    from .gpt import GPT_PRESETS
     from .sample import SampleSettings
-    from .tokenizer import PRESETS as VQ_PRESETS
+    from .tokenizer import VQ_PRESETS
     from .train import TrainConfig
 
     try:
@@ -245,7 +244,7 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         )
     if spec.tokenizer.path is None:
         try:
-            tokenizer_config(spec).validate()
+            tokenizer_config(spec).check()
         except ClusterarError as e:
             raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
     _validate_eval(spec, source)
@@ -270,8 +269,10 @@ def validate(spec: ExperimentSpec, source: str) -> None:
         if r.name in names:
             raise ClusterarError(f"{where}: two runs share this name")
         names.add(r.name)
-        if r.method not in METHODS:
-            raise ClusterarError(f"{where}: unknown method {r.method!r}; choose one of {', '.join(METHODS)}")
+        if r.method not in RUN_METHODS:
+            raise ClusterarError(
+                f"{where}: unknown method {r.method!r}; choose one of {', '.join(RUN_METHODS)}"
+            )
         if r.method in ("iar", "ctf") and r.clusters is None:
             raise ClusterarError(
                 f"{where}: method {r.method} needs `clusters = NAME` (a [clusters.NAME] table)"
@@ -496,11 +497,11 @@ def codebook_size(spec: ExperimentSpec) -> int | None:
     """K of the spec's tokenizer, known before any work: the preset's, or the given file's (None if that
     file does not exist yet)."""
     from .fileio import read_meta
-    from .tokenizer import get_preset, resolve_tokenizer_path
+    from .tokenizer import resolve_tokenizer_path, vq_preset
 
     t = spec.tokenizer
     if t.path is None:
-        return get_preset(t.preset).codebook_size
+        return vq_preset(t.preset).codebook_size
     try:
         path = resolve_tokenizer_path(t.path)
     except ClusterarError:
@@ -608,7 +609,7 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
 
 
 @dataclass
-class Inputs:
+class SharedInputs:
     """What every run shares: the tokenizer, the token files and the clusters files."""
 
     tokenizer: Path
@@ -617,11 +618,11 @@ class Inputs:
 
 
 def train_configs(
-    spec: ExperimentSpec, run: RunSpec, inputs: Inputs | None = None, seed: int | None = None
+    spec: ExperimentSpec, run: RunSpec, inputs: SharedInputs | None = None, seed: int | None = None
 ) -> dict[str, Any]:
     """The TrainConfig of each stage of `run` ({"model": cfg} or, for CTF, {"coarse": cfg, "refiner": cfg}).
 
-    Without `inputs` the paths are placeholders: `validate` builds the configs this way to check every
+    Without `inputs` the paths are placeholders: `check_spec` builds the configs this way to check every
     setting before any work starts.
     """
     from .train import TrainConfig
@@ -651,7 +652,7 @@ def train_configs(
         except TypeError as e:
             raise ClusterarError(f"run {run.name!r} ({stage}): {e}") from e
         try:
-            cfg.validate()
+            cfg.check()
         except ClusterarError as e:
             raise ClusterarError(f"run {run.name!r} ({stage}): {as_spec_keys(str(e))}") from None
         out[stage] = cfg
@@ -722,7 +723,7 @@ def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
 
 
 @dataclass
-class Point:
+class EvalPoint:
     """One evaluated model: a run at an epoch (a model file, or a CTF pipeline over two of them)."""
 
     run: str
@@ -735,7 +736,7 @@ class Point:
     seed: int = 0  # the run's training seed, also the seed its samples are drawn with
 
 
-def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list[Point]:
+def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list[EvalPoint]:
     """The models of a trained run to evaluate, in epoch order (CTF: stage-1 and stage-2 snapshots paired
     in order, with a pipeline file per pair)."""
     from .sample import write_ctf_pipeline
@@ -743,7 +744,7 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list
     base = run_dir(spec, out, run.name, seed)
     if run.method != "ctf":
         return [
-            Point(run.name, run.method, e, f, {"model": f}, {"model": n}, base, seed)
+            EvalPoint(run.name, run.method, e, f, {"model": f}, {"model": n}, base, seed)
             for e, n, f in _snapshots(base)
         ]
     coarse, refiner = _snapshots(base / "coarse"), _snapshots(base / "refiner")
@@ -758,7 +759,7 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list
         if not path.exists():
             write_ctf_pipeline(f1, f2, path)
         points.append(
-            Point(
+            EvalPoint(
                 run.name,
                 "ctf",
                 e1,
@@ -799,7 +800,7 @@ class Evaluator:
     it and a changed setting computes a new one beside it.
     """
 
-    def __init__(self, spec: ExperimentSpec, inputs: Inputs, out: Path, progress: bool = True):
+    def __init__(self, spec: ExperimentSpec, inputs: SharedInputs, out: Path, progress: bool = True):
         from .metrics import make_extractor, open_images
         from .runtime import pick_device
 
@@ -817,7 +818,7 @@ class Evaluator:
         ref_source = open_images(self.reference, spec.image_size, require_images=False)
         self.extractor = make_extractor(extractor, ref_source, device=self.device, progress=progress)
 
-    def _where(self, point: Point, settings: dict[str, Any]) -> tuple[dict, Path]:
+    def _where(self, point: EvalPoint, settings: dict[str, Any]) -> tuple[dict, Path]:
         """The settings that identify an evaluation, and its folder (named by their hash)."""
         key = {
             "models": {k: str(v) for k, v in point.models.items()},
@@ -830,10 +831,10 @@ class Evaluator:
         }
         return key, point.folder / "evals" / _key(key)
 
-    def evaluate(self, point: Point, settings: dict[str, Any], what: str) -> dict:
+    def evaluate(self, point: EvalPoint, settings: dict[str, Any], what: str) -> dict:
         from .metrics import evaluate_images
         from .sample import Pipeline, SampleSettings, make_labels, sample_to_folder
-        from .train import validate
+        from .train import validation_loss
 
         ev = self.spec.eval
         key, folder = self._where(point, settings)
@@ -865,7 +866,7 @@ class Evaluator:
             image_size=self.spec.image_size,
         )
         val = {
-            stage: validate(path, self.inputs.tokens["val"], device=self.device)
+            stage: validation_loss(path, self.inputs.tokens["val"], device=self.device)
             for stage, path in point.models.items()
         }
         result = {
@@ -919,7 +920,7 @@ class Evaluator:
 
 
 def stage_reconstructions(
-    spec: ExperimentSpec, inputs: Inputs, out: Path, progress: bool = True
+    spec: ExperimentSpec, inputs: SharedInputs, out: Path, progress: bool = True
 ) -> dict[str, Path]:
     """The images that bound every run's scores, as ADM npz files with labels (written once):
 
@@ -985,7 +986,7 @@ def _val_pick(val: dict[str, dict], key: str) -> float | None:
 
 
 def stage_speed(
-    spec: ExperimentSpec, points: dict[str, Point], out: Path, rounds: int = 3, batch_size: int = 64
+    spec: ExperimentSpec, points: dict[str, EvalPoint], out: Path, rounds: int = 3, batch_size: int = 64
 ) -> dict[str, dict]:
     """Sampling images/s (tokens and decoding) and parameters of every run's final model.
 
@@ -1061,7 +1062,7 @@ def run_experiment(
     t = step(3, "clusters")
     clusters = stage_clusters(spec, tokenizer, out)
     clock.tick("clusters", t)
-    inputs = Inputs(tokenizer, tokens, clusters)
+    inputs = SharedInputs(tokenizer, tokens, clusters)
 
     seeds = spec_seeds(spec)
     t = step(4, f"training {len(spec.runs)} runs" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else ""))

@@ -23,6 +23,7 @@ from torch import nn
 from .checkpoints import load_state_strict, load_torch_weights
 from .errors import ClusterarError
 from .fileio import atomic_path, expect_kind, load_tensors, read_meta, save_tensors
+from .runtime import num_params
 
 
 @dataclass
@@ -111,7 +112,7 @@ def _cpu(dim: int, n_layer: int, n_head: int, vocab: int = 4096) -> GPTConfig:
     )
 
 
-PRESETS: dict[str, GPTConfig] = {
+GPT_PRESETS: dict[str, GPTConfig] = {
     # LlamaGen's class-to-image models (ImageNet, VQ-16 at 256 px: 16x16 tokens; pass grid_size=24 for
     # their 384 px files).
     "GPT-B": _llamagen(768, 12, 12),
@@ -130,11 +131,11 @@ PRESETS: dict[str, GPTConfig] = {
 }
 
 
-def get_preset(name: str, **overrides) -> GPTConfig:
+def gpt_preset(name: str, **overrides) -> GPTConfig:
     """A preset with fields replaced; overriding vocab_size alone also sets input_vocab_size."""
-    if name not in PRESETS:
-        raise ClusterarError(f"unknown GPT preset '{name}'; choose one of {', '.join(PRESETS)}")
-    d = PRESETS[name].to_dict()
+    if name not in GPT_PRESETS:
+        raise ClusterarError(f"unknown GPT preset '{name}'; choose one of {', '.join(GPT_PRESETS)}")
+    d = GPT_PRESETS[name].to_dict()
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if "vocab_size" in overrides and "input_vocab_size" not in overrides:
         d["input_vocab_size"] = None
@@ -445,10 +446,6 @@ class GPT(nn.Module):
 # ----------------------------------------------------------------------------- parameter accounting
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def param_breakdown(model: GPT) -> dict[str, int]:
     """Parameters in the vocabulary-sized tables (input embedding, output head) vs the transformer body.
 
@@ -471,7 +468,7 @@ def param_breakdown(model: GPT) -> dict[str, int]:
 # ----------------------------------------------------------------------------- LlamaGen checkpoints
 
 
-def config_from_state_dict(
+def gpt_config_from_state_dict(
     state: dict[str, torch.Tensor],
     n_head: int | None = None,
     grid_size: int | None = None,
@@ -492,7 +489,7 @@ def config_from_state_dict(
     except KeyError as e:
         raise ClusterarError(f"not a LlamaGen-layout GPT state_dict: key {e} is missing") from e
     if n_head is None:
-        heads = {p.n_head for p in PRESETS.values() if p.dim == dim}
+        heads = {p.n_head for p in GPT_PRESETS.values() if p.dim == dim}
         if len(heads) != 1:
             raise ClusterarError(
                 f"cannot tell the number of attention heads of a dim={dim} model from its weights; "
@@ -532,13 +529,13 @@ def load_llamagen_gpt(
     """Load a LlamaGen GPT checkpoint (bare state_dict, {"model"}, {"module"}, {"state_dict"} or a training
     checkpoint; `ema=True` picks its EMA weights) strictly, in eval mode.
 
-    Without `config` the architecture is read off the weights (`config_from_state_dict`). The model is
+    Without `config` the architecture is read off the weights (`gpt_config_from_state_dict`). The model is
     built on the meta device first, so no time goes into random initialisation of weights about to be
     overwritten.
     """
     state = load_torch_weights(path, "ema" if ema else "model", what="LlamaGen model")
     if config is None:
-        config = config_from_state_dict(state, n_head=n_head, grid_size=grid_size, causal=causal)
+        config = gpt_config_from_state_dict(state, n_head=n_head, grid_size=grid_size, causal=causal)
     with torch.device("meta"):
         model = GPT(config)
     model = model.to_empty(device="cpu")

@@ -26,10 +26,10 @@ import torch
 
 from .clusters import CodebookClusters
 from .errors import ClusterarError
-from .gpt import GPTConfig, get_preset
+from .gpt import GPTConfig, gpt_preset
 from .losses import cluster_accuracy, iar_loss, token_accuracy, token_ce
 
-METHODS = ("baseline", "iar", "ctf-coarse", "ctf-refiner")
+TRAIN_METHODS = ("baseline", "iar", "ctf-coarse", "ctf-refiner")
 
 
 def restrict_logits(logits: torch.Tensor, coarse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,8 +55,8 @@ class Method:
     restrict_to_cluster: bool = False
 
     def __post_init__(self) -> None:
-        if self.name not in METHODS:
-            raise ClusterarError(f"unknown --method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.name not in TRAIN_METHODS:
+            raise ClusterarError(f"unknown --method {self.name!r}; choose one of {', '.join(TRAIN_METHODS)}")
         c = self.clusters
         if c is None and self.name != "baseline":
             kind = "balanced (IAR)" if self.name == "iar" else "k-means (CTF)"
@@ -127,7 +127,7 @@ class Method:
         )
         if dropout is not None:
             overrides.update(token_dropout=dropout, resid_dropout=dropout, ffn_dropout=dropout)
-        return get_preset(preset, **overrides)
+        return gpt_preset(preset, **overrides)
 
     def to(self, device: torch.device) -> Method:
         """Move the lookup tables to the training device (once, not per batch)."""

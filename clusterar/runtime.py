@@ -12,6 +12,11 @@ import torch
 from .errors import ClusterarError
 
 
+def num_params(model: torch.nn.Module) -> int:
+    """Parameters of a model (tokenizer or transformer), as the papers count them."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def pick_device(device: str = "auto") -> torch.device:
     """ "auto" means the first CUDA GPU when there is one, else the CPU."""
     if device == "auto":

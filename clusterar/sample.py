@@ -316,7 +316,7 @@ class SampleSettings:
 
 
 @dataclass
-class Tokens:
+class SampledTokens:
     """One sampled batch: `ids` in the tokenizer's (original) id space, `raw` as the model produced them
     (IAR: rearranged ids), `coarse` the CTF stage-1 cluster labels (None otherwise)."""
 
@@ -630,7 +630,7 @@ class Pipeline:
         compile: bool | str = False,
         use_cache: bool = True,
         **overrides: Any,
-    ) -> Tokens:
+    ) -> SampledTokens:
         """Token ids for class `labels`, drawn with torch.Generator(device).manual_seed(seed)."""
         s = settings or self.settings(**overrides)
         y = self._labels(labels)
@@ -656,7 +656,7 @@ class Pipeline:
                 generator=g,
                 cluster_labels=self._cluster_labels,
             )
-            return Tokens(ids=fine, raw=fine, coarse=coarse)
+            return SampledTokens(ids=fine, raw=fine, coarse=coarse)
         raw = generate(
             self.model,
             y,
@@ -667,7 +667,7 @@ class Pipeline:
             **common,
         )
         ids = self._unmap[raw] if self._unmap is not None else raw
-        return Tokens(ids=ids, raw=raw)
+        return SampledTokens(ids=ids, raw=raw)
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ class VQConfig:
         return cls(**d)
 
 
-PRESETS: dict[str, VQConfig] = {
+VQ_PRESETS: dict[str, VQConfig] = {
     # LlamaGen VQ-16: 256 px -> 16x16 tokens, 71.9M parameters.
     "vq-16": VQConfig(),
     # LlamaGen VQ-8: one level less, 256 px -> 32x32 tokens.
@@ -85,10 +85,10 @@ PRESETS: dict[str, VQConfig] = {
 }
 
 
-def get_preset(name: str, **overrides) -> VQConfig:
-    if name not in PRESETS:
-        raise ClusterarError(f"unknown tokenizer preset '{name}'; choose one of {', '.join(PRESETS)}")
-    d = PRESETS[name].to_dict()
+def vq_preset(name: str, **overrides) -> VQConfig:
+    if name not in VQ_PRESETS:
+        raise ClusterarError(f"unknown tokenizer preset '{name}'; choose one of {', '.join(VQ_PRESETS)}")
+    d = VQ_PRESETS[name].to_dict()
     d.update({k: v for k, v in overrides.items() if v is not None})
     return VQConfig.from_dict(d)
 
@@ -358,10 +358,6 @@ class VQModel(nn.Module):
         return fingerprint(self.quantize.embedding.weight)
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def vq_loss(
     x: torch.Tensor, recon: torch.Tensor, q_losses: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -372,7 +368,7 @@ def vq_loss(
     return parts
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor]) -> VQConfig:
+def vq_config_from_state_dict(state: dict[str, torch.Tensor]) -> VQConfig:
     """Infer the architecture of a LlamaGen-layout VQ state_dict from its shapes (no preset needed)."""
     try:
         ch = state["encoder.conv_in.weight"].shape[0]
@@ -426,7 +422,7 @@ def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") 
     p = resolve_tokenizer_path(path)
     if p.suffix in PT_SUFFIXES:
         state = load_torch_weights(p, what="tokenizer")
-        cfg = config_from_state_dict(state)
+        cfg = vq_config_from_state_dict(state)
     else:
         meta = read_meta(p, "tokenizer")
         expect_kind(p, meta, "clusterar.tokenizer", "tokenizer")

@@ -26,8 +26,8 @@ from .checkpoints import load_checkpoint, run_checkpoint, save_checkpoint
 from .data import ImageDataset, load_dataset, to_float, to_uint8
 from .errors import ClusterarError
 from .fileio import kill_point, write_json, write_text_atomic
-from .runtime import autocast, notice, pick_device
-from .tokenizer import TOKENIZER_FILE, VQModel, get_preset, num_params, save_tokenizer, vq_loss
+from .runtime import autocast, notice, num_params, pick_device
+from .tokenizer import TOKENIZER_FILE, VQModel, save_tokenizer, vq_loss, vq_preset
 from .viz import plot_curves, save_grid
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -55,7 +55,7 @@ class TokenizerTrainConfig:
     num_workers: int = 0
     on_error: str = "fail"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Check every setting before a file is read or written, naming the flag to fix."""
         positive = ("steps", "batch_size", "image_size", "eval_every", "ckpt_every", "log_every")
         for name in positive:
@@ -198,7 +198,7 @@ def train_tokenizer(
     `stop_at` ends this session after that many steps with a checkpoint (time-sliced jobs; tests of resume);
     the run is then finished with `resume=True`, and None is returned.
     """
-    cfg.validate()
+    cfg.check()
     out = Path(out)
     device = pick_device(cfg.device)
     ckpt = out / CHECKPOINT
@@ -209,7 +209,7 @@ def train_tokenizer(
         raise ClusterarError(
             f"--batch-size {cfg.batch_size} is larger than the train split ({len(train)} images)"
         )
-    model_cfg = get_preset(cfg.preset, codebook_size=cfg.codebook_size)
+    model_cfg = vq_preset(cfg.preset, codebook_size=cfg.codebook_size)
     if cfg.image_size % model_cfg.downsample:
         raise ClusterarError(
             f"--image-size {cfg.image_size} is not a multiple of the preset's downsampling factor {model_cfg.downsample}"

@@ -53,9 +53,9 @@ from .checkpoints import (
 from .clusters import CodebookClusters
 from .errors import ClusterarError
 from .fileio import kill_point, load_tensors, write_json
-from .gpt import GPT, MODEL_FILE, PRESETS, load_gpt, num_params, read_gpt_info, save_gpt
-from .methods import METHODS, Method
-from .runtime import autocast, notice, pick_device
+from .gpt import GPT, GPT_PRESETS, MODEL_FILE, load_gpt, read_gpt_info, save_gpt
+from .methods import TRAIN_METHODS, Method
+from .runtime import autocast, notice, num_params, pick_device
 from .tokenizer import load_tokenizer, resolve_tokenizer_path
 from .tokenizer_train import truncate_log
 from .tokens import TokenFile
@@ -105,16 +105,20 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Check every setting before any file is read, with the flag to fix in the message."""
         if not self.tokens:
             raise ClusterarError("--tokens is required: the train token file written by `clusterar encode`")
         if not self.tokenizer:
             raise ClusterarError("--tokenizer is required: the tokenizer that encoded --tokens")
-        if self.method not in METHODS:
-            raise ClusterarError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.model not in PRESETS:
-            raise ClusterarError(f"unknown --model preset {self.model!r}; choose one of {', '.join(PRESETS)}")
+        if self.method not in TRAIN_METHODS:
+            raise ClusterarError(
+                f"unknown --method {self.method!r}; choose one of {', '.join(TRAIN_METHODS)}"
+            )
+        if self.model not in GPT_PRESETS:
+            raise ClusterarError(
+                f"unknown --model preset {self.model!r}; choose one of {', '.join(GPT_PRESETS)}"
+            )
         if self.method != "baseline" and not self.clusters:
             raise ClusterarError(
                 f"--method {self.method} needs --clusters FILE (made with `clusterar cluster`; IAR: balanced, "
@@ -248,7 +252,7 @@ class _StateDict:
 
 
 @dataclass
-class TrainInputs:
+class TrainData:
     tokens: TokenFile
     tokenizer_path: Path
     tokenizer_fingerprint: str
@@ -256,7 +260,7 @@ class TrainInputs:
     method: Method
 
 
-def load_inputs(cfg: TrainConfig) -> TrainInputs:
+def load_inputs(cfg: TrainConfig) -> TrainData:
     """Open the token file, tokenizer and clusters, and check that they belong together."""
     tf = TokenFile.open(cfg.tokens)
     if tf.meta.get("permutation"):
@@ -283,7 +287,7 @@ def load_inputs(cfg: TrainConfig) -> TrainInputs:
         rearrange=cfg.rearrange,
         restrict_to_cluster=cfg.restrict_to_cluster,
     )
-    return TrainInputs(tf, tok_path, tokenizer.fingerprint(), clusters, method)
+    return TrainData(tf, tok_path, tokenizer.fingerprint(), clusters, method)
 
 
 def _normalised(cfg: TrainConfig) -> dict:
@@ -762,7 +766,7 @@ class Trainer:
 
 
 @torch.no_grad()
-def validate(
+def validation_loss(
     model_file: str | os.PathLike,
     tokens: str | os.PathLike,
     batch_size: int = 256,
@@ -819,7 +823,7 @@ def train(
     a checkpoint, for time-sliced jobs and for testing resume; `resume=True` continues a run where its
     checkpoint stopped, bit for bit. Under torchrun every process calls this; only rank 0 writes files.
     """
-    cfg.validate()
+    cfg.check()
     di, device = init_distributed(cfg.device)
     trainer, finished = None, False
     try:

@@ -30,7 +30,7 @@ from clusterar.clusters import CodebookClusters
 from clusterar.data import load_dataset, read_image
 from clusterar.gpt import export_llamagen, load_gpt
 from clusterar.sample import write_ctf_pipeline
-from clusterar.tokenizer import VQModel, get_preset, save_tokenizer
+from clusterar.tokenizer import VQModel, save_tokenizer, vq_preset
 from clusterar.tokens import TokenFile, encode_dataset, write_token_file
 from clusterar.train import TrainConfig, train
 
@@ -55,7 +55,7 @@ class Evil:
 
 def _tokenizer(seed: int) -> VQModel:
     torch.manual_seed(seed)
-    return VQModel(get_preset("tiny")).eval()
+    return VQModel(vq_preset("tiny")).eval()
 
 
 def build_files(d: Path) -> dict[str, Path]:

@@ -19,7 +19,7 @@ from clusterar.clusters import balanced_kmeans, kmeans
 from clusterar.experiment import parse_spec
 from clusterar.fileio import FILE_MODE, check_writable, save_tensors, write_json
 from clusterar.metrics import evaluate_images
-from clusterar.tokenizer import VQModel, get_preset
+from clusterar.tokenizer import VQModel, vq_preset
 from clusterar.tokenizer_train import TokenizerTrainConfig, train_tokenizer
 from clusterar.tokens import encode_dataset
 
@@ -113,7 +113,7 @@ def test_library_checks_come_before_any_file(tmp_path):
             fn(x, 4, n_init=0)
     with pytest.raises(ClusterarError, match="--batch-size"):
         evaluate_images(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "digits:val", batch_size=0)
-    tok = VQModel(get_preset("tiny"))
+    tok = VQModel(vq_preset("tiny"))
     for bad in (dict(batch_size=0), dict(batch_size=-4), dict(num_workers=-1)):
         with pytest.raises(ClusterarError, match="--batch-size"):
             encode_dataset(tok, "digits", "val", tmp_path / "tokens" / "val.safetensors", 16, **bad)

@@ -10,7 +10,7 @@ import torch
 
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters, remap_tokens
-from clusterar.tokenizer import VQModel, get_preset, load_tokenizer, save_tokenizer
+from clusterar.tokenizer import VQModel, load_tokenizer, save_tokenizer, vq_preset
 from clusterar.tokens import TokenFile, encode_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,7 +22,7 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("cluster-cli")
     for seed, name in ((0, "tok.safetensors"), (1, "other.safetensors")):
         torch.manual_seed(seed)
-        save_tokenizer(VQModel(get_preset("tiny")), d / name)
+        save_tokenizer(VQModel(vq_preset("tiny")), d / name)
     torch.set_num_threads(1)
     args = ["cluster", "fit", "--tokenizer", str(d / "tok.safetensors"), "--method", "balanced"]
     assert main([*args, "--clusters", "64", "--out", str(d / "balanced.safetensors"), "--threads", "1"]) == 0

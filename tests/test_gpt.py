@@ -13,17 +13,17 @@ import torch
 from clusterar import ClusterarError
 from clusterar.gpt import (
     GPT,
-    PRESETS,
+    GPT_PRESETS,
     GPTConfig,
     apply_rope,
-    config_from_state_dict,
-    get_preset,
+    gpt_config_from_state_dict,
+    gpt_preset,
     load_llamagen_gpt,
-    num_params,
     param_breakdown,
     rope_table,
 )
 from clusterar.losses import token_ce
+from clusterar.runtime import num_params
 
 SPEC_DICTS = Path(__file__).resolve().parents[2] / "shared" / "llamagen-state-dicts.txt"
 
@@ -44,7 +44,7 @@ def tiny(**kw) -> GPTConfig:
         vocab_size=64, grid_size=4, class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0
     )
     base.update(kw)
-    return get_preset("tiny", **base)
+    return gpt_preset("tiny", **base)
 
 
 def random_model(cfg: GPTConfig, seed: int = 0) -> GPT:
@@ -68,7 +68,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("name", list(SPEC_PARAMS))
 def test_llamagen_param_counts(name):
-    model = meta_model(get_preset(name))
+    model = meta_model(gpt_preset(name))
     params, hidden = SPEC_PARAMS[name]
     assert num_params(model) == params
     assert model.config.ffn_hidden == hidden
@@ -88,9 +88,9 @@ def test_reference_file_configs():
     )
     checked = 0
     for name, block, dim, n_layer, n_head, head_dim, ffn, params, f0, f1 in rows:
-        if name not in PRESETS:
+        if name not in GPT_PRESETS:
             continue
-        cfg = get_preset(name, grid_size=math.isqrt(int(block)))
+        cfg = gpt_preset(name, grid_size=math.isqrt(int(block)))
         assert (cfg.dim, cfg.n_layer, cfg.n_head) == (int(dim), int(n_layer), int(n_head))
         assert (cfg.head_dim, cfg.ffn_hidden) == (int(head_dim), int(ffn))
         model = meta_model(cfg)
@@ -110,7 +110,7 @@ def test_gpt_b_state_dict_matches_llamagen():
         if m:
             ref[m.group(1)] = tuple(int(s) for s in m.group(2).split(",") if s.strip())
     n_keys = int(re.search(r"num keys (\d+)", text).group(1))
-    sd = meta_model(get_preset("GPT-B")).state_dict()
+    sd = meta_model(gpt_preset("GPT-B")).state_dict()
     assert len(sd) == n_keys == 88
     assert all(v.dtype == torch.float32 for v in sd.values())
     for key, shape in ref.items():  # the file lists layer 0 and the non-layer keys
@@ -124,31 +124,31 @@ def test_gpt_b_state_dict_matches_llamagen():
 
 def test_init_and_buffers():
     torch.manual_seed(0)
-    model = GPT(get_preset("cpu-s"))
+    model = GPT(gpt_preset("cpu-s"))
     assert torch.all(model.output.weight == 0)
     assert abs(model.tok_embeddings.weight.std().item() - 0.02) < 1e-3
     assert model.cls_embedding.embedding_table.weight.shape == (11, 128)
     assert torch.all(model.norm.weight == 1)
     assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Linear))
     model.setup_cache(2)
-    assert set(model.state_dict()) == set(GPT(get_preset("cpu-s")).state_dict())  # caches not saved
+    assert set(model.state_dict()) == set(GPT(gpt_preset("cpu-s")).state_dict())  # caches not saved
 
 
 def test_presets_and_config():
-    cfg = get_preset("GPT-L", vocab_size=512)  # CTF stage 1: coarse labels in and out
+    cfg = gpt_preset("GPT-L", vocab_size=512)  # CTF stage 1: coarse labels in and out
     assert cfg.vocab_size == cfg.input_vocab_size == 512
-    cfg = get_preset("GPT-L", input_vocab_size=512, causal=False)  # CTF stage 2
+    cfg = gpt_preset("GPT-L", input_vocab_size=512, causal=False)  # CTF stage 2
     assert (cfg.input_vocab_size, cfg.vocab_size, cfg.causal) == (512, 16384, False)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ClusterarError, match="unknown GPT preset"):
-        get_preset("GPT-Z")
+        gpt_preset("GPT-Z")
     with pytest.raises(ClusterarError, match="unknown GPT config fields"):
         GPTConfig.from_dict({"dims": 3})
     with pytest.raises(ClusterarError, match="divisible"):
         GPTConfig(dim=100, n_head=3)
     # CTF stage 1 needs 2 * (K - M) * dim fewer parameters than the baseline.
-    base = param_breakdown(meta_model(get_preset("GPT-B")))
-    coarse = param_breakdown(meta_model(get_preset("GPT-B", vocab_size=512)))
+    base = param_breakdown(meta_model(gpt_preset("GPT-B")))
+    coarse = param_breakdown(meta_model(gpt_preset("GPT-B", vocab_size=512)))
     assert base["body"] == coarse["body"]
     assert base["total"] - coarse["total"] == 2 * (16384 - 512) * 768
 
@@ -189,7 +189,7 @@ def test_rope_rotates_adjacent_pairs():
 
 
 def test_zero_head_gives_uniform_first_loss():
-    cfg = get_preset("tiny")
+    cfg = gpt_preset("tiny")
     torch.manual_seed(0)
     model = GPT(cfg).train()
     idx = torch.randint(0, cfg.vocab_size, (3, cfg.seq_len))
@@ -343,9 +343,9 @@ def test_llamagen_checkpoint_mismatch(tmp_path):
 
 
 def test_config_from_state_dict_llamagen_shapes():
-    sd = meta_model(get_preset("GPT-3B")).state_dict()
-    cfg = config_from_state_dict(sd, grid_size=24)
-    ref = get_preset("GPT-3B", grid_size=24)
+    sd = meta_model(gpt_preset("GPT-3B")).state_dict()
+    cfg = gpt_config_from_state_dict(sd, grid_size=24)
+    ref = gpt_preset("GPT-3B", grid_size=24)
     assert (cfg.dim, cfg.n_layer, cfg.n_head, cfg.ffn_hidden, cfg.num_classes) == (
         ref.dim,
         ref.n_layer,
@@ -354,14 +354,14 @@ def test_config_from_state_dict_llamagen_shapes():
         ref.num_classes,
     )
     with pytest.raises(ClusterarError, match="pass n_head"):
-        config_from_state_dict(meta_model(get_preset("tiny", dim=96, n_head=3)).state_dict())
+        gpt_config_from_state_dict(meta_model(gpt_preset("tiny", dim=96, n_head=3)).state_dict())
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def test_tiny_model_overfits_fixed_batch():
-    cfg = get_preset("tiny", class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
+    cfg = gpt_preset("tiny", class_dropout=0.0, token_dropout=0.0, resid_dropout=0.0, ffn_dropout=0.0)
     torch.manual_seed(0)
     model = GPT(cfg).train()
     idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len))

@@ -14,8 +14,7 @@ from clusterar import ClusterarError
 from clusterar.cluster_inspect import ROWS, inspect_clusters, swap_experiment, swap_tokens
 from clusterar.clusters import CodebookClusters, permute_rows, remap_tokens, unmap_tokens
 from clusterar.data import to_float
-from clusterar.gpt import GPT
-from clusterar.gpt import get_preset as gpt_preset
+from clusterar.gpt import GPT, gpt_preset
 from clusterar.losses import cluster_logits, cluster_logits_contiguous
 from clusterar.rearrange import (
     export_iar_mapping,
@@ -24,7 +23,7 @@ from clusterar.rearrange import (
     rearrange_tokenizer_file,
     rearranged_tokenizer,
 )
-from clusterar.tokenizer import VQModel, get_preset, load_tokenizer, save_tokenizer
+from clusterar.tokenizer import VQModel, load_tokenizer, save_tokenizer, vq_preset
 from clusterar.tokens import encode_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make_tokenizer(seed: int) -> VQModel:
     """The "tiny" preset (512 codes, 32x32 images -> 8x8 tokens) with random weights."""
     torch.manual_seed(seed)
-    return VQModel(get_preset("tiny")).eval()
+    return VQModel(vq_preset("tiny")).eval()
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters, unmap_tokens
 from clusterar.data import to_uint8
-from clusterar.gpt import GPT, export_llamagen, get_preset, load_llamagen_gpt, save_gpt
+from clusterar.gpt import GPT, export_llamagen, gpt_preset, load_llamagen_gpt, save_gpt
 from clusterar.sample import (
     Pipeline,
     SampleSettings,
@@ -29,8 +29,7 @@ from clusterar.sample import (
     sample_to_folder,
     write_ctf_pipeline,
 )
-from clusterar.tokenizer import VQModel, save_tokenizer
-from clusterar.tokenizer import get_preset as vq_preset
+from clusterar.tokenizer import VQModel, save_tokenizer, vq_preset
 
 K, M, CLASSES = 512, 16, 10  # tiny tokenizer codes, clusters, classes
 
@@ -41,7 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def random_gpt(seed: int = 0, **kw) -> GPT:
     """A tiny GPT with a non-zero head (a fresh one predicts uniform logits, which hides every bug)."""
     torch.manual_seed(seed)
-    model = GPT(get_preset("tiny", **kw))
+    model = GPT(gpt_preset("tiny", **kw))
     torch.nn.init.normal_(model.output.weight, std=0.5)
     return model.eval()
 

@@ -12,14 +12,14 @@ import torch
 
 from clusterar import ClusterarError
 from clusterar.checkpoints import load_checkpoint, load_state_strict, load_torch_weights
+from clusterar.runtime import num_params
 from clusterar.tokenizer import (
     VQConfig,
     VQModel,
-    config_from_state_dict,
-    get_preset,
     load_tokenizer,
-    num_params,
     save_tokenizer,
+    vq_config_from_state_dict,
+    vq_preset,
 )
 
 SPEC_DICTS = Path(__file__).resolve().parents[2] / "shared" / "llamagen-state-dicts.txt"
@@ -52,7 +52,7 @@ def tiny_cfg(**kw) -> VQConfig:
 
 @pytest.fixture(scope="module")
 def vq16() -> VQModel:
-    return VQModel(get_preset("vq-16"))
+    return VQModel(vq_preset("vq-16"))
 
 
 @pytest.mark.skipif(not SPEC_DICTS.exists(), reason="shared/llamagen-state-dicts.txt not beside the checkout")
@@ -66,7 +66,7 @@ def test_vq16_keys_and_shapes_match_llamagen(vq16):
 
 def test_vq_param_counts(vq16):
     assert num_params(vq16) == 71_883_403  # SPEC.md §2: 71.9M
-    assert num_params(VQModel(get_preset("vq-8"))) == 70_109_835
+    assert num_params(VQModel(vq_preset("vq-8"))) == 70_109_835
 
 
 def test_vq16_grid_and_llamagen_file_loads_strictly(vq16, tmp_path):
@@ -79,7 +79,7 @@ def test_vq16_grid_and_llamagen_file_loads_strictly(vq16, tmp_path):
         loaded = load_tokenizer(tmp_path / name)
         assert loaded.config.ch_mult == (1, 1, 2, 2, 4) and loaded.config.downsample == 16
         assert loaded.fingerprint() == vq16.fingerprint()
-    assert config_from_state_dict(vq16.state_dict()) == vq16.config
+    assert vq_config_from_state_dict(vq16.state_dict()) == vq16.config
 
 
 def test_partial_checkpoint_is_a_clear_error(vq16, tmp_path):
@@ -133,7 +133,7 @@ def test_bad_inputs():
     with pytest.raises(ClusterarError, match="not divisible by norm_groups"):
         VQConfig(ch=48)
     with pytest.raises(ClusterarError, match="unknown tokenizer preset"):
-        get_preset("vq-32")
+        vq_preset("vq-32")
 
 
 def test_save_load_roundtrip(tmp_path):

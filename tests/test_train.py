@@ -422,18 +422,20 @@ def test_cli_run_folder_contract(files, tmp_path, capsys):
 
 
 def test_validate_scores_a_model_file_like_training(files, tmp_path):
-    """validate() = the training loss and accuracies of view 0 in eval mode, computed independently here."""
+    """validation_loss() = the training loss and accuracies of view 0 in eval mode, computed independently here."""
     from clusterar.gpt import load_gpt
     from clusterar.losses import cluster_accuracy, iar_loss, token_accuracy
     from clusterar.tokens import TokenFile
-    from clusterar.train import validate
+    from clusterar.train import validation_loss
 
     train(
         cfg(files, "few", method="iar", clusters=files["bal"], steps=20, lr=3e-3),
         tmp_path / "r",
         progress=False,
     )
-    got = validate(tmp_path / "r" / "model.safetensors", files["few"], batch_size=3)  # 3 + 3 + 2 images
+    got = validation_loss(
+        tmp_path / "r" / "model.safetensors", files["few"], batch_size=3
+    )  # 3 + 3 + 2 images
     model, _ = load_gpt(tmp_path / "r" / "model.safetensors")
     cl = CodebookClusters.load(files["bal"])
     codes, labels = TokenFile.open(files["few"]).batch(np.arange(8))
@@ -446,7 +448,7 @@ def test_validate_scores_a_model_file_like_training(files, tmp_path):
     assert got["acc_token"] == pytest.approx(float(token_accuracy(logits, ids)), abs=1e-6)
     assert got["acc_cluster"] == pytest.approx(float(cluster_accuracy(logits, ids, cl.block_size)), abs=1e-6)
     with pytest.raises(ClusterarError, match="another tokenizer"):
-        validate(tmp_path / "r" / "model.safetensors", files["other_tokens"])
+        validation_loss(tmp_path / "r" / "model.safetensors", files["other_tokens"])
 
 
 # ----------------------------------------------------------------------------- resuming, said aloud
