@@ -1,0 +1,57 @@
+"""Sampling images from trained models: the LlamaGen baseline, IAR and CTF's two stages.
+
+Split by concept, so each part can be read on its own:
+
+- `generate`: logits -> tokens (guidance, top-k / top-p, the draw), the KV-cache decode loop (`generate`),
+  CTF's one-pass stage 2 (`refine`), `SampleSettings` / `describe_settings` and `SampledTokens`;
+- `pipeline`: `Pipeline` (tokenizer + model(s) + clusters, loaded from files with every fingerprint
+  checked) and `write_ctf_pipeline`, the JSON that ties CTF's two runs together;
+- `folder`: what `clusterar sample` writes: `make_labels`, and `sample_to_folder`'s resumable folder of
+  grid.png, PNGs, an ADM-format .npz and sample.json.
+
+The names below are re-exported so that `from clusterar.sample import ...` keeps working.
+"""
+
+from __future__ import annotations
+
+from .folder import make_labels, sample_to_folder, save_sample_grid
+from .generate import (
+    STAGE2_SETTINGS,
+    SampledTokens,
+    SampleSettings,
+    decode_fn,
+    describe_settings,
+    draw,
+    ensure_cache,
+    filter_top_k,
+    filter_top_p,
+    generate,
+    guide,
+    refine,
+    sample_logits,
+)
+from .pipeline import LLAMAGEN_SUFFIXES, PIPELINE_KIND, PIPELINE_VERSION, Pipeline, write_ctf_pipeline
+
+__all__ = [
+    "STAGE2_SETTINGS",
+    "LLAMAGEN_SUFFIXES",
+    "PIPELINE_KIND",
+    "PIPELINE_VERSION",
+    "Pipeline",
+    "SampleSettings",
+    "SampledTokens",
+    "decode_fn",
+    "describe_settings",
+    "draw",
+    "ensure_cache",
+    "filter_top_k",
+    "filter_top_p",
+    "generate",
+    "guide",
+    "make_labels",
+    "refine",
+    "sample_logits",
+    "sample_to_folder",
+    "save_sample_grid",
+    "write_ctf_pipeline",
+]

@@ -1,0 +1,219 @@
+"""What `clusterar sample` writes: class labels, then a folder of samples that survives interruption.
+
+`sample_to_folder` writes grid.png, PNGs, an ADM-format .npz and sample.json, batch by batch; every batch
+has its own seed, so an interrupted run resumes exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ClusterarError
+from ..fileio import atomic_path, kill_point, read_json, write_json
+from ..runtime import notice
+from .generate import SampleSettings
+from .pipeline import Pipeline
+
+
+def make_labels(
+    n: int,
+    num_classes: int,
+    *,
+    per_class: bool = False,
+    labels: list[int] | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, str]:
+    """n class labels and a sentence saying how they were chosen.
+
+    per_class: class-balanced, in class order (n / num_classes each; when that does not divide, the first
+    n % num_classes classes get one more). `labels`: the list repeated to n. Otherwise uniform at random
+    from `seed` (what the public FID scripts do).
+    """
+    if n < 1:
+        raise ClusterarError(f"--n must be positive, got {n}")
+    if labels is not None:
+        arr = np.asarray(labels, dtype=np.int64)
+        if arr.size == 0 or arr.min() < 0 or arr.max() >= num_classes:
+            raise ClusterarError(f"--labels must be class ids in [0, {num_classes}), got {list(labels)}")
+        return np.resize(arr, n), f"the given labels {arr.tolist()} repeated to {n}"
+    if per_class:
+        base, extra = divmod(n, num_classes)
+        counts = np.full(num_classes, base, dtype=np.int64)
+        counts[:extra] += 1
+        out = np.repeat(np.arange(num_classes, dtype=np.int64), counts)
+        if extra == 0:
+            how = f"{base} per class for each of {num_classes} classes"
+        elif base == 0:
+            how = f"one each for classes 0..{extra - 1} ({n} < {num_classes} classes)"
+        else:
+            how = (
+                f"{n} does not divide over {num_classes} classes: classes 0..{extra - 1} get {base + 1}, "
+                f"the others {base}"
+            )
+        return out, how
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_classes, n, dtype=np.int64), f"uniform at random over {num_classes} classes"
+
+
+def _batch_seed(seed: int, batch: int) -> int:
+    """Independent streams per batch (seed s batch 1 never equals seed s+1 batch 0), so resuming is exact."""
+    return int(np.random.SeedSequence([seed, batch]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _grid_selection(labels: np.ndarray, per_class: bool, max_side: int = 16) -> tuple[list[int | None], int]:
+    """Indices of the images in grid.png (None = blank) and images per row: rows by class when per-class."""
+    if per_class:
+        classes = np.unique(labels)[:max_side]
+        rows = [np.flatnonzero(labels == c)[:max_side].tolist() for c in classes]
+        width = max(len(r) for r in rows)
+        return [i for r in rows for i in r + [None] * (width - len(r))], width
+    n = min(len(labels), 64)
+    return list(range(n)), min(8, n)
+
+
+def save_sample_grid(images: np.ndarray, select: list[int | None], nrow: int, path: Path) -> None:
+    from ..viz import save_grid
+
+    h, w = images.shape[1:3]
+    blank = np.full((h, w, 3), 255, np.uint8)
+    picked = np.stack([images[i] if i is not None else blank for i in select])
+    scale = max(1, 64 // max(h, w))
+    save_grid(torch.from_numpy(picked).permute(0, 3, 1, 2), path, nrow=nrow, scale=scale)
+
+
+def _save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+def sample_to_folder(
+    pipeline: Pipeline,
+    labels: np.ndarray,
+    out: str | os.PathLike,
+    *,
+    settings: SampleSettings,
+    seed: int = 0,
+    batch_size: int = 64,
+    compile: bool | str = False,
+    per_class: bool = False,
+    write_images: bool = True,
+    progress: bool = True,
+    info: dict | None = None,
+) -> dict:
+    """Sample len(labels) images into `out`: grid.png, images/NNNNNN.png, samples.npz (ADM format: arr_0 uint8
+    [N, H, W, 3], arr_1 labels) and sample.json (settings, pipeline, time, images/s).
+
+    Batch b is drawn with its own seed derived from (seed, b), so every image depends only on the settings:
+    finished batches are kept in out/parts/ and an interrupted run continues where it stopped when run
+    again with the same settings; other settings in a non-empty folder are refused. The parts are removed
+    once the .npz is written.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = len(labels)
+    if batch_size < 1:
+        raise ClusterarError(f"--batch-size must be positive, got {batch_size}")
+    run = {
+        "source": str(Path(pipeline.source).resolve()),  # the same file however its path is spelled
+        "method": pipeline.method,
+        "settings": asdict(settings),
+        "seed": int(seed),
+        "batch_size": int(batch_size),
+        "n": n,
+        "labels_sha": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
+        "device": pipeline.device.type,
+        "compile": compile,  # bf16 numerics of a compiled step differ slightly: other draws, same distribution
+    }
+    summary_path, parts = out / "sample.json", out / "parts"
+    for path in (summary_path, parts / "run.json"):
+        if path.exists():
+            old = read_json(path, "sample record")
+            old = old.get("run", old)
+            if old != run:
+                diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+                raise ClusterarError(
+                    f"{out} holds samples made with other settings (differing: {', '.join(diff)}); delete it or "
+                    "choose another --out"
+                )
+            if path == summary_path:
+                notice(f"{out} is already complete ({n} images with these settings); nothing to do")
+                if parts.exists():  # a run killed between sample.json and removing its parts
+                    shutil.rmtree(parts)
+                return {**read_json(summary_path), "already_complete": True}
+    parts.mkdir(parents=True, exist_ok=True)
+    write_json(parts / "run.json", run)
+    n_batches = math.ceil(n / batch_size)
+    kept = sum((parts / f"batch-{b:06d}.npy").exists() for b in range(n_batches))
+    if kept:
+        notice(f"resuming {out}: {kept} of {n_batches} batches are already drawn")
+    timed: list[tuple[int, float]] = []  # (images, seconds) of the batches generated in this session
+    reused = 0
+    bar = tqdm(range(n_batches), desc="sampling", unit="batch", disable=not progress)
+    for b in bar:
+        part = parts / f"batch-{b:06d}.npy"
+        if part.exists():
+            reused += 1
+            continue
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        pipeline._sync()
+        t0 = time.perf_counter()
+        images = pipeline.sample(
+            labels[lo:hi], _batch_seed(seed, b), settings=settings, compile=compile
+        ).numpy()
+        pipeline._sync()
+        timed.append((hi - lo, time.perf_counter() - t0))
+        if write_images:
+            for i, img in enumerate(images):
+                _save_png(img, out / "images" / f"{lo + i:06d}.png")
+        with atomic_path(part) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+        kill_point("sample.batch")
+    h = w = pipeline.image_size
+    with atomic_path(out / "samples.npz") as tmp:
+        stack = parts / "all.npy"
+        arr = np.lib.format.open_memmap(stack, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
+        for b in range(n_batches):
+            arr[b * batch_size : min(n, (b + 1) * batch_size)] = np.load(parts / f"batch-{b:06d}.npy")
+        arr.flush()
+        with open(tmp, "wb") as f:
+            np.savez(f, arr_0=arr, arr_1=labels)
+        select, nrow = _grid_selection(labels, per_class)
+        save_sample_grid(arr, select, nrow, out / "grid.png")
+        del arr
+    seconds = sum(t for _, t in timed)
+    done_images = sum(k for k, _ in timed)
+    later = timed[1:]  # without the first batch: compilation, CUDA graph capture, allocator warm-up
+    summary = {
+        "run": run,
+        **(info or {}),
+        "pipeline": pipeline.describe(),
+        "images": n,
+        "image_shape": [h, w, 3],
+        "label_counts": np.bincount(labels, minlength=pipeline.num_classes).tolist(),
+        "batches_generated": len(timed),
+        "batches_reused": reused,
+        "seconds": round(seconds, 3),
+        "images_per_s": round(done_images / seconds, 3) if seconds > 0 else None,
+        "images_per_s_after_first_batch": (
+            round(sum(k for k, _ in later) / sum(t for _, t in later), 3) if later else None
+        ),
+        "torch": torch.__version__,
+        "files": {"grid": "grid.png", "npz": "samples.npz", "images": "images/" if write_images else None},
+    }
+    write_json(summary_path, summary)
+    kill_point("sample.finish")
+    shutil.rmtree(parts)
+    return summary

@@ -1,0 +1,319 @@
+"""Turning a model's logits into tokens: guidance, filtering, the draw, and autoregressive decoding.
+
+Token sampling follows the field's conventions (SPEC §5): classifier-free guidance on RAW logits over a
+[cond; null] batch, u + s * (c - u), then temperature, then top-k / top-p, then a categorical draw; the
+same token is fed to both halves. Autoregressive models decode with the static KV cache of `clusterar.gpt`
+(prefill the class token, then one token per step); `use_cache=False` recomputes the full forward pass at
+every step (the naive path, for the benchmark and as a reference in tests).
+
+CTF (SPEC §4) samples in two stages: the causal coarse model generates cluster labels (`generate`), then ONE
+forward of the bidirectional refiner on (class, coarse sequence) gives fine logits for every position,
+sampled all at once (`refine`). Guidance in stage 2 is optional (`cfg_scale2`, default 1 = off: the paper
+guides stage 1 only). A refiner trained with `restrict_to_cluster` is sampled with the same mask: every fine
+token lies in its position's coarse cluster.
+
+These functions work on models and tensors only; files and tokenizers are `pipeline`'s business.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from ..errors import ClusterarError
+from ..gpt import GPT
+from ..methods import restrict_logits
+from ..runtime import autocast
+
+# ----------------------------------------------------------------------------- logits -> tokens
+
+
+def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance on a [cond; null] batch of RAW logits [2B, ...] -> [B, ...]: u + s (c - u)."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the top_k largest logits of the last axis (-inf elsewhere); 0 or >= vocab keeps all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the most probable tokens until their mass reaches top_p (the token that crosses
+    it included, so at least one survives); 1.0 keeps all."""
+    if top_p >= 1.0:
+        return logits
+    ordered, order = logits.sort(dim=-1, descending=True)
+    probs = ordered.float().softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+    drop_sorted = mass_before >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Logits [..., V] -> token ids [...]: temperature, then top-k / top-p, then one categorical draw per row."""
+    x = logits.reshape(-1, logits.shape[-1]).float() / temperature
+    x = filter_top_p(filter_top_k(x, top_k), top_p)
+    return draw(x.softmax(dim=-1), generator).view(logits.shape[:-1])
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probabilities [R, V] (rows need not sum to 1) -> ids [R], by inverse CDF.
+
+    Exact like torch.multinomial, but one uniform number per row instead of one per vocabulary entry:
+    multinomial's exponential race spent 40% of CPU sampling time on 250 x 4,096 random numbers per token.
+    A zero-probability entry is never drawn (its CDF step is empty).
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: in range
+    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float, what: str = "") -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ClusterarError(
+            f"temperature{what} must be > 0, got {temperature} (top-k 1 gives greedy decoding)"
+        )
+    if top_k < 0:
+        raise ClusterarError(f"top-k{what} must be >= 0 (0 = the whole vocabulary), got {top_k}")
+    if not (0 < top_p <= 1):
+        raise ClusterarError(f"top-p{what} must lie in (0, 1] (1 = off), got {top_p}")
+
+
+def _check_labels(labels: torch.Tensor, model: GPT, what: str = "labels") -> None:
+    c = model.config
+    if labels.dim() != 1 or labels.dtype != torch.long:
+        raise ClusterarError(
+            f"{what} must be a 1-D int64 tensor of class ids, got {labels.dtype} {list(labels.shape)}"
+        )
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > c.num_classes):
+        raise ClusterarError(
+            f"{what} must lie in [0, {c.num_classes}) ({c.num_classes} = the null class: unconditional), got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+    if model.training:
+        raise ClusterarError("the model is in training mode (dropout on); call model.eval() before sampling")
+
+
+# ----------------------------------------------------------------------------- autoregressive generation
+
+
+def _cache_dtype(model: GPT, device: torch.device) -> torch.dtype:
+    """bf16 under CUDA autocast (keys/values come out of bf16 matmuls), else the weights' dtype."""
+    return torch.bfloat16 if device.type == "cuda" else model.tok_embeddings.weight.dtype
+
+
+def ensure_cache(model: GPT, batch: int, device: torch.device) -> None:
+    """Set up the static KV cache unless one large enough already exists. Keeping it between calls keeps a
+    compiled decode step valid (new buffers would recompile it); `model.clear_cache()` frees it."""
+    cache = model.layers[0].attention.kv_cache
+    dtype = _cache_dtype(model, device)
+    if (
+        cache is not None
+        and model.max_batch >= batch
+        and cache.k_cache.dtype == dtype
+        and cache.k_cache.device == device
+    ):
+        return
+    model.setup_cache(batch, dtype=dtype, device=device)
+
+
+def decode_fn(model: GPT, compile: bool | str = False):
+    """The model's decode step, compiled once per model and mode when asked.
+
+    True compiles with torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs on a GPU); a string
+    names another torch.compile backend (e.g. "eager" checks that the step traces without graph breaks).
+    """
+    if not compile:
+        return model.decode_step
+    key = "reduce-overhead" if compile is True else str(compile)
+    compiled = model.__dict__.setdefault("_clusterar_compiled", {})
+    if key not in compiled:
+        if compile is True:
+            compiled[key] = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+        else:
+            compiled[key] = torch.compile(model.decode_step, backend=compile, fullgraph=True)
+    return compiled[key]
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+    compile: bool | str = False,
+    null_batch: bool | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample token ids [B, N] from a causal model for class ids `labels` [B] (on the model's device).
+
+    cfg_scale != 1 runs the [cond; null] batch (`null_batch=True` forces it even at scale 1, e.g. to time
+    guidance or check that scale 1 equals conditional sampling). `generator` (on the model's device) makes
+    the draw repeatable; the same seed gives other tokens on another device. `use_cache=False` is the naive
+    path: the full forward pass recomputed at every step. With `return_logits` also returns the guided raw
+    logits [B, N, V] each token was drawn from (before temperature and filtering).
+
+    On CUDA everything runs under bf16 autocast with a bf16 KV cache; the cache stays allocated for the next
+    call (`model.clear_cache()` frees it).
+    """
+    c = model.config
+    if not c.causal:
+        raise ClusterarError("generate needs a causal model; a bidirectional refiner samples with `refine`")
+    _check_labels(labels, model)
+    _check_sampling(temperature, top_k, top_p)
+    device = labels.device
+    b, n = labels.shape[0], c.seq_len
+    batched = cfg_scale != 1.0 if null_batch is None else null_batch
+    cond = torch.cat([labels, torch.full_like(labels, c.null_class)]) if batched else labels
+    out = torch.empty(b, n, dtype=torch.long, device=device)
+    kept: list[torch.Tensor] = []
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        logits = guide(logits, cfg_scale) if batched else logits.float()
+        if return_logits:
+            kept.append(logits.clone())
+        return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    with autocast(device):
+        if use_cache:
+            ensure_cache(model, cond.shape[0], device)
+            step = decode_fn(model, compile)
+            positions = torch.arange(c.max_positions, device=device)
+            tok = pick(model.prefill(cond)[:, -1])
+            out[:, 0] = tok
+            for i in range(1, n):
+                x = torch.cat([tok, tok]) if batched else tok
+                p = c.cls_token_num + i - 1  # sequence position of token i-1, which predicts token i
+                tok = pick(step(x[:, None], positions[p : p + 1])[:, -1])
+                out[:, i] = tok
+        else:
+            for i in range(n):
+                idx = torch.cat([out[:, :i], out[:, :i]]) if batched else out[:, :i]
+                out[:, i] = pick(model(idx, cond)[:, -1])
+    if return_logits:
+        return out, torch.stack(kept, dim=1)
+    return out
+
+
+@torch.no_grad()
+def refine(
+    refiner: GPT,
+    coarse: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cfg_scale: float = 1.0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    cluster_labels: torch.Tensor | None = None,
+    return_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """CTF stage 2: fine token ids [B, N] for a coarse sequence [B, N], all positions in ONE forward pass.
+
+    cfg_scale != 1 guides with a [cond; null] batch as in stage 1. `cluster_labels` [K] (token -> cluster)
+    masks every fine logit outside its position's coarse cluster (after guidance, before temperature).
+    """
+    c = refiner.config
+    if c.causal:
+        raise ClusterarError(
+            "refine needs a bidirectional (causal=False) refiner; a causal model uses `generate`"
+        )
+    _check_labels(labels, refiner)
+    _check_sampling(temperature, top_k, top_p, " (stage 2)")
+    if coarse.shape != (labels.shape[0], c.seq_len):
+        raise ClusterarError(
+            f"coarse sequence must be [B, {c.seq_len}] for B labels, got {list(coarse.shape)}"
+        )
+    with autocast(labels.device):
+        if cfg_scale != 1.0:
+            null = torch.full_like(labels, c.null_class)
+            logits = guide(refiner(torch.cat([coarse, coarse]), torch.cat([labels, null])), cfg_scale)
+        else:
+            logits = refiner(coarse, labels).float()
+    if cluster_labels is not None:
+        logits = restrict_logits(logits, coarse, cluster_labels)
+    ids = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return (ids, logits) if return_logits else ids
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+# SampleSettings' fields that only CTF's stage 2 (the refiner) reads
+STAGE2_SETTINGS = ("temperature2", "top_k2", "cfg_scale2")
+
+
+@dataclass
+class SampleSettings:
+    """Sampling knobs; `for_method` fills the defaults of each method (CTF: the paper's CFG 2.0, tau 1.1)."""
+
+    cfg_scale: float = 2.0
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = whole vocabulary
+    top_p: float = 1.0  # 1 = off
+    temperature2: float = 1.0  # CTF stage 2
+    top_k2: int = 0  # CTF stage 2
+    cfg_scale2: float = 1.0  # CTF stage 2 guidance; 1 = off (the paper guides stage 1 only)
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> SampleSettings:
+        """Defaults of `method` ("baseline", "iar", "ctf") with the non-None overrides applied."""
+        base = cls(temperature=1.1, temperature2=1.1) if method == "ctf" else cls()
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ClusterarError(f"unknown sampling setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        out = cls(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
+        out.check()
+        return out
+
+    def check(self) -> None:
+        _check_sampling(self.temperature, self.top_k, self.top_p)
+        _check_sampling(self.temperature2, self.top_k2, 1.0, " (stage 2)")
+        for name in ("cfg_scale", "cfg_scale2"):
+            if not math.isfinite(getattr(self, name)):
+                raise ClusterarError(f"{name} must be finite, got {getattr(self, name)}")
+
+
+@dataclass
+class SampledTokens:
+    """One sampled batch: `ids` in the tokenizer's (original) id space, `raw` as the model produced them
+    (IAR: rearranged ids), `coarse` the CTF stage-1 cluster labels (None otherwise)."""
+
+    ids: torch.Tensor
+    raw: torch.Tensor
+    coarse: torch.Tensor | None = None
+
+
+def describe_settings(s: SampleSettings, method: str) -> str:
+    """One line for the terminal."""
+    d = asdict(s)
+    if method != "ctf":
+        for k in ("temperature2", "top_k2", "cfg_scale2"):
+            d.pop(k)
+    return json.dumps(d)

@@ -1,0 +1,592 @@
+"""A `Pipeline` ties a tokenizer, the model(s) and the clusters together and turns class labels into uint8
+images.
+
+It loads from a run folder / model file (baseline, IAR), a LlamaGen checkpoint (baseline, with
+--tokenizer), or a pipeline JSON (CTF, written by `write_ctf_pipeline` / `clusterar pipeline ctf`), and
+checks every fingerprint on the way, so a model is never decoded with another tokenizer or clusters than
+those it was trained with. The checks that the parts belong together live in `_check_*` functions, so the
+constructor reads as the data flow.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..clusters import CodebookClusters
+from ..data import to_uint8
+from ..errors import ClusterarError
+from ..fileio import read_json, remedy, write_json
+from ..gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
+from ..tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
+from .generate import SampledTokens, SampleSettings, generate, refine
+
+PIPELINE_KIND = "clusterar.pipeline"
+PIPELINE_VERSION = 1
+LLAMAGEN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+# ----------------------------------------------------------------------------- loading helpers
+
+
+def _model_file(path: str | os.PathLike, what: str) -> Path:
+    """A run folder means its model.safetensors."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / MODEL_FILE).is_file():
+            raise ClusterarError(
+                f"{what} {p} is a folder without {MODEL_FILE}; pass a finished training run (clusterar train) or "
+                "a model file such as RUN/snapshots/model-stepN.safetensors"
+            )
+        return p / MODEL_FILE
+    if not p.exists():
+        raise ClusterarError(f"{what} not found: {p}; check the path, or {remedy('model file')}")
+    return p
+
+
+def _load_checked_tokenizer(path: str | os.PathLike, expected: str | None, who: str) -> VQModel:
+    if not Path(path).exists():
+        raise ClusterarError(
+            f"the tokenizer of {who}, {path}, is not found; pass --tokenizer with its current path"
+        )
+    p = resolve_tokenizer_path(path)
+    tok = load_tokenizer(p)
+    if expected is not None:
+        fp = tok.fingerprint()
+        if fp != expected:
+            raise ClusterarError(
+                f"{who} was trained on tokens of tokenizer {expected}, but {p} has fingerprint {fp}; pass "
+                "--tokenizer with the tokenizer the model was trained with"
+            )
+    return tok
+
+
+def _load_checked_clusters(
+    path: str | os.PathLike | None, expected: str | None, tokenizer: VQModel, tok_source: str, who: str
+) -> CodebookClusters:
+    if path is None:
+        raise ClusterarError(
+            f"{who} records no clusters file; pass --clusters with the file it was trained with"
+        )
+    if not Path(path).exists():
+        raise ClusterarError(
+            f"clusters file {path} of {who} not found; pass --clusters with its current path"
+        )
+    clusters = CodebookClusters.load(path)
+    if expected is not None and clusters.fingerprint() != expected:
+        raise ClusterarError(
+            f"{who} was trained with clusters {expected}, but {path} holds clusters {clusters.fingerprint()}; "
+            "pass --clusters with the file the model was trained with"
+        )
+    clusters.check_codebook(
+        tokenizer.quantize.embedding.weight.detach().cpu(), f"codebook of tokenizer {tok_source}"
+    )
+    return clusters
+
+
+def _resolve(base: Path, p: str | None) -> str | None:
+    if p is None:
+        return None
+    q = Path(p)
+    return str(q if q.is_absolute() else (base / q))
+
+
+# ----------------------------------------------------------------------------- pipeline checks
+
+
+def _check(ok: bool, source: str, msg: str) -> None:
+    if not ok:
+        raise ClusterarError(f"{source}: {msg}")
+
+
+def _check_single_model(model: GPT, meta: dict, codes: int, source: str) -> str:
+    """A baseline or IAR model on its own: causal, predicting the tokenizer's codes. Returns its method."""
+    method = meta.get("method")
+    c = model.config
+    if method in ("ctf-coarse", "ctf-refiner"):
+        raise ClusterarError(
+            f"{source} is one stage of CTF ({method}); tie both stages together with `clusterar "
+            "pipeline ctf --coarse RUN1 --refiner RUN2 --out pipeline.json` and sample that"
+        )
+    if method not in ("baseline", "iar"):
+        raise ClusterarError(
+            f"{source} has method {method!r}; a model file from `clusterar train` records baseline, "
+            "iar, ctf-coarse or ctf-refiner"
+        )
+    _check(c.causal, source, "the model must be causal (autoregressive)")
+    _check(
+        c.vocab_size == codes,
+        source,
+        f"the model predicts {c.vocab_size} tokens, the tokenizer has {codes} codes",
+    )
+    return method
+
+
+def _check_ctf_stages(
+    model: GPT,
+    meta: dict,
+    refiner: GPT,
+    refiner_meta: dict,
+    clusters: CodebookClusters | None,
+    codes: int,
+    source: str,
+) -> None:
+    """CTF's two stages fit each other, the clusters and the tokenizer: vocabularies, grids, classes and the
+    fingerprints both were trained with."""
+    method = meta.get("method")
+    c, r = model.config, refiner.config
+    _check(
+        method == "ctf-coarse" and refiner_meta.get("method") == "ctf-refiner",
+        source,
+        f"CTF needs a ctf-coarse and a ctf-refiner model, got {method!r} and {refiner_meta.get('method')!r}",
+    )
+    _check(c.causal and not r.causal, source, "stage 1 must be causal and the refiner bidirectional")
+    _check(clusters is not None, source, "CTF needs the clusters both stages were trained with")
+    m = clusters.n_clusters
+    _check(c.vocab_size == m, source, f"stage 1 predicts {c.vocab_size} labels, the clusters are {m}")
+    _check(
+        r.input_vocab_size == m,
+        source,
+        f"the refiner reads {r.input_vocab_size} labels, the clusters are {m}",
+    )
+    _check(
+        r.vocab_size == codes,
+        source,
+        f"the refiner predicts {r.vocab_size} tokens, the tokenizer has {codes} codes",
+    )
+    _check(
+        (r.grid_size, r.num_classes) == (c.grid_size, c.num_classes),
+        source,
+        f"stage 1 has a {c.grid_size}x{c.grid_size} grid and {c.num_classes} classes, the refiner "
+        f"{r.grid_size}x{r.grid_size} and {r.num_classes}",
+    )
+    _check(
+        refiner_meta.get("tokenizer_fingerprint") == meta.get("tokenizer_fingerprint")
+        and refiner_meta.get("clusters_fingerprint") == meta.get("clusters_fingerprint"),
+        source,
+        "the two stages were trained with different tokenizers or clusters",
+    )
+
+
+def _check_clusters(clusters: CodebookClusters, codes: int, metas: tuple[dict, ...], source: str) -> None:
+    """The clusters cover the tokenizer's codes and are those the models were trained with."""
+    _check(
+        clusters.num_codes == codes,
+        source,
+        f"the clusters cover {clusters.num_codes} codes, the tokenizer {codes}",
+    )
+    for m in metas:
+        fp = m.get("clusters_fingerprint")
+        _check(
+            fp is None or fp == clusters.fingerprint(), source, "the models were trained with other clusters"
+        )
+
+
+def _unmap_table(
+    method: str, id_space: str, clusters: CodebookClusters | None, device: torch.device, source: str
+) -> torch.Tensor | None:
+    """rearranged id -> original id for IAR models trained on rearranged ids; None when ids need no mapping."""
+    if method == "iar" and id_space == "rearranged":
+        _check(clusters is not None, source, "IAR's rearranged ids need the clusters file to map them back")
+        return clusters.inverse.to(device)
+    return None
+
+
+def _check_restrict_to_cluster(asked: bool | None, refiner_meta: dict, method: str, source: str) -> bool:
+    """Whether stage 2 samples inside each position's cluster: when asked, and always for a refiner trained so."""
+    trained_restricted = bool(refiner_meta.get("restrict_to_cluster"))
+    if asked is False and trained_restricted:
+        raise ClusterarError(
+            f"the refiner of {source} was trained with restrict_to_cluster; it must be sampled with the "
+            "same mask"
+        )
+    if asked and method != "ctf":
+        raise ClusterarError("restrict_to_cluster only applies to CTF pipelines")
+    return bool(asked) or trained_restricted
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class Pipeline:
+    """Tokenizer + method + model(s) + clusters: class labels in, uint8 images [B, H, W, 3] out.
+
+    method "baseline" / "iar": one causal model (IAR's rearranged ids are mapped back with
+    clusters.inverse before decoding). method "ctf": the coarse model (stage 1) and the refiner (stage 2).
+    The constructor checks that the parts belong together; `load` reads them from files.
+    """
+
+    def __init__(
+        self,
+        tokenizer: VQModel,
+        model: GPT,
+        meta: dict,
+        *,
+        refiner: GPT | None = None,
+        refiner_meta: dict | None = None,
+        clusters: CodebookClusters | None = None,
+        restrict_to_cluster: bool | None = None,
+        source: str | None = None,
+    ):
+        self.tokenizer, self.model, self.meta = tokenizer.eval(), model.eval(), dict(meta)
+        self.refiner, self.refiner_meta = refiner, dict(refiner_meta or {})
+        self.clusters = clusters
+        self.source = source or "the pipeline"
+        self.device = model.tok_embeddings.weight.device
+        codes = tokenizer.config.codebook_size
+        if refiner is None:
+            self.method = _check_single_model(model, meta, codes, self.source)
+        else:
+            self.method = "ctf"
+            _check_ctf_stages(model, meta, refiner, self.refiner_meta, clusters, codes, self.source)
+        if clusters is not None:
+            _check_clusters(clusters, codes, (meta, self.refiner_meta), self.source)
+        self.id_space = meta.get("id_space", "original")
+        self._unmap = _unmap_table(self.method, self.id_space, clusters, self.device, self.source)
+        self.restrict_to_cluster = _check_restrict_to_cluster(
+            restrict_to_cluster, self.refiner_meta, self.method, self.source
+        )
+        self._cluster_labels = clusters.labels.to(self.device) if self.restrict_to_cluster else None
+        self.grid = model.config.grid_size
+        self.image_size = self.grid * tokenizer.config.downsample
+        self.num_classes = model.config.num_classes
+        self.class_names = meta.get("class_names")
+
+    # --------------------------------------------------------------- loading
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        device: torch.device | str = "cpu",
+        tokenizer: str | os.PathLike | None = None,
+        clusters: str | os.PathLike | None = None,
+        restrict_to_cluster: bool | None = None,
+        grid_size: int | None = None,
+    ) -> Pipeline:
+        """From a run folder or model.safetensors (baseline, iar), a pipeline JSON (ctf), or a LlamaGen
+        checkpoint .pt (baseline; needs `tokenizer`, `grid_size` defaults to 16). `tokenizer` and `clusters`
+        override the paths recorded in the files (their fingerprints must still match)."""
+        p = Path(path)
+        if p.is_dir() and not (p / MODEL_FILE).is_file() and (p / "pipeline.json").is_file():
+            p = p / "pipeline.json"
+        if p.suffix == ".json":
+            return cls._from_json(p, device, tokenizer, clusters, restrict_to_cluster)
+        if p.suffix in LLAMAGEN_SUFFIXES:
+            return cls._from_llamagen(p, device, tokenizer, grid_size)
+        p = _model_file(p, "model")
+        meta = read_gpt_info(p, "model to sample")
+        who = f"model {p}"
+        if meta.get("method") in ("ctf-coarse", "ctf-refiner"):
+            raise ClusterarError(
+                f"{p} is one stage of CTF ({meta['method']}); tie both stages together with `clusterar pipeline "
+                "ctf --coarse RUN1 --refiner RUN2 --out pipeline.json` and sample that"
+            )
+        if "method" not in meta:
+            raise ClusterarError(
+                f"{p} records no training method; sample models written by `clusterar train`"
+            )
+        tok_path = tokenizer or meta.get("tokenizer")
+        if tok_path is None:
+            raise ClusterarError(f"{p} records no tokenizer; pass --tokenizer")
+        tok = _load_checked_tokenizer(tok_path, meta.get("tokenizer_fingerprint"), who)
+        cl = None
+        if meta.get("method") == "iar" and meta.get("id_space") == "rearranged":
+            cl = _load_checked_clusters(
+                clusters or meta.get("clusters"), meta.get("clusters_fingerprint"), tok, str(tok_path), who
+            )
+        model, meta = load_gpt(p, device)
+        return cls(tok.to(device), model, meta, clusters=cl, source=str(p))
+
+    @classmethod
+    def _from_llamagen(cls, p: Path, device, tokenizer, grid_size: int | None) -> Pipeline:
+        if tokenizer is None:
+            raise ClusterarError(
+                f"{p} is a LlamaGen checkpoint, which names no tokenizer; pass --tokenizer (e.g. vq_ds16_c2i.pt)"
+            )
+        tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
+        model = load_llamagen_gpt(p, grid_size=grid_size or 16, device=device)
+        meta = {
+            "method": "baseline",
+            "id_space": "original",
+            "tokenizer": str(tokenizer),
+            "source": "llamagen",
+        }
+        return cls(tok.to(device), model, meta, source=str(p))
+
+    @classmethod
+    def _from_json(cls, p: Path, device, tokenizer, clusters, restrict_to_cluster) -> Pipeline:
+        d = read_json(p, "pipeline file")
+        if d.get("kind") != PIPELINE_KIND or d.get("method") != "ctf":
+            raise ClusterarError(
+                f"{p} is not a CTF pipeline file (kind {d.get('kind')!r}, method {d.get('method')!r}); write one "
+                "with `clusterar pipeline ctf`"
+            )
+        if d.get("version", 0) > PIPELINE_VERSION:
+            raise ClusterarError(f"{p} was written by a newer clusterar (version {d['version']}); upgrade")
+        base = p.resolve().parent
+        try:
+            coarse_p = _model_file(_resolve(base, d["coarse"]), "CTF stage-1 model")
+            refiner_p = _model_file(_resolve(base, d["refiner"]), "CTF refiner")
+            tok_path = tokenizer or _resolve(base, d["tokenizer"])
+            cl_path = clusters or _resolve(base, d["clusters"])
+            tok_fp, cl_fp = d["tokenizer_fingerprint"], d["clusters_fingerprint"]
+        except KeyError as e:
+            raise ClusterarError(
+                f"pipeline file {p} lacks the field {e}; write it again with `clusterar pipeline ctf`"
+            ) from e
+        who = f"pipeline {p}"
+        for mp in (coarse_p, refiner_p):
+            m = read_gpt_info(mp)
+            if (m.get("tokenizer_fingerprint"), m.get("clusters_fingerprint")) != (tok_fp, cl_fp):
+                raise ClusterarError(
+                    f"{mp} was trained with tokenizer {m.get('tokenizer_fingerprint')} and clusters "
+                    f"{m.get('clusters_fingerprint')}, but {p} ties tokenizer {tok_fp} and clusters {cl_fp}; the "
+                    "model file changed since the pipeline was written: write it again with `clusterar pipeline ctf`"
+                )
+        tok = _load_checked_tokenizer(tok_path, tok_fp, who)
+        cl = _load_checked_clusters(cl_path, cl_fp, tok, str(tok_path), who)
+        coarse, coarse_meta = load_gpt(coarse_p, device)
+        refiner, refiner_meta = load_gpt(refiner_p, device)
+        if restrict_to_cluster is None and d.get("restrict_to_cluster"):
+            restrict_to_cluster = True
+        return cls(
+            tok.to(device),
+            coarse,
+            coarse_meta,
+            refiner=refiner,
+            refiner_meta=refiner_meta,
+            clusters=cl,
+            restrict_to_cluster=restrict_to_cluster,
+            source=str(p),
+        )
+
+    # --------------------------------------------------------------- sampling
+
+    def settings(self, **overrides: Any) -> SampleSettings:
+        """This method's default settings with the non-None overrides applied."""
+        return SampleSettings.for_method(self.method, **overrides)
+
+    def _labels(self, labels: Any) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1).to(self.device)
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_classes):
+            raise ClusterarError(
+                f"class labels must lie in [0, {self.num_classes}) for {self.source}, got {int(t.min())}..{int(t.max())}"
+            )
+        return t
+
+    def sample_tokens(
+        self,
+        labels: Any,
+        seed: int = 0,
+        *,
+        settings: SampleSettings | None = None,
+        compile: bool | str = False,
+        use_cache: bool = True,
+        **overrides: Any,
+    ) -> SampledTokens:
+        """Token ids for class `labels`, drawn with torch.Generator(device).manual_seed(seed)."""
+        s = settings or self.settings(**overrides)
+        y = self._labels(labels)
+        g = torch.Generator(self.device).manual_seed(int(seed))
+        common = dict(generator=g, compile=compile, use_cache=use_cache)
+        if self.method == "ctf":
+            coarse = generate(
+                self.model,
+                y,
+                cfg_scale=s.cfg_scale,
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                **common,
+            )
+            fine = refine(
+                self.refiner,
+                coarse,
+                y,
+                cfg_scale=s.cfg_scale2,
+                temperature=s.temperature2,
+                top_k=s.top_k2,
+                generator=g,
+                cluster_labels=self._cluster_labels,
+            )
+            return SampledTokens(ids=fine, raw=fine, coarse=coarse)
+        raw = generate(
+            self.model,
+            y,
+            cfg_scale=s.cfg_scale,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            **common,
+        )
+        ids = self._unmap[raw] if self._unmap is not None else raw
+        return SampledTokens(ids=ids, raw=raw)
+
+    @torch.no_grad()
+    def decode(self, ids: torch.Tensor) -> torch.Tensor:
+        """Original token ids [B, N] -> uint8 images [B, H, W, 3] on the CPU (float32 decoder, as LlamaGen)."""
+        x = self.tokenizer.decode(ids.to(self.device).view(-1, self.grid, self.grid))
+        img = to_uint8(x.float()).permute(0, 2, 3, 1)
+        if img.shape[-1] == 1:  # grayscale tokenizer: three equal channels, as the ADM format expects
+            img = img.expand(*img.shape[:-1], 3)
+        return img.contiguous().cpu()
+
+    def sample(self, labels: Any, seed: int = 0, **kw: Any) -> torch.Tensor:
+        """uint8 images [B, H, W, 3] for class `labels` (see `sample_tokens` for the keywords)."""
+        return self.decode(self.sample_tokens(labels, seed, **kw).ids)
+
+    # --------------------------------------------------------------- accounting
+
+    def params(self) -> dict[str, Any]:
+        """Parameters per stage (`gpt.param_breakdown`): stage1 = the autoregressive model, stage2 = refiner."""
+        out: dict[str, Any] = {"stage1": param_breakdown(self.model)}
+        if self.refiner is not None:
+            out["stage2"] = param_breakdown(self.refiner)
+        out["total"] = sum(v["total"] for v in out.values())
+        return out
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def time(
+        self,
+        batch_size: int,
+        batches: int = 2,
+        warmup: int = 1,
+        *,
+        decode: bool = True,
+        compile: bool | str = False,
+        use_cache: bool = True,
+        seed: int = 0,
+        **overrides: Any,
+    ) -> dict[str, float]:
+        """Images per second over `batches` timed batches after `warmup` untimed ones (compilation, CUDA
+        graph capture, allocator warm-up); `decode=False` times the tokens only."""
+        if batch_size < 1 or batches < 1 or warmup < 0:
+            raise ClusterarError(
+                f"time needs batch_size, batches >= 1 and warmup >= 0, got {batch_size}, {batches}, {warmup}"
+            )
+        s = self.settings(**overrides)
+        y = torch.randint(0, self.num_classes, (batch_size,), generator=torch.Generator().manual_seed(seed))
+        for i in range(warmup + batches):
+            if i == warmup:
+                self._sync()
+                start = time.perf_counter()
+            tokens = self.sample_tokens(y, seed + i, settings=s, compile=compile, use_cache=use_cache)
+            if decode:
+                self.decode(tokens.ids)
+        self._sync()
+        seconds = time.perf_counter() - start
+        return {
+            "images_per_s": batch_size * batches / seconds,
+            "seconds": seconds,
+            "images": batch_size * batches,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """What sample.json records about the pipeline."""
+        d = {
+            "source": self.source,
+            "method": self.method,
+            "grid": self.grid,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "step": self.meta.get("step"),
+            "tokenizer": self.meta.get("tokenizer"),
+            "params": self.params(),
+        }
+        if self.method == "ctf":
+            d.update(refiner_step=self.refiner_meta.get("step"), restrict_to_cluster=self.restrict_to_cluster)
+        if self.clusters is not None:
+            d["clusters"] = self.clusters.source
+        return d
+
+
+# ----------------------------------------------------------------------------- CTF pipeline files
+
+
+def write_ctf_pipeline(
+    coarse: str | os.PathLike,
+    refiner: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    clusters: str | os.PathLike | None = None,
+    restrict_to_cluster: bool = False,
+) -> dict:
+    """Write the JSON that ties a CTF stage-1 run and a refiner run to their tokenizer and clusters.
+
+    Everything is checked first (methods, grids, classes, vocabularies, and that both stages were trained
+    with the same tokenizer and clusters, the clusters computed on that tokenizer's codebook); paths are
+    stored relative to the JSON's folder, so the tree can move as a whole. Returns the JSON written.
+    """
+    out = Path(out)
+    coarse_p = _model_file(coarse, "--coarse")
+    refiner_p = _model_file(refiner, "--refiner")
+    cm, rm = read_gpt_info(coarse_p), read_gpt_info(refiner_p)
+    if cm.get("method") != "ctf-coarse":
+        raise ClusterarError(
+            f"--coarse {coarse_p} is a {cm.get('method')!r} model; pass a run of --method ctf-coarse"
+        )
+    if rm.get("method") != "ctf-refiner":
+        raise ClusterarError(
+            f"--refiner {refiner_p} is a {rm.get('method')!r} model; pass a run of --method ctf-refiner"
+        )
+    for key, what in (("tokenizer_fingerprint", "tokenizers"), ("clusters_fingerprint", "clusters")):
+        if cm.get(key) != rm.get(key):
+            raise ClusterarError(
+                f"the two stages were trained with different {what}: {coarse_p} with {cm.get(key)}, {refiner_p} "
+                f"with {rm.get(key)}; train both on the same tokenizer and clusters file"
+            )
+    if not (tokenizer or cm.get("tokenizer")):
+        raise ClusterarError(f"--coarse {coarse_p} records no tokenizer; pass --tokenizer")
+    tok_path = Path(tokenizer or cm["tokenizer"])
+    tok = _load_checked_tokenizer(tok_path, cm.get("tokenizer_fingerprint"), f"--coarse {coarse_p}")
+    tok_path = resolve_tokenizer_path(tok_path)
+    cl_path = clusters or cm.get("clusters")
+    cl = _load_checked_clusters(
+        cl_path, cm.get("clusters_fingerprint"), tok, str(tok_path), f"--coarse {coarse_p}"
+    )
+    # The architecture checks of the Pipeline constructor, on weightless shells.
+    with torch.device("meta"):
+        shells = [GPT(GPTConfig.from_dict(m["gpt_config"])) for m in (cm, rm)]
+    Pipeline(
+        tok,
+        shells[0],
+        cm,
+        refiner=shells[1],
+        refiner_meta=rm,
+        clusters=cl,
+        restrict_to_cluster=True if restrict_to_cluster else None,
+        source=str(out),
+    )
+    base = out.resolve().parent
+
+    def rel(p: str | os.PathLike) -> str:
+        return os.path.relpath(Path(p).resolve(), base)
+
+    d = {
+        "kind": PIPELINE_KIND,
+        "version": PIPELINE_VERSION,
+        "method": "ctf",
+        "tokenizer": rel(tok_path),
+        "tokenizer_fingerprint": cm.get("tokenizer_fingerprint"),
+        "clusters": rel(cl_path),
+        "clusters_fingerprint": cl.fingerprint(),
+        "coarse": rel(coarse_p),
+        "refiner": rel(refiner_p),
+        "restrict_to_cluster": bool(restrict_to_cluster or rm.get("restrict_to_cluster")),
+        "grid": cm["gpt_config"]["grid_size"],
+        "num_classes": cm["gpt_config"]["num_classes"],
+        "coarse_step": cm.get("step"),
+        "refiner_step": rm.get("step"),
+    }
+    write_json(out, d)
+    return d
