@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._results import write_section  # noqa: E402
-from clusterar.tokenizer_train import TokenizerTrainConfig, train_tokenizer  # noqa: E402
+from clusterar.train import TokenizerTrainConfig, train_tokenizer  # noqa: E402
 
 
 def main() -> None:

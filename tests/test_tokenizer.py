@@ -147,7 +147,7 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def _train_cfg(**kw):
-    from clusterar.tokenizer_train import TokenizerTrainConfig
+    from clusterar.train import TokenizerTrainConfig
 
     base = dict(
         data="digits",
@@ -170,7 +170,7 @@ def _train_cfg(**kw):
 
 def test_training_resume_is_bit_exact(tmp_path):
     """2 steps, stop, resume 2 steps == 4 straight steps, including a dead-code restart at step 2 and 4."""
-    from clusterar.tokenizer_train import train_tokenizer
+    from clusterar.train import train_tokenizer
 
     train_tokenizer(_train_cfg(), tmp_path / "straight", progress=False)
     assert train_tokenizer(_train_cfg(), tmp_path / "split", progress=False, stop_at=2) is None
@@ -191,7 +191,7 @@ def test_training_resume_is_bit_exact(tmp_path):
 
 
 def test_a_finished_tokenizer_run_is_extended_with_the_schedule_stated(tmp_path, capsys):
-    from clusterar.tokenizer_train import train_tokenizer
+    from clusterar.train import train_tokenizer
 
     run = tmp_path / "run"
     train_tokenizer(_train_cfg(), run, progress=False)
@@ -212,7 +212,7 @@ def test_a_finished_tokenizer_run_is_extended_with_the_schedule_stated(tmp_path,
 def test_tiny_tokenizer_learns(tmp_path):
     """A short run on real digits must beat the untrained model's reconstruction by a wide margin."""
     from clusterar.data import load_dataset
-    from clusterar.tokenizer_train import evaluate_tokenizer, train_tokenizer
+    from clusterar.train import evaluate_tokenizer, train_tokenizer
 
     ev = train_tokenizer(
         _train_cfg(steps=120, batch_size=32, lr=3e-3, restart_every=20), tmp_path / "t", progress=False

@@ -3,7 +3,8 @@
 One loop serves all four methods (`clusterar.methods` says what each feeds the model and scores), with
 LlamaGen's recipe: AdamW (0.9, 0.95), weight decay 0.05 on parameters with >= 2 dims, gradient clipping
 1.0, lr 1e-4 constant or cosine to 1e-5 (CTF), class dropout 0.1, a random view (original / flip) per
-sample, bf16 autocast on CUDA and float32 on CPU.
+sample, bf16 autocast on CUDA and float32 on CPU. The run-folder, resume, schedule and log rules are
+`train.loop`'s (shared with the tokenizer trainer); DDP / FSDP are `train.parallel`'s.
 
 Determinism, which makes `--resume` continue bit for bit and lets N processes reproduce one:
 
@@ -28,9 +29,6 @@ every --snapshot-every epochs.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
 import math
 import os
 import time
@@ -43,27 +41,32 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoints import (
-    _unflatten_optimizer,
-    load_checkpoint,
-    load_state_strict,
-    run_checkpoint,
-    save_checkpoint,
+from ..checkpoints import _unflatten_optimizer, load_state_strict, save_checkpoint
+from ..clusters import CodebookClusters
+from ..errors import ClusterarError
+from ..fileio import kill_point, load_tensors, write_json
+from ..gpt import GPT, GPT_PRESETS, MODEL_FILE, load_gpt, read_gpt_info, save_gpt
+from ..methods import TRAIN_METHODS, Method
+from ..runtime import autocast, notice, num_params
+from ..tokenizer import load_tokenizer, resolve_tokenizer_path
+from ..tokens import TokenFile
+from ..viz import plot_curves
+from .loop import (
+    CHECKPOINT,
+    LOG_FILE,
+    BatchOrder,
+    JsonlLog,
+    Schedule,
+    announce_resume,
+    check_resumed_settings,
+    check_run_folder,
+    mix_seeds,
+    read_log,
+    say_new_run,
 )
-from .clusters import CodebookClusters
-from .errors import ClusterarError
-from .fileio import kill_point, load_tensors, write_json
-from .gpt import GPT, GPT_PRESETS, MODEL_FILE, load_gpt, read_gpt_info, save_gpt
-from .methods import TRAIN_METHODS, Method
-from .runtime import autocast, notice, num_params, pick_device
-from .tokenizer import load_tokenizer, resolve_tokenizer_path
-from .tokenizer_train import truncate_log
-from .tokens import TokenFile
-from .viz import plot_curves
+from .parallel import DistInfo, Parallel, close_distributed, init_distributed
 
-CHECKPOINT = "checkpoint.safetensors"
 CHECKPOINT_KIND = "clusterar.gpt-checkpoint"
-LOG_FILE = "log.jsonl"
 SNAPSHOT_DIR = "snapshots"
 BETAS = (0.9, 0.95)
 SCHEDULES = ("constant", "cosine")
@@ -71,39 +74,41 @@ SCHEDULES = ("constant", "cosine")
 SESSION_FIELDS = ("log_every", "ckpt_every", "snapshot_every", "snapshot_steps", "compile", "device", "fsdp")
 # The budget may grow on resume (a finished run extended); the rest of the run stays as it was.
 BUDGET_FIELDS = ("steps", "epochs")
+# The streams of `mix_seeds(seed, stream, ...)`: 0 is the data order (`loop.epoch_permutation`).
+VIEWS_STREAM, MODEL_RNG_STREAM = 1, 2
 
 
 @dataclass
 class TrainConfig:
-    tokens: str = ""  # train split token file (`clusterar encode`)
-    tokenizer: str = ""  # the tokenizer that made it (checked; recorded for the sampler)
-    method: str = "baseline"  # baseline | iar | ctf-coarse | ctf-refiner
+    tokens: str = ""  # train token file (`clusterar encode`)
+    tokenizer: str = ""  # the tokenizer that encoded --tokens (checked; recorded for the sampler)
+    method: str = "baseline"  # baseline, iar, ctf-coarse (CTF stage 1) or ctf-refiner (CTF stage 2)
     model: str = "cpu-s"  # GPT preset; vocabularies, grid, classes and causality come from data + method
-    clusters: str | None = None  # clusters file (IAR: balanced; CTF: k-means); baseline: logging only
-    cluster_weight: float = 1.0  # IAR's lambda
-    rearrange: bool = True  # IAR: contiguous cluster ids; False: original ids + segment cluster CE
-    restrict_to_cluster: bool = False  # CTF refiner: mask logits outside each position's cluster
-    epochs: float | None = None  # budget: epochs (one pass over the N images) ...
-    steps: int | None = None  # ... or optimizer steps; exactly one of the two
-    batch_size: int = 64  # per process and micro-batch; global batch = batch x grad_accum x world
-    grad_accum: int = 1
-    lr: float = 1e-4
-    schedule: str = "constant"  # constant (LlamaGen, IAR) | cosine to min_lr (CTF)
-    min_lr: float = 1e-5
+    clusters: str | None = None  # clusters file: balanced for iar, k-means for ctf-*; baseline: logging only
+    cluster_weight: float = 1.0  # IAR's lambda on the cluster CE
+    rearrange: bool = True  # iar: contiguous cluster ids; --no-rearrange: original ids + segment cluster CE
+    restrict_to_cluster: bool = False  # ctf-refiner: mask logits outside each position's coarse cluster
+    epochs: float | None = None  # budget in epochs (passes over the images; a float is fine) ...
+    steps: int | None = None  # ... or in optimizer steps; exactly one of the two
+    batch_size: int = 64  # per process and micro-batch; global batch = this x grad-accum x processes
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    schedule: str = "constant"  # constant (LlamaGen, IAR) or cosine to --min-lr (CTF)
+    min_lr: float = 1e-5  # the cosine schedule's floor
     warmup: int = 0  # linear warmup steps
-    weight_decay: float = 0.05
-    grad_clip: float = 1.0  # 0 = off
-    class_dropout: float = 0.1
-    dropout: float | None = None  # token/residual/FFN dropout; None keeps the preset's (0.1)
+    weight_decay: float = 0.05  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clipping; 0 = off
+    class_dropout: float = 0.1  # class-label dropout, which trains the unconditional branch of CFG
+    dropout: float | None = None  # token/residual/FFN dropout; none keeps the preset's (0.1)
     ema: float | None = None  # EMA decay, e.g. 0.9999; the model file then holds the EMA weights
-    compile: bool = False
-    fsdp: bool = False
-    log_every: int = 10
-    ckpt_every: int = 1000
+    compile: bool = False  # torch.compile the model
+    fsdp: bool = False  # shard parameters and optimizer over processes (FSDP2)
+    log_every: int = 10  # steps between log records
+    ckpt_every: int = 1000  # steps between checkpoints
     snapshot_every: float | None = None  # epochs between snapshots/model-stepNNNNNNN.safetensors
     snapshot_steps: int | None = None  # ... or optimizer steps between them (finer than an epoch)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = 0  # random seed
+    device: str = "auto"  # auto, cpu or cuda[:N]
 
     def check(self) -> None:
         """Check every setting before any file is read, with the flag to fix in the message."""
@@ -162,90 +167,14 @@ class TrainConfig:
         if self.seed < 0:
             raise ClusterarError(f"--seed must be >= 0, got {self.seed}")
 
-
-# ----------------------------------------------------------------------------- schedule and randomness
-
-
-def _seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (seed, stream, step, rank...): no two streams collide."""
-    s = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint32)
-    return (int(s[0]) << 31) | (int(s[1]) >> 1)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The image order of one epoch: a function of (seed, epoch) only."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_seed(seed, 0, epoch)))
+    def lr_schedule(self) -> Schedule:
+        """The learning rate of every step (`loop.Schedule`): warm-up, then constant or cosine to min_lr."""
+        return Schedule(self.lr, self.warmup, self.schedule, self.min_lr)
 
 
 def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine to min_lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
-    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-# ----------------------------------------------------------------------------- distributed setup
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # we initialised the process group, so we destroy it
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
-    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK (NCCL on CUDA, gloo on CPU);
-    a plain single process otherwise. Each process uses GPU LOCAL_RANK."""
-    dev = pick_device(device)
-    if dist.is_initialized():  # a caller set the group up
-        info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        info = DistInfo(
-            int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True
-        )
-    else:
-        return DistInfo(), dev
-    if dev.type == "cuda":
-        dev = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(dev)
-    if info.owns_group:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return info, dev
-
-
-def close_distributed(all_finished: bool) -> None:
-    """Leave the process group so that no rank exits while another still talks to it.
-
-    Rank 0 writes files and plots after the last collective while the others reach this point at once;
-    a rank that tore gloo down (and exited) then, with FSDP's modules, device mesh and pending work
-    objects still alive in reference cycles, died now and then at interpreter exit with SIGABRT
-    ("terminate called without an active exception"). So: free what holds the group (gc, for the
-    cycles), wait for every rank (`all_finished`: every rank returned; skipped after an error, where a peer
-    may never arrive), then destroy the group while the interpreter is whole.
-    """
-    gc.collect()
-    if all_finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-class _StateDict:
-    """Hands ready-made state dicts to `save_checkpoint` (FSDP: gathered full tensors, not the module's)."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
+    return cfg.lr_schedule().at(step, total)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -302,151 +231,153 @@ def _normalised(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-class Trainer:
-    """State of one training session; `train` below is the entry point."""
+@dataclass
+class Resumed:
+    """What a checkpoint restores besides the weights, which are loaded into the model as it is read."""
 
-    def __init__(self, cfg: TrainConfig, out: Path, di: DistInfo, device: torch.device):
+    meta: dict[str, Any]  # step, elapsed time, the run's config, ...
+    optimizer: dict[str, Any]  # `Optimizer.state_dict` form, keyed by index in `Trainer.opt_names` order
+    extra: dict[str, torch.Tensor]  # the EMA weights ("ema.NAME"), if the run keeps them
+
+
+class Trainer:
+    """One training session. The constructor sets everything up (inputs, sizes, model, optimizer and EMA,
+    restored from the checkpoint on resume); `fit` runs the loop. `train` below is the entry point."""
+
+    def __init__(self, cfg: TrainConfig, out: Path, di: DistInfo, device: torch.device, resume: bool):
         self.cfg, self.out, self.di, self.device = cfg, out, di, device
         self.ckpt = out / CHECKPOINT
         self.inputs = load_inputs(cfg)
         self.method = self.inputs.method.to(device)
         tf = self.inputs.tokens
+
+        # sizes: global batch, data order, budget
         self.global_batch = cfg.batch_size * cfg.grad_accum * di.world
-        self.per_epoch = len(tf) // self.global_batch
+        self.order = BatchOrder(len(tf), self.global_batch, cfg.seed)
+        self.per_epoch = self.order.per_epoch
         if self.per_epoch == 0:
             raise ClusterarError(
                 f"the global batch (--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum} x {di.world} "
                 f"processes = {self.global_batch}) is larger than the {len(tf)} images of {cfg.tokens}"
             )
         self.total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * self.per_epoch))
+        self.schedule = cfg.lr_schedule()
         self.model_config = self.method.model_config(
             cfg.model, tf.grid[0], tf.num_classes, cfg.class_dropout, cfg.dropout
         )
         self.tokens_per_step = self.global_batch * tf.seq_len
-        self.is_fsdp = cfg.fsdp
-        if cfg.fsdp and di.world < 2:
-            raise ClusterarError(
-                "--fsdp shards the model over processes: launch with torchrun --nproc_per_node N"
-            )
+        self.par = Parallel(di, device, cfg.fsdp)
+        self._check_folder(resume)
 
-    # ------------------------------------------------------------ model and optimizer
-
-    def build(self, resume: bool) -> None:
-        cfg = self.cfg
+        # model and optimizer; on resume the weights are loaded before the model is placed (sharded)
         torch.manual_seed(cfg.seed)
         bare = GPT(self.model_config)
-        names = [n for n, _ in bare.named_parameters()]
-        self.decay_names = [n for n, p in bare.named_parameters() if p.dim() >= 2]
-        self.nodecay_names = [n for n, p in bare.named_parameters() if p.dim() < 2]
-        self.opt_names = self.decay_names + self.nodecay_names  # optimizer index order
-        self.step, self.elapsed_before, meta, extra = 0, 0.0, None, {}
-        if resume and self.ckpt.exists():
-            if self.is_fsdp:  # weights now, into the unsharded module; optimizer state after sharding
-                tensors, meta = load_tensors(self.ckpt, "checkpoint")
-                load_state_strict(
-                    bare, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(self.ckpt)
-                )
-                extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-                osd = _unflatten_optimizer(
-                    {k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"]
-                )
-        if self.is_fsdp:
-            from torch.distributed.fsdp import fully_shard
-
-            for layer in bare.layers:
-                fully_shard(layer)
-            fully_shard(bare)  # moves the parameter shards to this rank's device
-            bare.freqs_cis = bare.freqs_cis.to(self.device)
-        else:
-            bare.to(self.device)
+        self.param_names = [n for n, _ in bare.named_parameters()]
+        decay = [n for n, p in bare.named_parameters() if p.dim() >= 2]
+        nodecay = [n for n, p in bare.named_parameters() if p.dim() < 2]
+        self.opt_names = decay + nodecay  # the optimizer's index order
+        saved = self._read_checkpoint(bare) if resume and self.ckpt.exists() else None
+        self.par.place(bare)
         self.bare = bare
         params = dict(bare.named_parameters())
+        self.params = [params[n] for n in self.param_names]
         groups = [
-            {"params": [params[n] for n in self.decay_names], "weight_decay": cfg.weight_decay},
-            {"params": [params[n] for n in self.nodecay_names], "weight_decay": 0.0},
+            {"params": [params[n] for n in decay], "weight_decay": cfg.weight_decay},
+            {"params": [params[n] for n in nodecay], "weight_decay": 0.0},
         ]
-        fused = self.device.type == "cuda" and not self.is_fsdp
-        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, fused=fused or None)
-        if resume and self.ckpt.exists():
-            if self.is_fsdp:
-                self._load_fsdp_optimizer(osd)
-            else:
-                meta, extra = load_checkpoint(self.ckpt, bare, self.opt)
-            self._check_resume(meta)
-            self.step, self.elapsed_before = int(meta["step"]), float(meta.get("elapsed", 0.0))
-            self.ckpt_meta = meta
-            self._say_resumed(meta)
-        elif resume and self.di.main:
-            notice(f"--resume: {self.out} holds no checkpoint yet; starting a new run there")
-        self.params = [params[n] for n in names]
-        self.param_names = names
-        self.ema = None
+        self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, fused=self.par.fused_optimizer or None)
+        self.step, self.elapsed_before = 0, 0.0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        if saved is not None:
+            self.par.load_optimizer(self.opt, saved.optimizer, self.opt_names)
+            self._check_resume(saved.meta)
+            self.step = self.saved_step = int(saved.meta["step"])
+            self.elapsed_before = float(saved.meta.get("elapsed", 0.0))
+            self._say_resumed(saved.meta)
+        elif resume and di.main:
+            say_new_run(out)
+        self.ema: list[torch.Tensor] | None = None
         if cfg.ema is not None:
             self.ema = [p.detach().clone() for p in self.params]
-            if extra:
-                self._load_ema(extra)
-        model: torch.nn.Module = bare
-        if self.di.world > 1 and not self.is_fsdp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            model = DDP(bare, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.ddp = model if model is not bare else None
-        self.model, self.loss_fn = model, self.method.loss
+            if saved is not None and saved.extra:
+                self._load_ema(saved.extra)
+        self.model, self.loss_fn = self.par.wrap(bare), self.method.loss
         if cfg.compile:
             # Static shapes (they never change in a run), and a fresh cache: a process that trains several
             # models (an experiment, a benchmark) would otherwise hit dynamo's recompile limit or switch to
             # dynamic shapes. The loss is compiled on its own so that its passes over the [B, T, V] logits
             # fuse (DDP and FSDP stay outside the compiled loss).
             torch._dynamo.reset()
-            self.model = torch.compile(model, dynamic=False)
+            self.model = torch.compile(self.model, dynamic=False)
             self.loss_fn = torch.compile(self.method.loss, dynamic=False)
+        self.tic, self.paused = 0.0, 0.0  # the session's start and its time spent saving (set by `fit`)
 
-    def _say_resumed(self, meta: dict) -> None:
-        """One line: where the run continues, and what a changed budget means for the schedule."""
-        saved = meta["train_config"]
-        saved_total = (
-            saved["steps"]
-            if saved.get("steps") is not None
-            else max(1, round(saved["epochs"] * self.per_epoch))
+    # ------------------------------------------------------------ the run folder and resuming
+
+    def _interrupted_first_save(self) -> bool:
+        """True if the folder holds only what a session killed inside its first save leaves: the model
+        file of that save (written before the checkpoint) and no checkpoint. Such a run starts over, and
+        recomputes the same steps. A model file of any later step, or of the final one (a run whose
+        checkpoint was deleted, or a one-save run killed in it: the two look alike), is still refused by
+        `check_run_folder`, so that a finished model is never overwritten by a run started over."""
+        model = self.out / MODEL_FILE
+        if self.ckpt.exists() or not model.exists():
+            return False
+        step = read_gpt_info(model).get("step")
+        return step == min(self.cfg.ckpt_every, self.total) and step < self.total
+
+    def _check_folder(self, resume: bool) -> None:
+        """Refuse to overwrite a run (`loop.check_run_folder`), after removing what a session killed in its
+        first save left."""
+        if resume and self._interrupted_first_save():
+            if self.di.main:
+                notice(f"--resume: {self.out} was stopped inside its first checkpoint; starting the run over")
+                (self.out / MODEL_FILE).unlink()
+            self.par.barrier()
+        check_run_folder(self.ckpt, CHECKPOINT_KIND, resume, MODEL_FILE, "training run")
+
+    def _read_checkpoint(self, bare: GPT) -> Resumed:
+        """Load the checkpoint's weights into the unplaced model; return the rest."""
+        tensors, meta = load_tensors(self.ckpt, "checkpoint")
+        load_state_strict(
+            bare, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(self.ckpt)
         )
-        if self.total < self.step:
+        if "optimizer" not in meta:
             raise ClusterarError(
-                f"cannot resume {self.ckpt} with a budget of {self.total} steps: it is already at step "
-                f"{self.step}; give a larger --steps/--epochs to extend it, or the run's own budget to finish it"
+                f"checkpoint {self.ckpt} has no optimizer state, so the run cannot resume from it"
             )
-        line = f"resuming {self.out} at step {self.step} of {self.total}"
-        if saved_total != self.total:
-            line += f" (the budget was {saved_total} steps"
-            if self.cfg.schedule == "cosine" or self.cfg.warmup > min(saved_total, self.step):
-                line += "; the learning-rate schedule is stretched to the new budget from here on"
-            line += ")"
-        if self.di.main:
-            notice(line)
+        optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return Resumed(meta, _unflatten_optimizer(optim, meta["optimizer"]), extra)
 
     def _check_resume(self, meta: dict) -> None:
-        saved = meta["train_config"]
-        now = _normalised(self.cfg)
-        diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v and k not in BUDGET_FIELDS}
-        if diff:
-            raise ClusterarError(
-                f"cannot resume {self.ckpt}: settings differ from the saved run (saved, now): {diff}. Only "
-                f"{', '.join(SESSION_FIELDS)} may change; start a new run folder for other settings"
-            )
+        check_resumed_settings(
+            self.ckpt, meta["train_config"], _normalised(self.cfg), SESSION_FIELDS, BUDGET_FIELDS
+        )
         if meta["global_batch"] != self.global_batch:
             raise ClusterarError(
                 f"cannot resume {self.ckpt} exactly: it was trained with global batch {meta['global_batch']}, "
                 f"now batch x grad-accum x processes = {self.global_batch}; keep the global batch the same"
             )
 
-    def _load_fsdp_optimizer(self, osd: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        names = self.opt_names
-        full = {
-            "state": {names[int(i)]: s for i, s in osd["state"].items()},
-            "param_groups": [dict(g, params=[names[i] for i in g["params"]]) for g in osd["param_groups"]],
-        }
-        set_optimizer_state_dict(self.bare, self.opt, full, options=StateDictOptions(full_state_dict=True))
+    def _say_resumed(self, meta: dict) -> None:
+        """Refuse a budget below the step reached; say where the run continues (rank 0)."""
+        saved = meta["train_config"]
+        saved_total = (
+            saved["steps"]
+            if saved.get("steps") is not None
+            else max(1, round(saved["epochs"] * self.per_epoch))
+        )
+        announce_resume(
+            self.out,
+            self.ckpt,
+            self.step,
+            self.total,
+            saved_total,
+            self.schedule,
+            BUDGET_FIELDS,
+            say=self.di.main,
+        )
 
     def _load_ema(self, extra: dict[str, torch.Tensor]) -> None:
         missing = [n for n in self.param_names if f"ema.{n}" not in extra]
@@ -456,23 +387,13 @@ class Trainer:
                 "resume without --ema or start a new run"
             )
         for i, n in enumerate(self.param_names):
-            full = extra[f"ema.{n}"]
-            e = self.ema[i]
-            if _is_dtensor(e):
-                from torch.distributed.tensor import distribute_tensor
-
-                self.ema[i] = distribute_tensor(full.to(e.device), e.device_mesh, e.placements)
-            else:
-                e.copy_(full)
+            self.ema[i] = self.par.set_full(self.ema[i], extra[f"ema.{n}"])
 
     # ------------------------------------------------------------ state out
 
     def _full(self, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """{name: full CPU tensor} for tensors aligned with the parameters (all ranks call it under FSDP)."""
-        return {
-            n: (t.full_tensor() if _is_dtensor(t) else t).detach().cpu()
-            for n, t in zip(self.param_names, tensors, strict=True)
-        }
+        return {n: self.par.full(t).detach().cpu() for n, t in zip(self.param_names, tensors, strict=True)}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights that go into model.safetensors: EMA if --ema, else the raw ones (full, on CPU)."""
@@ -512,11 +433,9 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """True if every weight is finite (on every rank): a non-finite one must never reach a checkpoint."""
-        local = [p.to_local() if _is_dtensor(p) else p for p in self.params]
-        ok = torch.stack([t.detach().isfinite().all() for t in local]).all().to(torch.int32)
-        if self.di.world > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+        return self.par.all_true(
+            torch.stack([self.par.local(p).detach().isfinite().all() for p in self.params]).all()
+        )
 
     def check_finite(self) -> None:
         """Stop before a file is written from non-finite weights (all ranks)."""
@@ -543,27 +462,9 @@ class Trainer:
             "gpt_config": self.model_config.to_dict(),
         }
         extra = {f"ema.{n}": t for n, t in self._full(self.ema).items()} if self.ema is not None else {}
-        if self.is_fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            msd = get_model_state_dict(self.bare, options=opts)
-            osd = get_optimizer_state_dict(self.bare, self.opt, options=opts)
-            if self.di.main:
-                index = {n: i for i, n in enumerate(self.opt_names)}
-                osd = {
-                    "state": {index[n]: s for n, s in osd["state"].items()},
-                    "param_groups": [
-                        dict(g, params=[index[n] for n in g["params"]]) for g in osd["param_groups"]
-                    ],
-                }
-                save_checkpoint(self.ckpt, _StateDict(msd), _StateDict(osd), meta, extra)
-        elif self.di.main:
-            save_checkpoint(self.ckpt, self.bare, self.opt, meta, extra)
+        state = self.par.checkpoint_state(self.opt, self.opt_names)  # all ranks gather under FSDP
+        if state is not None:
+            save_checkpoint(self.ckpt, *state, meta, extra)
 
     def _kept(self) -> str:
         if self.saved_step is None:
@@ -575,16 +476,15 @@ class Trainer:
 
     # ------------------------------------------------------------ one optimizer step
 
-    def train_step(self, perm: torch.Tensor, want_metrics: bool) -> dict[str, float]:
+    def train_step(self, idx: torch.Tensor, want_metrics: bool) -> dict[str, float]:
+        """One optimizer step on the global batch `idx` (this rank trains on its slices of it)."""
         cfg, di, tf = self.cfg, self.di, self.inputs.tokens
         step, b = self.step, cfg.batch_size
-        pos = step % self.per_epoch
-        idx = perm[pos * self.global_batch : (pos + 1) * self.global_batch]
-        gen = torch.Generator().manual_seed(_seed(cfg.seed, 1, step))
+        gen = torch.Generator().manual_seed(mix_seeds(cfg.seed, VIEWS_STREAM, step))
         views = torch.randint(tf.num_views, (self.global_batch,), generator=gen)
         drop = self.bare.class_drop_mask(self.global_batch, gen)
-        torch.manual_seed(_seed(cfg.seed, 2, step, di.rank))  # dropout inside the model
-        lr = lr_at(step, cfg, self.total)
+        torch.manual_seed(mix_seeds(cfg.seed, MODEL_RNG_STREAM, step, di.rank))  # dropout inside the model
+        lr = self.schedule.at(step, self.total)
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.model.train()
@@ -597,11 +497,7 @@ class Trainer:
             codes = codes.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             inputs, targets, coarse = self.method.prepare(codes)
-            last = a == cfg.grad_accum - 1
-            if self.is_fsdp:
-                self.bare.set_requires_gradient_sync(last)
-            sync = self.ddp.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
-            with sync:
+            with self.par.grad_sync(a == cfg.grad_accum - 1):
                 with autocast(self.device):
                     logits = self.model(inputs, labels, class_drop=drop[lo : lo + b].to(self.device))
                 parts = self.loss_fn(logits, targets, coarse)
@@ -610,11 +506,8 @@ class Trainer:
                 parts.update(self.method.metrics(logits.detach(), targets, coarse))
             sums += torch.stack([parts[n].detach().float() for n in names]) / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        if _is_dtensor(norm):
-            norm = norm.full_tensor()
-        if di.world > 1:
-            dist.all_reduce(sums)
-            sums /= di.world
+        norm = self.par.full(norm)
+        self.par.mean(sums)
         values = torch.cat([sums, norm.detach().float().reshape(1).to(sums.device)]).tolist()
         if not all(math.isfinite(v) for v in values):
             got = ", ".join(f"{n} {v:.4g}" for n, v in zip(names + ["grad_norm"], values, strict=True))
@@ -624,12 +517,7 @@ class Trainer:
             )
         self.opt.step()
         if self.ema is not None:
-            with torch.no_grad():
-                if self.is_fsdp:  # DTensor shards
-                    for e, p in zip(self.ema, self.params, strict=True):
-                        e.lerp_(p.detach(), 1.0 - cfg.ema)
-                else:
-                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.params], 1.0 - cfg.ema)
+            self.par.ema_update(self.ema, self.params, 1.0 - cfg.ema)
         self.step += 1
         out = dict(zip(names, values[:-1], strict=True))
         out.update(grad_norm=values[-1], lr=lr)
@@ -637,37 +525,12 @@ class Trainer:
 
     # ------------------------------------------------------------ the loop
 
-    def _interrupted_first_save(self) -> bool:
-        """True if the folder holds only what a session killed inside its first save leaves: the model
-        file of that save (written before the checkpoint) and no checkpoint. Such a run starts over, and
-        recomputes the same steps. A model file of any later step, or of the final one (a run whose
-        checkpoint was deleted, or a one-save run killed in it: the two look alike), is still refused by
-        `run_checkpoint`, so that a finished model is never overwritten by a run started over."""
-        model = self.out / MODEL_FILE
-        if self.ckpt.exists() or not model.exists():
-            return False
-        step = read_gpt_info(model).get("step")
-        return step == min(self.cfg.ckpt_every, self.total) and step < self.total
-
-    def fit(self, resume: bool, stop_at: int | None, progress: bool) -> dict:
+    def fit(self, stop_at: int | None, progress: bool) -> dict:
+        """Train from `self.step` to the budget (or to `stop_at`, with a checkpoint); return the summary."""
         cfg, di, out = self.cfg, self.di, self.out
-        if resume and self._interrupted_first_save():
-            if di.main:
-                notice(f"--resume: {out} was stopped inside its first checkpoint; starting the run over")
-                (out / MODEL_FILE).unlink()
-            if di.world > 1:
-                dist.barrier()
-        run_checkpoint(self.ckpt, CHECKPOINT_KIND, resume, MODEL_FILE)
-        self.ckpt_meta = None
-        self.build(resume)
-        self.saved_step = self.step if self.ckpt_meta is not None else None
         log = None
         if di.main:
             out.mkdir(parents=True, exist_ok=True)
-            if self.step:
-                truncate_log(out / LOG_FILE, self.step)
-            elif (out / LOG_FILE).exists():
-                (out / LOG_FILE).unlink()  # a fresh run in a folder whose earlier run never checkpointed
             write_json(
                 out / "config.json",
                 {
@@ -681,7 +544,7 @@ class Trainer:
                     "total_steps": self.total,
                 },
             )
-            log = open(out / LOG_FILE, "a")  # noqa: SIM115 - closed in finally
+            log = JsonlLog(out / LOG_FILE, self.step)
         snap_every = cfg.snapshot_steps
         if cfg.snapshot_every is not None:
             snap_every = max(1, round(cfg.snapshot_every * self.per_epoch))
@@ -696,15 +559,11 @@ class Trainer:
         self.tic, self.paused = time.perf_counter(), 0.0
         start_step, window_tic, window_start = self.step, self.tic, self.step
         last: dict[str, float] = {}
-        perm, perm_epoch = None, -1
         try:
             while self.step < end:
-                epoch = self.step // self.per_epoch
-                if epoch != perm_epoch:
-                    perm, perm_epoch = epoch_permutation(len(self.inputs.tokens), cfg.seed, epoch), epoch
                 nxt = self.step + 1
                 want = nxt % cfg.log_every == 0 or nxt == end
-                rec = self.train_step(perm, want)
+                rec = self.train_step(self.order(self.step), want)
                 bar.update(1)
                 if want:
                     now = time.perf_counter()
@@ -714,8 +573,7 @@ class Trainer:
                     last.update({k: round(v, 6) for k, v in rec.items() if k != "lr"})
                     last.update(lr=rec["lr"], tokens_per_s=round(rate, 1), elapsed=self.elapsed())
                     if log is not None:
-                        log.write(json.dumps(last) + "\n")
-                        log.flush()
+                        log.write(last)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 kill_point("train.step")
                 snap = snap_every is not None and (self.step % snap_every == 0 or self.step == self.total)
@@ -739,7 +597,7 @@ class Trainer:
                 log.close()
         train_s = time.perf_counter() - self.tic - self.paused
         if di.main:
-            records = [json.loads(line) for line in open(out / LOG_FILE)]
+            records = read_log(out / LOG_FILE)
             plot_curves(
                 records,
                 ["loss", "acc_token", "acc_cluster", "cluster_ce", "lr"],
@@ -806,10 +664,6 @@ def validation_loss(
     return {k: v / len(tf) for k, v in sums.items()}
 
 
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor"
-
-
 def train(
     cfg: TrainConfig,
     out: str | os.PathLike,
@@ -827,8 +681,8 @@ def train(
     di, device = init_distributed(cfg.device)
     trainer, finished = None, False
     try:
-        trainer = Trainer(cfg, Path(out), di, device)
-        summary = trainer.fit(resume, stop_at, progress)
+        trainer = Trainer(cfg, Path(out), di, device, resume)
+        summary = trainer.fit(stop_at, progress)
         finished = True
         return summary
     finally:
