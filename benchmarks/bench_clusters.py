@@ -20,10 +20,11 @@ import time
 
 import torch
 
-from clusterar.clusters import balanced_kmeans, iar_greedy_balanced_kmeans, kmeans
+from clusterar.clusters import balanced_kmeans, kmeans
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._results import write_section  # noqa: E402
+from benchmarks.iar_reference import iar_greedy_balanced_kmeans  # noqa: E402
 
 K, D, FULL = 16384, 8, 100
 

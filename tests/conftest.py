@@ -13,6 +13,22 @@ import torch
 from PIL import Image
 
 
+def tiny_tokenizer(seed: int = 0, **overrides):
+    """The one tiny tokenizer of the tests, with random weights from `seed`, in eval mode: the "tiny"
+    preset (32x32 images -> 8x8 tokens, 512 codes) unless `overrides` change its config. Also a fixture
+    (`make_tokenizer`); scripts outside pytest (docs/make_reliability.py) import it."""
+    from clusterar.tokenizer import VQModel, vq_preset
+
+    torch.manual_seed(seed)
+    return VQModel(vq_preset("tiny", **overrides)).eval()
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    """tiny_tokenizer, for tests and fixtures."""
+    return tiny_tokenizer
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for modules of tiny ops: on a shared 2-core machine a second thread only adds

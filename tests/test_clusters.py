@@ -7,12 +7,11 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from benchmarks.iar_reference import iar_greedy_assign, iar_greedy_balanced_kmeans
 from clusterar.clusters import (
     CodebookClusters,
     balanced_assign,
     balanced_kmeans,
-    iar_greedy_assign,
-    iar_greedy_balanced_kmeans,
     kmeans,
     permute_codebook,
     permute_rows,

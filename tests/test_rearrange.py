@@ -36,7 +36,7 @@ def make_tokenizer(seed: int) -> VQModel:
 
 
 @pytest.fixture(scope="module")
-def tok() -> VQModel:
+def tok(make_tokenizer) -> VQModel:
     return make_tokenizer(0)
 
 
@@ -65,7 +65,7 @@ def files(tok, tmp_path_factory):
 
 
 @pytest.mark.parametrize("which", ["clusters", "kmeans_clusters"])
-def test_rearranged_tokenizer_decodes_remapped_tokens_bit_identically(tok, which, request):
+def test_rearranged_tokenizer_decodes_remapped_tokens_bit_identically(make_tokenizer, tok, which, request):
     cl = request.getfixturevalue(which)
     new = rearranged_tokenizer(tok, cl)
     assert new is not tok and torch.equal(
@@ -84,12 +84,12 @@ def test_rearranged_tokenizer_decodes_remapped_tokens_bit_identically(tok, which
     assert all(torch.equal(a[k], b[k]) for k in a if k != "quantize.embedding.weight")
 
 
-def test_rearranged_tokenizer_refuses_other_codebook(clusters):
+def test_rearranged_tokenizer_refuses_other_codebook(make_tokenizer, clusters):
     with pytest.raises(ClusterarError, match="were computed on codebook"):
         rearranged_tokenizer(make_tokenizer(1), clusters)
 
 
-def test_rearrange_tokenizer_file(tok, clusters, files, tmp_path):
+def test_rearrange_tokenizer_file(make_tokenizer, tok, clusters, files, tmp_path):
     d, _ = files
     out = rearrange_tokenizer_file(d / "tok.safetensors", clusters, tmp_path / "new")
     assert out == tmp_path / "new" / "tokenizer.safetensors"
@@ -161,7 +161,7 @@ def test_rearrange_token_file_round_trip(tok, clusters, files, tmp_path):
     rows = np.arange(0, len(tf), 37)
     assert torch.equal(new.decode(out.batch(rows)[0]), tok.decode(tf.batch(rows)[0]))
     # the rows remapped in chunks equal the whole-file lookup
-    import clusterar.rearrange as rearrange_module
+    import clusterar.clusters.rearrange as rearrange_module
 
     small = rearrange_module._CHUNK_IDS
     try:
@@ -172,7 +172,7 @@ def test_rearrange_token_file_round_trip(tok, clusters, files, tmp_path):
     assert np.array_equal(chunked.codes, out.codes)
 
 
-def test_rearrange_token_file_refusals(tok, clusters, kmeans_clusters, files, tmp_path):
+def test_rearrange_token_file_refusals(make_tokenizer, tok, clusters, kmeans_clusters, files, tmp_path):
     _, tf = files
     out = rearrange_token_file(tf.path, clusters, tmp_path / "val.safetensors", tok)
     with pytest.raises(ClusterarError, match="already remapped"):
@@ -243,7 +243,7 @@ def test_swap_tokens_needs_two_clusters(tok):
         swap_tokens(torch.zeros(2, 4, dtype=torch.long), one.labels, False, torch.Generator())
 
 
-def test_inspect_clusters_writes_its_files(tok, clusters, tmp_path):
+def test_inspect_clusters_writes_its_files(make_tokenizer, tok, clusters, tmp_path):
     figures = inspect_clusters(clusters, tok, "digits", 32, tmp_path / "insp", n_images=12, seed=0)
     assert sorted(p.name for p in (tmp_path / "insp").iterdir()) == [
         "clusters.png",

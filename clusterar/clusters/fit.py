@@ -1,4 +1,4 @@
-"""Clustering of a VQ codebook: k-means (CTF), balanced k-means (IAR), random (the ablation), IAR's file.
+"""Fitting clusters to a VQ codebook: k-means (CTF), balanced k-means (IAR), random (the ablation).
 
 Both papers cluster the L2-normalised codebook rows (the tokenizer looks codes up by cosine), so every
 method here normalises the rows first; the objective is the within-cluster sum of squares (WCSS) of those
@@ -25,32 +25,21 @@ but its tail is hundreds of one-code rounds with tiny price steps; cycle cancell
 The centre update is the plain mean, not re-normalised (as IAR): the mean minimises the WCSS for fixed
 labels, so assignment and update both never increase it and the iteration stops when labels repeat.
 
-IAR's own script (`iar_greedy_balanced_kmeans`, kept as the reference baseline) assigns greedily in Python
-loops: minutes per run, not converged, ~6% of codes outside their nearest centre.
-
-`CodebookClusters` holds a result (labels, sizes, the permutation that makes every cluster a contiguous id
-block, and the fingerprint of the codebook it belongs to) and saves it as safetensors.
+IAR's own script (kept as the reference baseline in `benchmarks/iar_reference.py`) assigns greedily in
+Python loops: minutes per run, not converged, ~6% of codes outside their nearest centre.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .checkpoints import load_torch_file
-from .errors import ClusterarError
-from .fileio import expect_kind, file_error, fingerprint, load_tensors, save_tensors
+from ..errors import ClusterarError
 
-CLUSTER_METHODS = ("kmeans", "balanced", "random")
-FORMAT = "codebook_clusters"
-FORMAT_VERSION = 1
+CLUSTER_METHODS = ("kmeans", "balanced", "random")  # the methods `CodebookClusters.fit` offers
 _TOL = 1e-10  # strict-improvement threshold on costs of order 1: float64 noise never counts as a gain
 
 
@@ -202,7 +191,7 @@ def _lloyd(
     return labels, centres, it, converged
 
 
-# ----------------------------------------------------------------------------- k-means (CTF)
+# ----------------------------------------------------------------------------- restarts
 
 
 def _check_restarts(n_init: int) -> int:
@@ -211,6 +200,35 @@ def _check_restarts(n_init: int) -> int:
             f"the number of k-means++ starts (--restarts, n_init) must be at least 1, got {n_init}"
         )
     return int(n_init)
+
+
+def _best_of(
+    xn: torch.Tensor,
+    n: int,
+    starts: int,
+    run: Callable[[], tuple[torch.Tensor, dict]],
+    info: dict | None,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best of `starts` calls of `run` (one start each, drawing its own seeding): (labels, centres =
+    the labels' means, objective = WCSS), the first one on ties. `run` returns the labels and a record
+    (iters, converged, ...) that gets the objective added; `info` receives all records and their totals."""
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    runs = []
+    for _ in range(starts):
+        labels, record = run()
+        centres, _ = _cluster_means(xn, labels, n)
+        obj = float(((xn - centres[labels]) ** 2).sum())
+        runs.append({**record, "objective": obj})
+        if best is None or obj < best[2]:
+            best = (labels, centres, obj)
+    if info is not None:
+        info.update(
+            runs=runs, iters=sum(r["iters"] for r in runs), converged=all(r["converged"] for r in runs)
+        )
+    return best
+
+
+# ----------------------------------------------------------------------------- k-means (CTF)
 
 
 def kmeans(
@@ -232,20 +250,13 @@ def kmeans(
     xn = _points(x)
     n = check_n_clusters(xn.shape[0], n_clusters, balanced=False)
     gen = _generator(seed)
-    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    runs = []
-    for _ in range(_check_restarts(n_init)):
-        labels, centres, it, converged = _lloyd(xn, _kmeanspp(xn, n, gen), iters)
-        centres, _ = _cluster_means(xn, labels, n)
-        obj = float(((xn - centres[labels]) ** 2).sum())
-        runs.append({"iters": it, "converged": converged, "objective": obj})
-        if best is None or obj < best[2]:
-            best = (labels, centres, obj)
-    if info is not None:
-        info.update(
-            runs=runs, iters=sum(r["iters"] for r in runs), converged=all(r["converged"] for r in runs)
-        )
-    return best
+    starts = _check_restarts(n_init)
+
+    def run() -> tuple[torch.Tensor, dict]:
+        labels, _, it, converged = _lloyd(xn, _kmeanspp(xn, n, gen), iters)
+        return labels, {"iters": it, "converged": converged}
+
+    return _best_of(xn, n, starts, run, info)
 
 
 # ----------------------------------------------------------------------------- balanced assignment
@@ -547,13 +558,13 @@ def balanced_kmeans(
     n = check_n_clusters(k, n_clusters, balanced=True)
     m = k // n
     gen = _generator(seed)
-    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    runs = []
     if init is not None:
         init = torch.as_tensor(init).to(xn)
         if init.shape != (n, xn.shape[1]):
             raise ClusterarError(f"init must be centres [{n}, {xn.shape[1]}], got shape {tuple(init.shape)}")
-    for _ in range(1 if init is not None else _check_restarts(n_init)):
+    starts = 1 if init is not None else _check_restarts(n_init)
+
+    def run() -> tuple[torch.Tensor, dict]:
         if init is not None:
             centres = init
         else:
@@ -562,111 +573,20 @@ def balanced_kmeans(
                 centres = _lloyd(xn, centres, warmup)[1]
         if n == 1:
             labels = torch.zeros(k, dtype=torch.long, device=xn.device)
-            centres, _ = _cluster_means(xn, labels, n)
-            runs.append({"iters": 0, "converged": True, "moved": 0})
-        else:
-            state = _Balanced(xn, centres, _greedy_start(xn, centres, m), neighbours)
-            it, converged, moved = 0, False, 0
-            for it in range(1, iters + 1):
-                step = state.solve()
-                if step == 0 and it > 1:  # the labels repeat: a fixed point
-                    converged = True
-                    break
-                moved += step
-                centres, _ = _cluster_means(xn, state.labels, n)
-                state.set_centres(centres)
-            labels = state.labels
-            centres, _ = _cluster_means(xn, labels, n)
-            runs.append({"iters": it, "converged": converged, "moved": moved})
-        obj = float(((xn - centres[labels]) ** 2).sum())
-        runs[-1]["objective"] = obj
-        if best is None or obj < best[2]:
-            best = (labels, centres, obj)
-    if info is not None:
-        info.update(
-            runs=runs, iters=sum(r["iters"] for r in runs), converged=all(r["converged"] for r in runs)
-        )
-    return best
-
-
-# ----------------------------------------------------------------------------- IAR's script (baseline)
-
-
-def _greedy_assign(xn: torch.Tensor, centres: torch.Tensor, m: int, fast_loops: bool = False) -> torch.Tensor:
-    """IAR's assignment step: points in order of their nearest-centre distance, each into its nearest
-    centre that still has room. Python loops over torch scalars as in their script, or over numpy
-    scalars with `fast_loops` (the same decisions, about 20x faster)."""
-    k, n = xn.shape[0], centres.shape[0]
-    dist = torch.cdist(xn, centres)
-    prefs = torch.argsort(dist, dim=1)
-    visit = torch.argsort(dist.min(dim=1).values)
-    if fast_loops:
-        prefs_np, out, room = prefs.numpy(), np.full(k, -1, dtype=np.int64), [m] * n
-        for i in visit.tolist():
-            for c in prefs_np[i]:
-                if room[c]:
-                    out[i] = c
-                    room[c] -= 1
-                    break
-        return torch.from_numpy(out)
-    labels = torch.full((k,), -1, dtype=torch.long)
-    counts = torch.zeros(n, dtype=torch.long)
-    for i in visit:
-        for c in prefs[i]:
-            if counts[c] < m:
-                labels[i] = c
-                counts[c] += 1
+            return labels, {"iters": 0, "converged": True, "moved": 0}
+        state = _Balanced(xn, centres, _greedy_start(xn, centres, m), neighbours)
+        it, converged, moved = 0, False, 0
+        for it in range(1, iters + 1):
+            step = state.solve()
+            if step == 0 and it > 1:  # the labels repeat: a fixed point
+                converged = True
                 break
-    return labels
+            moved += step
+            centres, _ = _cluster_means(xn, state.labels, n)
+            state.set_centres(centres)
+        return state.labels, {"iters": it, "converged": converged, "moved": moved}
 
-
-def iar_greedy_assign(x: torch.Tensor, centres: torch.Tensor, *, fast_loops: bool = False) -> torch.Tensor:
-    """The greedy equal-size assignment of IAR's script (reference baseline; see `balanced_assign`)."""
-    xn = _points(x).float().cpu()
-    centres = torch.as_tensor(centres).float().cpu()
-    n = check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
-    return _greedy_assign(xn, centres, xn.shape[0] // n, fast_loops)
-
-
-def iar_greedy_balanced_kmeans(
-    x: torch.Tensor,
-    n_clusters: int,
-    *,
-    iters: int = 100,
-    seed: int = 0,
-    max_seconds: float | None = None,
-    fast_loops: bool = False,
-    info: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Reference baseline, NOT recommended: a faithful re-implementation of IAR's balanced k-means script.
-
-    Random data points as initial centres; each iteration visits the points in order of their distance to
-    the nearest centre and puts each one into its nearest centre that still has room (greedy, capacity
-    m = K/n), then moves every centre to the mean of its members; a fixed number of iterations, no
-    convergence test. The loops run in Python over torch scalars as in their script, which is what makes
-    it slow (seconds per iteration); `fast_loops` makes the same decisions with numpy scalars. The greedy
-    assignment is not optimal: late points land far from their nearest centre. `max_seconds` stops after
-    the iteration that crosses the limit; `info` receives the iterations done and the time.
-    """
-    xn = _points(x).float().cpu()
-    k = xn.shape[0]
-    n = check_n_clusters(k, n_clusters, balanced=True)
-    m = k // n
-    gen = _generator(seed)
-    centres = xn[torch.randperm(k, generator=gen)[:n]].clone()
-    labels = torch.full((k,), -1, dtype=torch.long)
-    t0 = time.perf_counter()
-    done = 0
-    for _ in range(iters):
-        labels = _greedy_assign(xn, centres, m, fast_loops)
-        centres = torch.stack([xn[labels == c].mean(dim=0) for c in range(n)])
-        done += 1
-        if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
-            break
-    obj = float(((xn.double() - centres.double()[labels]) ** 2).sum())
-    if info is not None:
-        info.update(iters=done, seconds=time.perf_counter() - t0)
-    return labels, centres.double(), obj
+    return _best_of(xn, n, starts, run, info)
 
 
 # ----------------------------------------------------------------------------- random clusters
@@ -687,332 +607,3 @@ def random_clusters(k: int, n_clusters: int, *, balanced: bool = True, seed: int
     labels = torch.randint(n, (k,), generator=gen)
     labels[order[:n]] = torch.arange(n)  # no empty cluster
     return labels
-
-
-# ----------------------------------------------------------------------------- the result object
-
-
-def _as_tensor(x: Any, what: str) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except (TypeError, ValueError) as e:
-        raise ClusterarError(f"{what} must be a tensor or array, got {type(x).__name__}") from e
-
-
-def _check_codebook(codebook: Any) -> torch.Tensor:
-    """The raw codebook as a tensor, after the checks every method needs (2-D, finite)."""
-    codebook = _as_tensor(codebook, "codebook")
-    _points(codebook)
-    return codebook
-
-
-@dataclass(eq=False)
-class CodebookClusters:
-    """A clustering of a codebook: labels phi (code -> cluster) and the id permutation derived from it.
-
-    `perm` renumbers the codes so that every cluster is a contiguous block of ids (clusters in index order,
-    within a cluster by old id; a mapping imported from IAR's file keeps its own order): new_id =
-    perm[old_id], old_id = inverse[new_id]. The fingerprint ties the result to the exact codebook tensor it
-    was computed on, so it is never applied to another one by mistake.
-    """
-
-    labels: torch.Tensor  # int64 [K]: cluster of each (old) code id
-    n_clusters: int
-    method: str  # "kmeans" | "balanced" | "random" | "iar-file" | ...
-    objective: float  # WCSS of the L2-normalised codebook rows around their cluster means
-    codebook_fingerprint: str
-    seed: int | None = 0
-    mapping: torch.Tensor | None = None  # explicit permutation (IAR's file), else derived from labels
-    source: str | None = field(default=None, repr=False)  # file this was loaded from or saved to
-
-    def __post_init__(self) -> None:
-        labels = _as_tensor(self.labels, "labels")
-        if labels.dim() != 1 or labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ClusterarError(
-                f"labels must be a 1-D integer tensor, got {labels.dtype} {tuple(labels.shape)}"
-            )
-        self.labels = labels.detach().to("cpu", torch.long).contiguous()
-        self.n_clusters = int(self.n_clusters)
-        if self.labels.numel() and (int(self.labels.min()) < 0 or int(self.labels.max()) >= self.n_clusters):
-            raise ClusterarError(
-                f"labels must lie in [0, {self.n_clusters}), got {int(self.labels.min())}..{int(self.labels.max())}"
-            )
-        if self.mapping is not None:
-            self.mapping = _check_permutation(self.mapping, self.labels.numel(), "mapping")
-            m = self.block_size
-            if m is None or not torch.equal(self.mapping // m, self.labels):
-                raise ClusterarError(
-                    "mapping does not match the labels: cluster c must own new ids [c*m, (c+1)*m)"
-                )
-
-    # --- derived views
-
-    @property
-    def num_codes(self) -> int:
-        return self.labels.numel()
-
-    @property
-    def sizes(self) -> torch.Tensor:
-        """Members per cluster, int64 [n]."""
-        return torch.bincount(self.labels, minlength=self.n_clusters)
-
-    @property
-    def is_balanced(self) -> bool:
-        return self.num_codes % self.n_clusters == 0 and bool(
-            (self.sizes == self.num_codes // self.n_clusters).all()
-        )
-
-    @property
-    def block_size(self) -> int | None:
-        """Codes per cluster (m) when all clusters have the same size, else None."""
-        return self.num_codes // self.n_clusters if self.is_balanced else None
-
-    @property
-    def inverse(self) -> torch.Tensor:
-        """old_id = inverse[new_id], int64 [K]."""
-        if self.mapping is not None:
-            return torch.argsort(self.mapping)
-        return torch.argsort(self.labels, stable=True)
-
-    @property
-    def perm(self) -> torch.Tensor:
-        """new_id = perm[old_id], int64 [K]: every cluster a contiguous block of new ids."""
-        if self.mapping is not None:
-            return self.mapping.clone()
-        perm = torch.empty_like(self.labels)
-        perm[self.inverse] = torch.arange(self.num_codes)
-        return perm
-
-    @property
-    def new_labels(self) -> torch.Tensor:
-        """Cluster of each NEW id (non-decreasing): labels[inverse]."""
-        return self.labels[self.inverse]
-
-    # --- constructors
-
-    @classmethod
-    def fit(
-        cls, codebook: torch.Tensor, method: str, n_clusters: int, seed: int = 0, **kw: Any
-    ) -> CodebookClusters:
-        """Cluster `codebook` [K, D] (raw rows; normalised inside) with "kmeans" (CTF), "balanced" (IAR)
-        or "random" (the ablation; balanced=True by default). Extra keywords go to the algorithm."""
-        if method not in CLUSTER_METHODS:
-            raise ClusterarError(
-                f"unknown clustering method {method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
-            )
-        codebook = _check_codebook(codebook)
-        if method == "kmeans":
-            labels, _, objective = kmeans(codebook, n_clusters, seed=seed, **kw)
-        elif method == "balanced":
-            labels, _, objective = balanced_kmeans(codebook, n_clusters, seed=seed, **kw)
-        else:
-            labels = random_clusters(codebook.shape[0], n_clusters, seed=seed, **kw)
-            objective = wcss(codebook, labels, n_clusters)
-        return cls(labels.cpu(), n_clusters, method, objective, fingerprint(codebook), seed)
-
-    @classmethod
-    def from_labels(
-        cls,
-        labels: torch.Tensor,
-        codebook: torch.Tensor,
-        method: str = "labels",
-        n_clusters: int | None = None,
-    ) -> CodebookClusters:
-        """Wrap labels computed elsewhere (objective and fingerprint computed here)."""
-        codebook = _check_codebook(codebook)
-        labels = _as_tensor(labels, "labels")
-        if labels.dim() != 1 or labels.numel() != codebook.shape[0]:
-            raise ClusterarError(
-                f"labels must have one entry per code ({codebook.shape[0]}), got {tuple(labels.shape)}"
-            )
-        n = int(labels.max()) + 1 if n_clusters is None else n_clusters
-        out = cls(labels, n, method, 0.0, fingerprint(codebook), None)
-        out.objective = wcss(codebook, out.labels, n)
-        return out
-
-    @classmethod
-    def from_iar_mapping(
-        cls, mapping: torch.Tensor | str | os.PathLike, codebook: torch.Tensor, block_size: int
-    ) -> CodebookClusters:
-        """Import IAR's published permutation: a 1-D int64 tensor [K] (or a .pt file holding one) with
-        new_id = mapping[old_id]; cluster c owns new ids [c*m, (c+1)*m), so labels = mapping // m."""
-        codebook = _check_codebook(codebook)
-        k = codebook.shape[0]
-        source = None
-        if isinstance(mapping, (str, os.PathLike)):
-            source = str(mapping)
-            mapping = load_torch_file(mapping, "IAR mapping file")
-        what = f"IAR mapping {source}" if source else "IAR mapping"
-        mapping = _check_permutation(mapping, k, what)
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
-            raise ClusterarError(f"block_size must be a positive integer, got {block_size!r}")
-        if k % block_size:
-            raise ClusterarError(
-                f"block_size {block_size} does not divide the {k} codes; IAR's release uses 128"
-            )
-        n = k // block_size
-        labels = mapping // block_size
-        objective = wcss(codebook, labels, n)
-        return cls(labels, n, "iar-file", objective, fingerprint(codebook), None, mapping, source)
-
-    def to_iar_mapping(self) -> torch.Tensor:
-        """IAR's format: 1-D int64 [K], new_id = mapping[old_id] (equal-size clusters only)."""
-        if not self.is_balanced:
-            sizes = self.sizes
-            raise ClusterarError(
-                f"IAR's mapping format needs equal-size clusters, but these {self.method} clusters have "
-                f"{int(sizes.min())}..{int(sizes.max())} members; use method 'balanced'"
-            )
-        return self.perm
-
-    def fingerprint(self) -> str:
-        """Identity of this clustering (labels and id permutation): model files record it, so a model is never
-        paired with other clusters than those it was trained with."""
-        return fingerprint({"labels": self.labels, "perm": self.perm})
-
-    # --- files
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file (labels, and IAR's mapping if imported) with the metadata as JSON."""
-        tensors = {"labels": self.labels}
-        if self.mapping is not None:
-            tensors["mapping"] = self.mapping
-        meta = {
-            "kind": FORMAT,
-            "version": FORMAT_VERSION,
-            "method": self.method,
-            "n_clusters": self.n_clusters,
-            "num_codes": self.num_codes,
-            "block_size": self.block_size,
-            "objective": self.objective,
-            "codebook_fingerprint": self.codebook_fingerprint,
-            "seed": self.seed,
-        }
-        save_tensors(path, tensors, meta)
-        self.source = str(path)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CodebookClusters:
-        tensors, meta = load_tensors(path, "clusters file")
-        expect_kind(path, meta, FORMAT, "clusters file")
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise ClusterarError(
-                f"{path} was written by a newer clusterar (format {meta['version']}); upgrade"
-            )
-        if "labels" not in tensors:
-            raise file_error(path, "clusters file", "has no 'labels' tensor", damaged=True)
-        try:
-            out = cls(
-                tensors["labels"],
-                meta["n_clusters"],
-                meta["method"],
-                float(meta["objective"]),
-                meta["codebook_fingerprint"],
-                meta.get("seed"),
-                tensors.get("mapping"),
-                str(path),
-            )
-        except KeyError as e:
-            raise file_error(path, "clusters file", f"lacks the metadata field {e}", damaged=True) from e
-        except ClusterarError as e:
-            raise file_error(path, "clusters file", f"is inconsistent ({e})", damaged=True) from e
-        return out
-
-    def check_codebook(self, codebook: torch.Tensor, what: str = "codebook") -> None:
-        """Refuse a codebook other than the one these clusters were computed on."""
-        codebook = _as_tensor(codebook, what)
-        got = fingerprint(codebook)
-        if got == self.codebook_fingerprint:
-            return
-        where = f"the clusters in {self.source}" if self.source else "these clusters"
-        shape = "x".join(map(str, codebook.shape))
-        hint = (
-            f" (it has {codebook.shape[0]} codes, the clusters {self.num_codes})"
-            if codebook.dim() != 2 or codebook.shape[0] != self.num_codes
-            else ""
-        )
-        raise ClusterarError(
-            f"{where} were computed on codebook {self.codebook_fingerprint}, but the {what} given "
-            f"({shape} {str(codebook.dtype).replace('torch.', '')}) has fingerprint {got}{hint}. Recompute the "
-            "clusters on this codebook, or use the tokenizer they were computed for (an already rearranged "
-            "codebook, or one cast to another dtype, also differs)"
-        )
-
-
-def _check_permutation(mapping: Any, k: int, what: str) -> torch.Tensor:
-    mapping = _as_tensor(mapping, what)
-    if mapping.dim() != 1 or mapping.is_floating_point() or mapping.dtype == torch.bool:
-        raise ClusterarError(
-            f"{what} must be a 1-D integer tensor, got {mapping.dtype} {tuple(mapping.shape)}"
-        )
-    if mapping.numel() != k:
-        raise ClusterarError(f"{what} has {mapping.numel()} entries but the codebook has {k} codes")
-    mapping = mapping.detach().to("cpu", torch.long).contiguous()
-    seen = torch.bincount(mapping.clamp(0, k - 1), minlength=k)
-    out_of_range = int(((mapping < 0) | (mapping >= k)).sum())
-    if out_of_range or not bool((seen == 1).all()):
-        missing = (seen == 0).nonzero()[:, 0]
-        raise ClusterarError(
-            f"{what} is not a permutation of 0..{k - 1}: {out_of_range} ids out of range, "
-            f"{missing.numel()} new ids never used (first: {missing[:5].tolist()}), "
-            f"{int((seen > 1).sum())} used more than once"
-        )
-    return mapping
-
-
-# ----------------------------------------------------------------------------- applying the permutation
-
-
-def permute_rows(weight: torch.Tensor, clusters: CodebookClusters) -> torch.Tensor:
-    """Rows in the new id order: out[new_id] = weight[old_id] (i.e. weight[inverse]).
-
-    For every table indexed by token id: the tokenizer codebook (see `permute_codebook`, which also checks
-    the fingerprint) and the transformer's `tok_embeddings` and `output` rows.
-    """
-    if weight.dim() < 1 or weight.shape[0] != clusters.num_codes:
-        raise ClusterarError(
-            f"cannot permute a table of {tuple(weight.shape)} rows: the clusters cover {clusters.num_codes} ids"
-        )
-    return weight[clusters.inverse.to(weight.device)]
-
-
-def permute_codebook(weight: torch.Tensor, clusters: CodebookClusters) -> torch.Tensor:
-    """The codebook rows in the new id order, after checking that it is the codebook that was clustered."""
-    clusters.check_codebook(weight)
-    return permute_rows(weight, clusters)
-
-
-def _lookup_ids(tokens: Any, table: torch.Tensor, what: str) -> Any:
-    """table[tokens] for a torch tensor or numpy array of any shape, keeping its type and dtype."""
-    k = table.numel()
-    if isinstance(tokens, torch.Tensor):
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise ClusterarError(f"{what}: token ids must be integers, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= k):
-            raise ClusterarError(
-                f"{what}: token ids must lie in [0, {k}), got {int(tokens.min())}..{int(tokens.max())}; "
-                "were these tokens made by another tokenizer?"
-            )
-        return table.to(tokens.device)[tokens.long()].to(tokens.dtype)
-    arr = np.asarray(tokens)
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ClusterarError(f"{what}: token ids must be integers, got {arr.dtype}")
-    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= k):
-        raise ClusterarError(
-            f"{what}: token ids must lie in [0, {k}), got {int(arr.min())}..{int(arr.max())}; "
-            "were these tokens made by another tokenizer?"
-        )
-    return table.numpy()[arr].astype(arr.dtype, copy=False)
-
-
-def remap_tokens(tokens: Any, clusters: CodebookClusters) -> Any:
-    """Old ids -> new ids (perm[tokens]), any shape, same type and dtype."""
-    return _lookup_ids(tokens, clusters.perm, "remap_tokens")
-
-
-def unmap_tokens(tokens: Any, clusters: CodebookClusters) -> Any:
-    """New ids -> old ids (inverse[tokens]), e.g. sampled ids before decoding with the original tokenizer."""
-    return _lookup_ids(tokens, clusters.inverse, "unmap_tokens")
