@@ -75,6 +75,7 @@ FLAG_TYPES = {
     "temperature": positive_float,
     "temperature2": positive_float,
     "top_k": nonneg_int,
+    "top_p": positive_float,
     "top_k2": nonneg_int,
     "cfg_scale": nonneg_float,
     "cfg_scale2": nonneg_float,
@@ -114,39 +115,87 @@ def shared(*names: str, device_default: str | None = "auto") -> list[argparse.Ar
     return [p]
 
 
-def _base_type(hint) -> type:
-    """int for `int | None`, and so on: the type a flag parses."""
+def field_help(cls) -> dict[str, str]:
+    """{field: help} from the trailing comments of a config dataclass (`steps: int = 1000  # budget ...`):
+    a flag's help is written once, beside its field."""
+    import inspect
+    import re
+
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen build): flags without help
+            continue
+        helps.update(re.findall(r"^    (\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M))
+    return helps
+
+
+# What a flag that several commands take means, said once; each command gives its own default.
+FLAG_HELP = {
+    "data": "mnist, digits or folder:PATH",
+    "split": "dataset split: train or val (folders: a sub-folder name)",
+    "image_size": "image side in pixels (images are resized and centre-cropped to it)",
+    "batch_size": "images per batch",
+    "out": "output folder",
+    "on_error": "unreadable images: fail, or skip and list them",
+}
+
+
+def add_flag(p: argparse.ArgumentParser, name: str, default, help: str | None = None, **kw) -> None:
+    """One --flag with its check (FLAG_TYPES), choices (FLAG_CHOICES) and help (FLAG_HELP) by name, the
+    same on every command, and the command's default said in the help."""
+    text = (help if help is not None else FLAG_HELP[name]).replace("%", "%%")
+    if default is not None and not isinstance(default, bool):
+        text += f" (default: {default})"
+    kw.setdefault("type", FLAG_TYPES.get(name, str))
+    kw.setdefault("choices", FLAG_CHOICES.get(name))
+    p.add_argument("--" + name.replace("_", "-"), default=default, help=text, **kw)
+
+
+def _library_choices() -> dict[str, tuple[str, ...]]:
+    """Choices that the library defines (presets, methods), for the config fields that name them."""
+    from .gpt import GPT_PRESETS
+    from .methods import TRAIN_METHODS
+    from .tokenizer import VQ_PRESETS
+
+    return {"preset": tuple(VQ_PRESETS), "model": tuple(GPT_PRESETS), "method": TRAIN_METHODS}
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a config dataclass: its type (X | None, bool as --x / --no-x, Literal as
+    choices), its check (FLAG_TYPES), its default, and its help (the field's comment)."""
+    import dataclasses
     import typing
 
-    return next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-
-
-def _add_dataclass_args(
-    p: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), help: dict | None = None
-) -> None:
-    """One --flag per dataclass field: type, check and default from the field and FLAG_TYPES."""
-    import typing
-
-    help = help or {}
     hints = typing.get_type_hints(cls)  # real types, also under `from __future__ import annotations`
+    helps = field_help(cls)
+    library = _library_choices()
     for f in fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        kind = _base_type(hints[f.name])
-        text = help.get(f.name, "")
-        default = f"default: {f.default}" if f.default is not None else "default: none"
-        text = f"{text} ({default})" if text else default
-        if kind is bool:
-            p.add_argument(flag, action="store_true", default=f.default, help=text)
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # `int | None` parses an int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        text = helps.get(f.name, "").replace("%", "%%")
+        text += " (required)" if required else f" (default: {'none' if f.default is None else f.default})"
+        kw: dict = {"dest": f.name, "help": text}
+        if required:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        if kind is bool:  # help set afterwards: Python < 3.13 would append its own default
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, dest=f.name, default=f.default
+            ).help = text
             continue
-        p.add_argument(
-            flag,
-            type=FLAG_TYPES.get(f.name, kind),
-            choices=FLAG_CHOICES.get(f.name),
-            default=f.default,
-            help=text,
-        )
+        if typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = typing.get_args(kind)
+        else:
+            kw["choices"] = FLAG_CHOICES.get(f.name) or library.get(f.name)
+        p.add_argument(flag, type=FLAG_TYPES.get(f.name, kind), **kw)
 
 
 def _dataclass_from_args(cls, args: argparse.Namespace):
@@ -164,7 +213,7 @@ def _setup_threads(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from .tokenizer_train import TokenizerTrainConfig, train_tokenizer
+    from .train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
     cfg = _dataclass_from_args(TokenizerTrainConfig, args)
     ev = train_tokenizer(cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -179,7 +228,7 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> None:
     from .fileio import write_json
     from .runtime import pick_device
     from .tokenizer import load_tokenizer
-    from .tokenizer_train import evaluate_tokenizer, reconstruction_grid
+    from .train.tokenizer import evaluate_tokenizer, reconstruction_grid
 
     device = pick_device(args.device)
     model = load_tokenizer(args.tokenizer, device)
@@ -199,26 +248,21 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_encode(args: argparse.Namespace) -> None:
-    from .runtime import pick_device
-    from .tokenizer import load_tokenizer
-    from .tokens import encode_dataset
+    from .stages import encode_splits
 
-    model = load_tokenizer(args.tokenizer, pick_device(args.device))
-    for split in args.splits:
-        tf = encode_dataset(
-            model,
-            args.data,
-            split,
-            Path(args.out) / f"{split}.safetensors",
-            image_size=args.image_size,
-            views=args.views,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            on_error=args.on_error,
-            progress=not args.no_progress,
-            save_every=args.save_every,
-        )
-        print(f"{tf.path}: codes {list(tf.codes.shape)} {tf.codes.dtype}, {len(tf.meta['skipped'])} skipped")
+    encode_splits(
+        args.tokenizer,
+        args.data,
+        {split: args.views for split in args.splits},
+        args.out,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        on_error=args.on_error,
+        save_every=args.save_every,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -284,12 +328,8 @@ def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def cmd_cluster_fit(args: argparse.Namespace) -> None:
-    import time
-
-    from .cluster_inspect import describe_clusters
-    from .clusters import CodebookClusters
-    from .runtime import pick_device
-    from .tokenizer import load_tokenizer
+    from .clusters.inspect import describe_clusters
+    from .stages import fit_clusters
 
     missing = [f for f in ("tokenizer", "clusters", "out") if getattr(args, f) is None]
     if args.method is None and args.from_iar is None:
@@ -300,42 +340,31 @@ def cmd_cluster_fit(args: argparse.Namespace) -> None:
             "--method balanced --clusters 512 --out clusters.safetensors`; the actions are fit, inspect, "
             "export and rearrange (see `clusterar cluster -h`)"
         )
-    if args.restarts is not None and args.method not in ("kmeans", "balanced"):
-        raise ClusterarError("--restarts applies to --method kmeans and balanced only")
-    codebook = load_tokenizer(args.tokenizer).quantize.embedding.weight.detach()
-    info: dict = {}
-    t0 = time.perf_counter()
-    if args.from_iar is not None:
-        k = codebook.shape[0]
-        if args.clusters < 1 or k % args.clusters:
-            raise ClusterarError(
-                f"--clusters {args.clusters} does not split the tokenizer's {k} codes into equal blocks; "
-                "IAR's file holds blocks of K / M ids (its release: --clusters 128 for 16384 codes)"
-            )
-        clusters = CodebookClusters.from_iar_mapping(args.from_iar, codebook, k // args.clusters)
-    else:
-        kw = {} if args.restarts is None else {"n_init": args.restarts}
-        if args.method != "random":
-            kw["info"] = info
-        codebook_dev = codebook.to(pick_device(args.device))
-        clusters = CodebookClusters.fit(codebook_dev, args.method, args.clusters, seed=args.seed, **kw)
-    seconds = time.perf_counter() - t0
+    clusters, record = fit_clusters(
+        args.tokenizer,
+        args.method,
+        args.clusters,
+        seed=args.seed,
+        restarts=args.restarts,
+        from_iar=args.from_iar,
+        device=args.device,
+    )
     clusters.save(args.out)
-    print(describe_clusters(clusters, seconds, info))
+    print(describe_clusters(clusters, record["seconds"], record["info"]))
     print(f"written: {args.out}")
 
 
 def cmd_cluster_export(args: argparse.Namespace) -> None:
     from .clusters import CodebookClusters
-    from .rearrange import export_iar_mapping
+    from .clusters.rearrange import export_iar_mapping
 
     export_iar_mapping(CodebookClusters.load(args.clusters), args.out)
     print(f"written: {args.out} (IAR's format: 1-D int64 [K], new_id = mapping[old_id])")
 
 
 def cmd_cluster_inspect(args: argparse.Namespace) -> None:
-    from .cluster_inspect import format_table, inspect_clusters
     from .clusters import CodebookClusters
+    from .clusters.inspect import format_table, inspect_clusters
     from .runtime import pick_device
     from .tokenizer import load_tokenizer
 
@@ -352,7 +381,7 @@ def cmd_cluster_inspect(args: argparse.Namespace) -> None:
 
 def cmd_cluster_rearrange(args: argparse.Namespace) -> None:
     from .clusters import CodebookClusters
-    from .rearrange import rearrange_token_files, rearrange_tokenizer_file
+    from .clusters.rearrange import rearrange_token_files, rearrange_tokenizer_file
     from .tokenizer import load_tokenizer
 
     if args.out is None and not args.tokens:
@@ -409,6 +438,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"written: {args.out}")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """One flag per SampleSettings field; unset means the method's default (stated from SampleSettings)."""
+    from .sample import STAGE2_SETTINGS, SampleSettings
+
+    helps = field_help(SampleSettings)
+    plain, ctf = SampleSettings.for_method("baseline"), SampleSettings.for_method("ctf")
+    for name in SAMPLING_FLAGS:
+        a, b = getattr(plain, name), getattr(ctf, name)
+        said = (
+            f"ctf only; default {b}"
+            if name in STAGE2_SETTINGS
+            else f"default {a}" + (f", ctf {b}" if a != b else "")
+        )
+        text = f"{helps[name]} ({said})" if name in helps else said
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=FLAG_TYPES[name], default=None, help=text.replace("%", "%%")
+        )
+
+
 def _parse_labels(text: str | None) -> list[int] | None:
     if text is None:
         return None
@@ -421,43 +469,26 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .runtime import pick_device
-    from .sample import Pipeline, describe_settings, make_labels, sample_to_folder
+    from .stages import sample_model
 
-    pipe = Pipeline.load(
+    summary = sample_model(
         args.source,
-        device=pick_device(args.device),
+        args.out,
+        n=args.n,
+        seed=args.seed,
+        per_class=args.per_class,
+        labels=_parse_labels(args.labels),
+        settings={k: getattr(args, k) for k in SAMPLING_FLAGS},
+        batch_size=args.batch_size,
+        compile=args.compile,
+        write_images=not args.no_images,
+        device=args.device,
         tokenizer=args.tokenizer,
         clusters=args.clusters,
         restrict_to_cluster=True if args.restrict_to_cluster else None,
         grid_size=args.grid_size,
-    )
-    settings = pipe.settings(
-        cfg_scale=args.cfg_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        temperature2=args.temperature2,
-        top_k2=args.top_k2,
-        cfg_scale2=args.cfg_scale2,
-    )
-    labels, how = make_labels(
-        args.n, pipe.num_classes, per_class=args.per_class, labels=_parse_labels(args.labels), seed=args.seed
-    )
-    print(f"{pipe.method} from {pipe.source} on {pipe.device}: {args.n} images, labels {how}")
-    print(f"settings: {describe_settings(settings, pipe.method)}")
-    summary = sample_to_folder(
-        pipe,
-        labels,
-        args.out,
-        settings=settings,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        compile=args.compile,
-        per_class=args.per_class,
-        write_images=not args.no_images,
+        announce=True,
         progress=not args.no_progress,
-        info={"labels_how": how},
     )
     files = f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'}"
     if summary.get("already_complete"):
@@ -465,6 +496,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         return
     rate = summary.get("images_per_s_after_first_batch") or summary.get("images_per_s")
     print(f"written: {files} ({rate} images/s)")
+
+
+SAMPLING_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p", "temperature2", "top_k2", "cfg_scale2")
 
 
 def cmd_pipeline_ctf(args: argparse.Namespace) -> None:
@@ -547,21 +581,13 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     if full("tokenizer"):
         from .data import DATASET_HELP
-        from .tokenizer import VQ_PRESETS
-        from .tokenizer_train import TokenizerTrainConfig
+        from .train.tokenizer import TokenizerTrainConfig
 
         tr.description = "Train a LlamaGen-architecture VQ tokenizer. " + DATASET_HELP
         _add_dataclass_args(
             tr,
             TokenizerTrainConfig,
             skip=("device", "seed"),
-            help={
-                "data": "dataset: mnist, digits or folder:PATH",
-                "preset": f"architecture preset: {', '.join(VQ_PRESETS)}",
-                "codebook_size": "override the preset's codebook size",
-                "restart_every": "dead-code restart window in steps, 0 = off",
-                "on_error": "unreadable images: fail or skip",
-            },
         )
     tr.set_defaults(func=cmd_tokenizer_train)
 
@@ -574,11 +600,11 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         "tokenizer", help="tokenizer.safetensors, its run folder, or a LlamaGen .pt (e.g. vq_ds16_c2i.pt)"
     )
     ev.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH (default: mnist)")
-    ev.add_argument("--split", default="val", help="default: val")
-    ev.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
-    ev.add_argument("--batch-size", type=positive_int, default=256, help="default: 256")
-    ev.add_argument("--out", default="runs/tokenizer-eval", help="default: runs/tokenizer-eval")
-    ev.add_argument("--on-error", default="fail", choices=FLAG_CHOICES["on_error"], help="default: fail")
+    add_flag(ev, "split", "val")
+    add_flag(ev, "image_size", 32)
+    add_flag(ev, "batch_size", 256)
+    add_flag(ev, "out", "runs/tokenizer-eval")
+    add_flag(ev, "on_error", "fail")
     ev.set_defaults(func=cmd_tokenizer_eval)
 
     enc = sub.add_parser(
@@ -593,10 +619,10 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     enc.add_argument(
         "--tokenizer", required=True, help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"
     )
-    enc.add_argument("--data", default="mnist", help="default: mnist")
+    add_flag(enc, "data", "mnist")
     enc.add_argument("--splits", nargs="+", default=["train", "val"], help="default: train val")
     enc.add_argument("--out", default="runs/tokens", help="folder; writes SPLIT.safetensors for each split")
-    enc.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
+    add_flag(enc, "image_size", 32)
     enc.add_argument(
         "--views",
         default="auto",
@@ -604,7 +630,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         help="views per image; auto (default): flip for image folders, none for the bundled digits "
         "(mirrored digits are not digits)",
     )
-    enc.add_argument("--batch-size", type=positive_int, default=128, help="default: 128")
+    add_flag(enc, "batch_size", 128)
     enc.add_argument(
         "--num-workers",
         type=nonneg_int,
@@ -661,11 +687,11 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     cins.add_argument("clusters", help="clusters file written by `clusterar cluster fit`")
     cins.add_argument("--tokenizer", required=True, help="the tokenizer whose codebook was clustered")
     cins.add_argument("--data", default="mnist", help="mnist, digits or folder:PATH (default: mnist)")
-    cins.add_argument("--split", default="val", help="default: val")
+    add_flag(cins, "split", "val")
     cins.add_argument(
         "--n", type=positive_int, default=500, help="images, evenly spaced through the split (default: 500)"
     )
-    cins.add_argument("--image-size", type=positive_int, default=32, help="default: 32")
+    add_flag(cins, "image_size", 32)
     cins.add_argument("--out", default=None, help="folder (default: beside the clusters file, NAME-inspect)")
     cins.set_defaults(func=cmd_cluster_inspect)
     cexp = csub.add_parser(
@@ -706,40 +732,13 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     trn.add_argument("--tokens", required=True, help="train token file (clusterar encode)")
     trn.add_argument("--tokenizer", required=True, help="the tokenizer that encoded --tokens")
     if full("train"):
-        from .gpt import GPT_PRESETS
         from .train import TrainConfig
 
         _add_dataclass_args(
             trn,
             TrainConfig,
-            skip=("tokens", "tokenizer", "rearrange", "device", "seed"),
-            help={
-                "method": "baseline, iar, ctf-coarse or ctf-refiner",
-                "model": f"GPT preset: {', '.join(GPT_PRESETS)}",
-                "clusters": "clusters file: balanced for iar, k-means for ctf-*; baseline: accuracy logging only",
-                "cluster_weight": "IAR's lambda on the cluster CE",
-                "steps": "budget in optimizer steps (or --epochs)",
-                "epochs": "budget in epochs, a float is fine (or --steps)",
-                "batch_size": "per process and micro-batch; global batch = this x grad-accum x processes",
-                "schedule": "constant (LlamaGen, IAR) or cosine to --min-lr (CTF)",
-                "warmup": "linear warmup steps",
-                "ckpt_every": "steps between checkpoints",
-                "restrict_to_cluster": "ctf-refiner: mask the logits outside each position's coarse cluster "
-                "(sampling does the same)",
-                "dropout": "token/residual/FFN dropout; none keeps the preset's 0.1",
-                "ema": "EMA decay, e.g. 0.9999 (the model file then holds the EMA weights)",
-                "snapshot_every": "epochs between snapshots/model-stepN.safetensors",
-                "snapshot_steps": "optimizer steps between snapshots (instead of --snapshot-every)",
-                "compile": "torch.compile the model",
-                "fsdp": "shard parameters/optimizer over processes (FSDP2)",
-            },
+            skip=("tokens", "tokenizer", "device", "seed"),
         )
-    trn.add_argument(
-        "--no-rearrange",
-        dest="rearrange",
-        action="store_false",
-        help="iar: keep the original ids and use the segment cluster CE (clusters of any sizes)",
-    )
     trn.add_argument(
         "--stop-at",
         type=positive_int,
@@ -786,7 +785,7 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     evl.add_argument(
         "--k", type=positive_int, default=3, help="neighbourhood size for precision/recall (default: 3)"
     )
-    evl.add_argument("--batch-size", type=positive_int, default=256, help="default: 256")
+    add_flag(evl, "batch_size", 256)
     evl.add_argument(
         "--image-size",
         type=positive_int,
@@ -809,8 +808,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         "iar), a pipeline JSON (ctf, see `clusterar pipeline ctf`) or a LlamaGen c2i_*.pt (with --tokenizer). "
         "Writes OUT/grid.png, OUT/images/NNNNNN.png, OUT/samples.npz (ADM format: arr_0 uint8 N x H x W x 3, "
         "arr_1 labels) and OUT/sample.json. Rerunning an interrupted command continues where it stopped. "
-        "Defaults: CFG 2.0, top-k 0 (all), top-p 1 (off); temperature 1.0, for ctf 1.1 in both stages "
-        "(the CTF paper's settings). --seed seeds the labels and every batch.",
+        "Unset sampling flags take the method's defaults (CTF: the paper's). --seed seeds the labels and "
+        "every batch.",
     )
     smp.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
     smp.add_argument("--out", required=True, help="output folder")
@@ -823,26 +822,14 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         "more); default: labels uniform at random",
     )
     lab.add_argument("--labels", default=None, help="comma-separated class ids, repeated to --n")
-    smp.add_argument(
-        "--cfg-scale", type=nonneg_float, default=None, help="classifier-free guidance (default 2.0; 1 = off)"
-    )
-    smp.add_argument("--temperature", type=positive_float, default=None, help="default 1.0; ctf stage 1: 1.1")
-    smp.add_argument("--top-k", type=nonneg_int, default=None, help="0 = whole vocabulary (default)")
-    smp.add_argument("--top-p", type=positive_float, default=None, help="nucleus sampling; 1 = off (default)")
-    smp.add_argument("--temperature2", type=positive_float, default=None, help="ctf stage 2 (default 1.1)")
-    smp.add_argument("--top-k2", type=nonneg_int, default=None, help="ctf stage 2 (default 0 = all)")
-    smp.add_argument(
-        "--cfg-scale2",
-        type=nonneg_float,
-        default=None,
-        help="ctf stage-2 guidance (default 1 = off, as the paper)",
-    )
+    if full("sample"):
+        _add_sampling_args(smp)
     smp.add_argument(
         "--restrict-to-cluster",
         action="store_true",
         help="ctf: sample every fine token inside its coarse cluster (always on for a refiner trained so)",
     )
-    smp.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
+    add_flag(smp, "batch_size", 64)
     smp.add_argument(
         "--compile", action="store_true", help='torch.compile the decode step (mode "reduce-overhead", GPU)'
     )

@@ -417,6 +417,15 @@ def resolve_tokenizer_path(path: str | os.PathLike) -> Path:
     return check_file(p, "tokenizer", (".safetensors", *PT_SUFFIXES))
 
 
+def tokenizer_fingerprint(path: str | os.PathLike) -> str:
+    """The content hash of a tokenizer's weights, read from a clusterar file's metadata without loading it
+    (a LlamaGen checkpoint is loaded and hashed)."""
+    p = resolve_tokenizer_path(path)
+    if p.suffix == ".safetensors":
+        return read_meta(p, "tokenizer")["fingerprint"]
+    return load_tokenizer(p).fingerprint()
+
+
 def load_tokenizer(path: str | os.PathLike, device: str | torch.device = "cpu") -> VQModel:
     """Load a clusterar tokenizer file/run folder, or a LlamaGen checkpoint (.pt/.pth, e.g. vq_ds16_c2i.pt)."""
     p = resolve_tokenizer_path(path)

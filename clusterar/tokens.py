@@ -168,6 +168,16 @@ def _read_progress(part_state: Path, part_codes: Path) -> dict | None:
 
 
 @torch.no_grad()
+def resolve_views(data: str, views: str) -> str:
+    """The views a token file of `data` holds: "auto" is data.default_views (flips for image folders, none
+    for the bundled digits)."""
+    if views == "auto":
+        views = default_views(data)
+    if views not in VIEW_NAMES:
+        raise ClusterarError(f"unknown --views '{views}'; choose one of auto, {', '.join(VIEW_NAMES)}")
+    return views
+
+
 def encode_dataset(
     tokenizer: VQModel,
     data: str,
@@ -188,10 +198,7 @@ def encode_dataset(
     Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
     every batch); an interrupted run loses at most that much work.
     """
-    if views == "auto":
-        views = default_views(data)
-    if views not in VIEW_NAMES:
-        raise ClusterarError(f"unknown --views '{views}'; choose one of auto, {', '.join(VIEW_NAMES)}")
+    views = resolve_views(data, views)
     if batch_size < 1 or num_workers < 0 or image_size < 1:
         raise ClusterarError(
             f"--batch-size and --image-size must be at least 1 and --num-workers >= 0, got {batch_size}, "

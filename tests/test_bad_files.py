@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_tokenizer
 from PIL import Image
 
 from clusterar.cli import main
@@ -30,7 +31,7 @@ from clusterar.clusters import CodebookClusters
 from clusterar.data import load_dataset, read_image
 from clusterar.gpt import export_llamagen, load_gpt
 from clusterar.sample import write_ctf_pipeline
-from clusterar.tokenizer import VQModel, save_tokenizer, vq_preset
+from clusterar.tokenizer import save_tokenizer
 from clusterar.tokens import TokenFile, encode_dataset, write_token_file
 from clusterar.train import TrainConfig, train
 
@@ -53,17 +54,12 @@ class Evil:
         return builtins.exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
 
 
-def _tokenizer(seed: int) -> VQModel:
-    torch.manual_seed(seed)
-    return VQModel(vq_preset("tiny")).eval()
-
-
 def build_files(d: Path) -> dict[str, Path]:
     """Every kind of file the commands read, small and valid, made once: tokenizer (and another one),
     token file (and one of the other tokenizer), clusters (and of the other codebook), training runs with
     model and checkpoint, a CTF pipeline, a samples .npz, an experiment spec, LlamaGen-style .pt files."""
     f: dict[str, Path] = {}
-    tok, other = _tokenizer(0), _tokenizer(1)
+    tok, other = tiny_tokenizer(0), tiny_tokenizer(1)
     f["tok"] = d / "tokenizer" / "tokenizer.safetensors"
     f["other_tok"] = d / "other-tokenizer" / "tokenizer.safetensors"
     f["tok"].parent.mkdir()

@@ -10,19 +10,18 @@ import torch
 
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters, remap_tokens
-from clusterar.tokenizer import VQModel, load_tokenizer, save_tokenizer, vq_preset
+from clusterar.tokenizer import load_tokenizer, save_tokenizer
 from clusterar.tokens import TokenFile, encode_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(make_tokenizer, tmp_path_factory):
     """Two tiny random tokenizers (512 codes, 8x8 tokens) on disk and balanced clusters of the first."""
     d = tmp_path_factory.mktemp("cluster-cli")
     for seed, name in ((0, "tok.safetensors"), (1, "other.safetensors")):
-        torch.manual_seed(seed)
-        save_tokenizer(VQModel(vq_preset("tiny")), d / name)
+        save_tokenizer(make_tokenizer(seed), d / name)
     torch.set_num_threads(1)
     args = ["cluster", "fit", "--tokenizer", str(d / "tok.safetensors"), "--method", "balanced"]
     assert main([*args, "--clusters", "64", "--out", str(d / "balanced.safetensors"), "--threads", "1"]) == 0

@@ -18,7 +18,8 @@ from clusterar.compare import (
     values,
 )
 from clusterar.errors import ClusterarError
-from clusterar.experiment import InvocationClock, _convergence_line
+from clusterar.experiment import InvocationClock
+from clusterar.experiment.report import _convergence_line
 
 
 def curve(fids: list[float], epochs: list[float] | None = None, seed: int = 0, **extra) -> list[dict]:

@@ -29,7 +29,7 @@ from clusterar.sample import (
     sample_to_folder,
     write_ctf_pipeline,
 )
-from clusterar.tokenizer import VQModel, save_tokenizer, vq_preset
+from clusterar.tokenizer import save_tokenizer
 
 K, M, CLASSES = 512, 16, 10  # tiny tokenizer codes, clusters, classes
 
@@ -50,11 +50,10 @@ def cfg_of(model: GPT) -> dict:
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
+def parts(make_tokenizer, tmp_path_factory):
     """A random tiny tokenizer (8x8 tokens on 32x32) and two clusterings of its codebook, saved to files."""
     d = tmp_path_factory.mktemp("parts")
-    torch.manual_seed(0)
-    tok = VQModel(vq_preset("tiny")).eval()
+    tok = make_tokenizer(0)
     save_tokenizer(tok, d / "tokenizer.safetensors")
     codebook = tok.quantize.embedding.weight.detach()
     gen = torch.Generator().manual_seed(1)
@@ -336,13 +335,12 @@ def test_ctf_restrict_to_cluster(tmp_path, parts, runs):
         Pipeline.load(tmp_path / "b.json", restrict_to_cluster=False)
 
 
-def test_mismatches_are_refused(tmp_path, parts, runs):
+def test_mismatches_are_refused(make_tokenizer, tmp_path, parts, runs):
     # a CTF stage on its own
     with pytest.raises(ClusterarError, match="clusterar pipeline ctf"):
         Pipeline.load(runs["coarse"])
     # another tokenizer than the one the model was trained with
-    torch.manual_seed(123)
-    other = VQModel(vq_preset("tiny"))
+    other = make_tokenizer(123)
     save_tokenizer(other, tmp_path / "other.safetensors")
     with pytest.raises(ClusterarError, match="fingerprint"):
         Pipeline.load(runs["baseline"], tokenizer=tmp_path / "other.safetensors")

@@ -12,23 +12,14 @@ from PIL import Image
 from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.data import load_dataset, make_views, to_float
-from clusterar.tokenizer import VQConfig, VQModel, save_tokenizer
+from clusterar.tokenizer import VQModel, save_tokenizer
 from clusterar.tokens import TokenFile, encode_dataset, smallest_dtype, write_token_file
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> VQModel:
-    torch.manual_seed(0)
-    cfg = VQConfig(
-        ch=32,
-        ch_mult=(1, 2),
-        z_channels=32,
-        codebook_size=300,
-        codebook_dim=4,
-        enc_res_blocks=1,
-        dec_res_blocks=1,
-    )
-    return VQModel(cfg).eval()
+def tokenizer(make_tokenizer) -> VQModel:
+    """16x16 tokens on 32x32 images, 300 codes (a codebook that needs uint16 ids above 255 is tested too)."""
+    return make_tokenizer(0, ch_mult=(1, 2), codebook_size=300, codebook_dim=4)
 
 
 def test_smallest_dtype():

@@ -272,12 +272,12 @@ STAGE2_SETTINGS = ("temperature2", "top_k2", "cfg_scale2")
 class SampleSettings:
     """Sampling knobs; `for_method` fills the defaults of each method (CTF: the paper's CFG 2.0, tau 1.1)."""
 
-    cfg_scale: float = 2.0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = whole vocabulary
-    top_p: float = 1.0  # 1 = off
-    temperature2: float = 1.0  # CTF stage 2
-    top_k2: int = 0  # CTF stage 2
+    cfg_scale: float = 2.0  # classifier-free guidance; 1 = off
+    temperature: float = 1.0  # softmax temperature (CTF: of stage 1)
+    top_k: int = 0  # keep the k most likely tokens; 0 = whole vocabulary
+    top_p: float = 1.0  # nucleus sampling; 1 = off
+    temperature2: float = 1.0  # CTF stage 2 temperature
+    top_k2: int = 0  # CTF stage 2 top-k; 0 = all
     cfg_scale2: float = 1.0  # CTF stage 2 guidance; 1 = off (the paper guides stage 1 only)
 
     @classmethod

@@ -1,0 +1,533 @@
+"""The experiment report: tables, verdicts over seeds, claims, convergence, curves and sample grids.
+
+Everything here reads the `report.json` dict that the runner assembles; nothing is recomputed.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from ..compare import fmt_spread, values
+from .spec import ExperimentSpec, reference_run
+
+
+def _fmt(x: float | None, nd: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{nd}f}"
+
+
+def comparison_table(
+    spec: ExperimentSpec,
+    curves: dict[str, list[dict]],
+    per_seed: dict[str, dict[str, list[dict]]],
+    speed: dict,
+) -> list[dict]:
+    """One row per run: parameters, images/s, final metrics (mean and spread over seeds), and per seed the
+    epoch at which the run first reached the same seed's baseline final FID (with the speed-up over the
+    baseline's epochs)."""
+    from ..compare import METRICS, first_epoch_reaching
+
+    base = reference_run(spec)
+    rows = []
+    for run in spec.runs:
+        final = curves[run.name][-1]
+        p = speed[run.name]["params"]
+        row = {
+            "run": run.name,
+            "method": run.method,
+            "clusters": run.clusters,
+            "epochs": final["epoch"],
+            "n_seeds": final["n_seeds"],
+            "params_stage1": p["stage1"]["total"],
+            "params_stage1_tables": p["stage1"]["head_and_embedding"],
+            "params_stage2": p["stage2"]["total"] if "stage2" in p else None,
+            "images_per_s": speed[run.name]["images_per_s"],
+            **{k: v for k, v in final.items() if k in METRICS or _is_spread_key(k)},
+            "reference": run.name == base,
+            "epochs_to_baseline_fid": None,
+            "epochs_to_baseline_fid_per_seed": None,
+            "speedup_vs_baseline": None,
+            "speedup_per_seed": None,
+        }
+        if base is not None:
+            reached, ups = [], []
+            for seed, curve in per_seed[run.name].items():
+                target = per_seed[base][seed][-1]
+                e = target["epoch"] if run.name == base else first_epoch_reaching(curve, target["fid"])
+                reached.append(e)
+                ups.append(target["epoch"] / e if e else None)
+            row["epochs_to_baseline_fid_per_seed"], row["speedup_per_seed"] = reached, ups
+            if all(e is not None for e in reached):
+                row["epochs_to_baseline_fid"] = statistics.median(reached)
+                row["speedup_vs_baseline"] = statistics.median(ups)
+        rows.append(row)
+    return rows
+
+
+def _is_spread_key(k: str) -> bool:
+    from ..compare import METRICS
+
+    stem, _, tail = k.rpartition("_")
+    return tail in ("std", "min", "max", "all") and stem in METRICS
+
+
+def verdicts(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> list[dict]:
+    """Every run against the baseline, and every pair of `contrasts`, on final FID and class accuracy by the
+    rule of clusterar.compare: 'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
+    from ..compare import METRICS, resolved
+
+    base = reference_run(spec)
+    pairs = [(r.name, base) for r in spec.runs if base is not None and r.name != base]
+    pairs += [(a, b) for a, b in spec.contrasts if (a, b) not in pairs]
+    out = []
+    for run, against in pairs:
+        for key in ("fid", "class_accuracy"):
+            a, b = values(curves[run][-1], key), values(curves[against][-1], key)
+            if a is None or b is None:
+                continue
+            out.append(
+                {
+                    "run": run,
+                    "against": against,
+                    "metric": key,
+                    "verdict": resolved(a, b, METRICS[key]),
+                    "run_range": [min(a), max(a)],
+                    "against_range": [min(b), max(b)],
+                    "n_seeds": len(a),
+                }
+            )
+    return out
+
+
+def claim_results(spec: ExperimentSpec, per_seed: dict[str, dict[str, list[dict]]]) -> list[dict]:
+    from ..compare import check_claim
+
+    return [check_claim(per_seed, c.run, c.against, c.speedup) | {"text": c.text} for c in spec.claims]
+
+
+def convergence(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> dict | None:
+    """Whether the baseline's curve has flattened (see clusterar.compare.converged)."""
+    from ..compare import converged
+
+    base = reference_run(spec)
+    return None if base is None else {"run": base, **converged(curves[base])}
+
+
+def plot_report(data: dict, out: Path) -> None:
+    from ..viz import plot_series
+
+    curves = data["curves"]
+
+    def pts(cs: list[dict], key: str) -> list[tuple]:  # (x, mean, min, max): a band over seeds
+        return [
+            (c["epoch"], c[key], c.get(f"{key}_min", c[key]), c.get(f"{key}_max", c[key]))
+            for c in cs
+            if c.get(key) is not None
+        ]
+
+    seeds = data.get("seeds", [data["spec"]["seed"]])
+    band = f" (mean and min..max over seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
+    panels = {
+        title: {n: pts(cs, key) for n, cs in curves.items()}
+        for title, key in (
+            ("FID (lower is better)", "fid"),
+            ("Inception Score", "inception_score"),
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("class accuracy of samples", "class_accuracy"),
+            ("val token accuracy", "val_acc_token"),
+            ("val cluster accuracy", "val_acc_cluster"),
+        )
+    }
+    plot_series(
+        panels, out / "curves.png", "epoch", title=f"{data['spec']['name']}: metrics against epochs{band}"
+    )
+    plot_samples(data, out)
+    for param, per_run in data["sweeps"].items():
+        numeric = all(isinstance(c["value"], int | float) for cs in per_run.values() for c in cs)
+        if not numeric:
+            continue
+        sweep_panels = {
+            title: {
+                n: [
+                    (c["value"], c[key], c.get(f"{key}_min", c[key]), c.get(f"{key}_max", c[key])) for c in cs
+                ]
+                for n, cs in per_run.items()
+            }
+            for title, key in (
+                ("FID", "fid"),
+                ("Inception Score", "inception_score"),
+                ("precision", "precision"),
+                ("recall", "recall"),
+            )
+        }
+        plot_series(sweep_panels, out / f"sweep-{param}.png", param, title=f"sweep of {param} (final models)")
+
+
+def plot_samples(data: dict, out: Path, per_class: int = 6) -> None:
+    """samples.png: the first `per_class` samples of every class (one row each) of every run's final model,
+    side by side, with its FID."""
+    import numpy as np
+    import torch
+
+    from ..viz import image_grid, plot_image_panels
+
+    panels = {}
+    for run, cs in data["curves"].items():
+        final = cs[-1]
+        with np.load(out / Path(final["grid"]).parent / "samples.npz") as f:
+            images, labels = f["arr_0"], f["arr_1"]
+        pick = [i for c in np.unique(labels) for i in np.flatnonzero(labels == c)[:per_class]]
+        grid = image_grid(torch.from_numpy(images[pick]).permute(0, 3, 1, 2), nrow=per_class)
+        panels[_grid_title(run, final)] = grid
+    plot_image_panels(panels, out / "samples.png")
+
+
+def _grid_title(run: str, point: dict) -> str:
+    """A sample grid's caption: its grid is the first seed's, so is its FID (not the mean over seeds)."""
+    fid = values(point, "fid")
+    seeds = point.get("seeds") or [None]
+    where = f"seed {seeds[0]}, " if len(seeds) > 1 else ""
+    return f"{run} ({where}epoch {point['epoch']:g}, FID {_fmt(fid[0] if fid else None)})"
+
+
+def _int(x: int | None) -> str:
+    return "-" if x is None else f"{x:,}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def render_report(data: dict, out: Path) -> str:
+    spec, ev = data["spec"], data["spec"]["eval"]
+    tok = data["tokenizer"]
+    name = spec["name"]
+    lines = [
+        f"# Experiment `{name}`",
+        "",
+        f"Written by `clusterar experiment` on {data['date']} ({data['machine']}). Wall time: "
+        f"{data['timings']['total_this_invocation'] / 60:.1f} min for this invocation, "
+        f"{data['timings']['all_invocations'] / 60:.1f} min for all {data['timings']['invocations']} "
+        "invocations on this folder (finished stages are reused; seconds per stage in `timings.jsonl`). The "
+        "spec as run is in `spec.json`.",
+        "",
+        "## Setup",
+        "",
+        f"- **Data**: `{spec['data']}` at {spec['image_size']}x{spec['image_size']}; token files "
+        f"`{data['tokens']['train']}` ({_views_words(data.get('train_views'))}) and "
+        f"`{data['tokens']['val']}`.",
+    ]
+    if "config" in tok:
+        c, e = tok["config"], tok.get("eval", {})
+        grid = spec["image_size"] // 2 ** (len(c.get("ch_mult", [1, 1, 1])) - 1)
+        quality = ""
+        if e:
+            quality = f"; val PSNR {e['psnr']:.2f} dB, val codebook usage {_pct(e['usage'])}"
+        lines.append(
+            f"- **Tokenizer**: {c.get('codebook_size')} codes of dimension {c.get('codebook_dim')}, "
+            f"{grid}x{grid} tokens per image{quality}."
+        )
+    else:
+        lines.append(f"- **Tokenizer**: `{tok['path']}`.")
+    for cname, c in data["clusters"].items():
+        cs = spec["clusters"][cname]
+        lines.append(
+            f"- **Clusters `{cname}`**: {cs['method']}, {cs['n']} clusters of {c['min_size']}..{c['max_size']} "
+            f"codes, objective {c['objective']:.2f}, fitted in {c['seconds']} s."
+        )
+    t = spec["train"]
+    budget = f"{t['epochs']} epochs" if "epochs" in t else f"{t.get('steps')} steps"
+    seeds = data.get("seeds", [spec["seed"]])
+    several = len(seeds) > 1
+    seed_words = (
+        f"seeds {', '.join(map(str, seeds))}: every run and every sweep point once per seed, each seed's "
+        "samples drawn with that seed"
+        if several
+        else f"seed {seeds[0]}"
+    )
+    if ev.get("every_steps"):
+        points = f"every {ev['every_steps']} steps"
+    elif ev["every_epochs"]:
+        points = f"every {ev['every_epochs']:g} epochs"
+    else:
+        points = "of the final models"
+    lines += [
+        f"- **Training** (every run, {seed_words}; the tokenizer and token files are shared, seed "
+        f"{spec['seed']}): {budget}, "
+        + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("epochs", "steps"))
+        + "; per-run changes in the table of runs below.",
+        f"- **Evaluation** ({points}): {ev['samples']} class-balanced samples per point, scored "
+        f"against {data['curves'][spec['runs'][0]['name']][-1]['n_reference']} images of "
+        f"`{_reference_name(spec)}` with {_extractor_name(spec, data)}: FID, Inception Score, precision "
+        "and recall (k = 3), and class accuracy (the share of samples that the classifier reads as the class "
+        "they were asked for), with the sampling settings of the table of runs. Val accuracies: "
+        "teacher-forced on every val image (CTF: stage-2 token accuracy given the true coarse labels, "
+        "stage-1 label accuracy); cluster accuracy is with respect to the run's own clusters.",
+        "- **Speed**: images/s of the final models (tokens and decoding) at batch 64, median of 3 rounds "
+        "timed in turns, on the same machine.",
+    ]
+    if several:
+        lines.append(
+            "- **Spread**: every figure is the mean over seeds ± the sample standard deviation (min..max). "
+            "A difference counts as resolved only when the min..max ranges do not overlap (two runs that "
+            f"do not differ separate this way by chance with probability {_chance(len(seeds))})."
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| run | method | clusters | training overrides | sampling |",
+        "|---|---|---|---|---|",
+    ]
+    for r in spec["runs"]:
+        tr = {**r["train"], **{f"refiner.{k}": v for k, v in r["refiner"].items()}}
+        lines.append(
+            f"| {r['name']} | {r['method']} | {r['clusters'] or '-'} | "
+            f"{', '.join(f'{k}={v}' for k, v in tr.items()) or '-'} | "
+            f"{_sampling(data['sampling'][r['name']], r['method'])} |"
+        )
+    lines += [
+        "",
+        "## Comparison (final models)",
+        "",
+        "Parameters: stage 1 is the autoregressive transformer (in brackets: its vocabulary-sized input "
+        "embedding and output head), stage 2 CTF's refiner. *Epochs to baseline FID*: the first evaluated "
+        "epoch at which the run's FID is at or below the baseline's final FID"
+        + (" (each seed against the same seed's baseline)" if several else "")
+        + ", and the baseline's epochs divided by it "
+        + (
+            f"(resolution: evaluations {points})."
+            if points != "of the final models"
+            else "(only the final models were evaluated here: 'by E' means reached at the final epoch E)."
+        )
+        + " The last rows are not models: the tokenizer's reconstructions of the val images (the best any "
+        "transformer on these tokens can reach) and real train images, as many as a run's samples (what "
+        "real data scores at this sample size).",
+        "",
+        "| run | method | params stage 1 | params stage 2 | img/s | FID | IS | precision | recall | "
+        "class acc | val token acc | val cluster acc | epochs to baseline FID |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in data["table"]:
+        lines.append(
+            f"| {row['run']} | {row['method']} | {_int(row['params_stage1'])} "
+            f"({_int(row['params_stage1_tables'])}) | {_int(row['params_stage2'])} | "
+            f"{_fmt(row['images_per_s'], 1)} | {fmt_spread(row, 'fid')} | {fmt_spread(row, 'inception_score')} | "
+            f"{fmt_spread(row, 'precision', 3)} | {fmt_spread(row, 'recall', 3)} | "
+            f"{fmt_spread(row, 'class_accuracy', 1, pct=True)} | {fmt_spread(row, 'val_acc_token', 1, pct=True)} | "
+            f"{fmt_spread(row, 'val_acc_cluster', 1, pct=True)} | {_reach(row, spec, points)} |"
+        )
+    names = {"tokenizer": "tokenizer (val reconstructions)", "real": "real train images"}
+    for key, m in data.get("ceiling", {}).items():
+        lines.append(
+            f"| *{names.get(key, key)}* | - | - | - | - | {_fmt(m['fid'])} | {_fmt(m['inception_score'])} | "
+            f"{_fmt(m['precision'], 3)} | {_fmt(m['recall'], 3)} | {_pct(m.get('class_accuracy'))} | - | - | - |"
+        )
+    ceiling = next(
+        (
+            c["extractor_val_accuracy"]
+            for cs in data["curves"].values()
+            for c in cs
+            if c.get("extractor_val_accuracy")
+        ),
+        None,
+    )
+    if ceiling is not None:
+        lines += [
+            "",
+            "class acc: the share of samples that the feature classifier reads as the class they were asked "
+            f"for; the same classifier reads real val images at {_pct(ceiling)}, the ceiling of this column.",
+        ]
+    lines += _verdict_lines(data)
+    lines += ["", "![metrics against epochs](curves.png)", "", "### FID against epochs", ""]
+    epochs = sorted({c["epoch"] for cs in data["curves"].values() for c in cs})
+    lines.append("| run | " + " | ".join(f"{e:.4g}" for e in epochs) + " |")
+    lines.append("|---|" + "---:|" * len(epochs))
+    for run, cs in data["curves"].items():
+        by_epoch = {c["epoch"]: c for c in cs}
+        cells = [fmt_spread(by_epoch[e], "fid") if e in by_epoch else "-" for e in epochs]
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    for param, per_run in data["sweeps"].items():
+        swept = [c["value"] for c in next(iter(per_run.values()))] if per_run else []
+        lines += [
+            "",
+            f"## Sweep: {param} (final models, FID / precision / recall / class accuracy"
+            + (", means over seeds" if several else "")
+            + ")",
+            "",
+            "| run | " + " | ".join(str(v) for v in swept) + " |",
+            "|---|" + "---:|" * len(swept),
+        ]
+        for run, cs in per_run.items():
+            cells = [
+                f"{_fmt(c['fid'])} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)} / "
+                f"{_pct(c.get('class_accuracy'))}"
+                for c in cs
+            ]
+            lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        if (out / f"sweep-{param}.png").exists():
+            lines += ["", f"![sweep of {param}](sweep-{param}.png)"]
+    lines += [
+        "",
+        "## Samples (final models, one row per class)",
+        "",
+        "![samples of every run](samples.png)",
+        "",
+        "The full grids (16 per class):",
+        "",
+    ]
+    for run, cs in data["curves"].items():
+        lines += [f"**{_grid_title(run, cs[-1])}**", ""]
+        lines += [f"![{run} samples]({cs[-1]['grid']})", ""]
+    lines += [
+        "## Files",
+        "",
+        "`report.json` holds every number above; each run folder under `runs/` holds its model, "
+        "`log.jsonl` and `curves.png`, and `evals/*/` the samples (`samples.npz`, `grid.png`) of each "
+        "evaluation with its settings (`eval.json`, `sample.json`).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _views_words(views: list[str] | None) -> str:
+    if not views:
+        return "views not recorded"
+    if views == ["original"]:
+        return "the images as they are, no flips"
+    if views == ["original", "hflip"]:
+        return "each image and its horizontal flip"
+    return f"views {', '.join(views)}"
+
+
+def _ep(e: float) -> str:
+    return f"{e:.4g}"
+
+
+def _chance(n_seeds: int) -> str:
+    """P(two exchangeable runs of n seeds each have disjoint ranges) = 2 / C(2n, n)."""
+    return f"{2 / math.comb(2 * n_seeds, n_seeds):.0%}"
+
+
+def _reach(row: dict, spec: dict, points: str) -> str:
+    per = row.get("epochs_to_baseline_fid_per_seed")
+    if per is None:
+        return "-"
+    if row["reference"]:
+        return f"{_ep(row['epochs'])} (reference)"
+    if points == "of the final models":  # only final models evaluated: no finer answer
+        return ", ".join(f"by {_ep(e)}" if e is not None else "not reached" for e in per)
+    return ", ".join(
+        f"{_ep(e)} ({u:.1f}x)" if e is not None else "not reached"
+        for e, u in zip(per, row["speedup_per_seed"], strict=True)
+    )
+
+
+_WORDS = {"fid": ("FID", "lower"), "class_accuracy": ("class accuracy", "higher")}
+
+
+def _verdict_lines(data: dict) -> list[str]:
+    """The plain-words answers: differences by the range rule, the claims, the baseline's convergence."""
+    lines = ["", "### Verdicts", ""]
+    n = len(data.get("seeds", [0]))
+    if n < 2:
+        lines.append(
+            "One seed: no spread is measured, so no difference below counts as resolved; repeat the runs "
+            "with `seeds = [0, 1, 2]` in the spec to resolve them."
+        )
+    else:
+        lines.append(
+            f"Rule: with {n} seeds per run, a difference is resolved when the two runs' min..max ranges do not "
+            "overlap; otherwise it is unresolved, whatever the means say."
+        )
+    lines.append("")
+    for v in data.get("verdicts", []):
+        metric, better = _WORDS[v["metric"]]
+        nd, scale = (2, 1) if v["metric"] == "fid" else (1, 100)
+        ra = "..".join(f"{scale * x:.{nd}f}" for x in v["run_range"])
+        rb = "..".join(f"{scale * x:.{nd}f}" for x in v["against_range"])
+        if v["verdict"] == "better":
+            text = f"**{v['run']} beats {v['against']}** on final {metric} ({better} is better; {ra} against {rb})"
+        elif v["verdict"] == "worse":
+            text = f"**{v['against']} beats {v['run']}** on final {metric} ({rb} against {ra})"
+        else:
+            text = f"{v['run']} against {v['against']}, final {metric}: **unresolved** ({ra} against {rb})"
+        lines.append(f"- {text}.")
+    for c in data.get("claims", []):
+        ups = ", ".join(f"{r['speedup']:.2g}x" if r["speedup"] else "not reached" for r in c["per_seed"])
+        targets = ", ".join(
+            f"{r['target_fid']:.2f}, reached at epoch {_ep(r['reference_epoch'])}" for r in c["per_seed"]
+        )
+        name = c["text"] or f"{c['run']} needs at most 1/{c['claimed']:g} of {c['against']}'s epochs"
+        lines.append(
+            f"- Claim: {name}. **{c['verdict'].capitalize()}** ({c['seeds_holding']} of {c['n_seeds']} seeds): "
+            f"the target is {c['against']}'s converged FID, the mean of its last 3 evaluations ({targets}, per "
+            f"seed); {c['against']}'s epochs to reach it divided by {c['run']}'s are {ups}; the claim needs "
+            f"{c['claimed']:g}x."
+        )
+    conv = data.get("convergence")
+    if conv:
+        lines.append(_convergence_line(conv))
+    return lines
+
+
+def _convergence_line(conv: dict) -> str:
+    """Whether the baseline has converged, the test that decides it first and the other one after it."""
+    tests = []  # (says converged?, words)
+    if "fid_change" in conv:
+        tail = ", ".join(f"{x:.2f}" for x in conv.get("fid_tail", []))
+        spread = (
+            f"{'within' if conv['flat'] else 'more than'} the seed spread there ({conv['seed_range']:.2f})"
+            if conv["seed_range"] > 0
+            else "with no seed spread to compare against (one seed)"
+        )
+        tests.append(
+            (
+                conv["flat"],
+                f"its mean FID moved by {conv['fid_change']:.2f} over the last {conv['points']} evaluations "
+                f"({tail}), {spread}",
+            )
+        )
+    if "val_loss_min" in conv:
+        tests.append(
+            (
+                conv["loss_rising"],
+                f"its val loss is {'above' if conv['loss_rising'] else 'at'} its minimum "
+                f"({conv['val_loss_last']:.4f} now, {conv['val_loss_min']:.4f} at epoch "
+                f"{_ep(conv['val_loss_min_epoch'])}"
+                + ("; it has begun to over-fit)" if conv["loss_rising"] else ")"),
+            )
+        )
+    if conv["converged"]:
+        state = "**has converged**"
+        words = [w for ok, w in tests if ok] + [f"but {w}" for ok, w in tests if not ok]
+    else:
+        state = "**has not converged** (the comparison is of models still learning)"
+        words = [w for _, w in tests]
+    return f"- The baseline `{conv['run']}` {state}: " + "; ".join(words) + "."
+
+
+def _sampling(s: dict, method: str) -> str:
+    text = f"CFG {s['cfg_scale']}, temperature {s['temperature']}, top-k {s['top_k']}, top-p {s['top_p']}"
+    if method == "ctf":
+        text += f"; stage 2: temperature {s['temperature2']}, top-k {s['top_k2']}, unguided"
+        if s.get("cfg_scale2", 1.0) != 1.0:
+            text = text.replace("unguided", f"CFG {s['cfg_scale2']}")
+    return text
+
+
+def _reference_name(spec: dict) -> str:
+    if spec["data"].startswith("folder:"):
+        return f"{spec['data'][len('folder:') :]} ({spec['eval']['reference']})"
+    return f"{spec['data']}:{spec['eval']['reference']}"
+
+
+def _extractor_name(spec: dict, data: dict | None = None) -> str:
+    ev = spec["eval"]
+    if ev.get("extractor") == "inception" or (ev.get("extractor") is None and ev.get("inception")):
+        return f"Inception-v3 (`{ev['inception']}`)"
+    return f"the `{spec['data']}` classifier's features (trained on its train split, cached)"

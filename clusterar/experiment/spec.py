@@ -1,0 +1,528 @@
+"""What an experiment asks for: the spec file's schema, its parsing and checks, and the configs it implies.
+
+A spec (TOML) names the data, the tokenizer, the shared training budget and the runs. The tables embed the
+library's own configs: [tokenizer] holds TokenizerTrainConfig fields, [train] / a run's train and refiner
+tables TrainConfig fields, [eval] and a run's sample table SampleSettings fields. Every mistake is reported,
+naming the table and key, before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ..errors import ClusterarError
+from ..fileio import check_file, file_error
+
+if typing.TYPE_CHECKING:
+    from .runner import SharedInputs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+RUN_METHODS = ("baseline", "iar", "ctf")
+# TokenizerTrainConfig fields that the experiment sets for its tokenizer, never its [tokenizer] table
+EXPERIMENT_SETS = ("data", "image_size", "seed", "device", "eval_every")
+SPECS_DIR = Path(__file__).parent.parent / "specs"
+
+
+@dataclass
+class TokenizerSpec:
+    """[tokenizer]: an existing tokenizer (`path`: tokenizer.safetensors, its run folder or a LlamaGen .pt),
+    else the other keys are TokenizerTrainConfig fields to train one with. Its data, image size, seed and
+    device are the experiment's (EXPERIMENT_SETS)."""
+
+    path: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClustersSpec:
+    method: str  # kmeans | balanced | random
+    n: int
+    seed: int = 0
+
+
+@dataclass
+class EvalSpec:
+    """[eval]: when and how runs are scored. Its other keys are SampleSettings fields (the sampling of every
+    run, over each method's defaults), kept in `sample`."""
+
+    every_epochs: float = 0.0  # 0: only the final model
+    every_steps: int = 0  # ... or every so many optimizer steps (finer than an epoch); not both
+    samples: int = 1000  # images per evaluation, class-balanced
+    reference: str = "val"  # split of the spec's data used as reference
+    batch_size: int = 250
+    inception: str | None = None  # path to pt_inception-2015-12-05-6726825d.pth
+    extractor: str | None = None  # "classifier" | "inception"; None: inception if a path is given
+    sample: dict[str, Any] = field(default_factory=dict)  # SampleSettings overrides
+
+
+@dataclass
+class RunSpec:
+    name: str
+    method: str
+    clusters: str | None = None  # key of a [clusters.NAME] table
+    train: dict[str, Any] = field(default_factory=dict)  # overrides of [train] for this run (stage 1 for CTF)
+    refiner: dict[str, Any] = field(default_factory=dict)  # CTF stage-2 overrides of [train]
+    sample: dict[str, Any] = field(default_factory=dict)  # overrides of [eval] sampling settings
+
+
+@dataclass
+class SweepSpec:
+    param: str
+    values: list[Any]
+    runs: list[str] = field(default_factory=list)  # empty: every run
+
+
+@dataclass
+class ClaimSpec:
+    """A paper's speed-up claim, checked per seed: `run` reaches the converged FID of `against` (the mean
+    of its last 3 evaluations) in at most 1/`speedup` of the epochs `against` needed for it."""
+
+    run: str
+    speedup: float
+    against: str = ""  # empty: the reference run (the spec's first baseline run)
+    text: str = ""  # how the report names the claim, e.g. "IAR: 2x fewer epochs (paper, Fig. 4c)"
+
+
+@dataclass
+class ExperimentSpec:
+    name: str
+    data: str = "mnist"
+    image_size: int = 32
+    seed: int = 0  # the tokenizer's and every run's seed ...
+    seeds: list[int] = field(default_factory=list)  # ... unless this lists the seeds to repeat runs with
+    device: str = "auto"
+    tokenizer: TokenizerSpec = field(default_factory=TokenizerSpec)
+    clusters: dict[str, ClustersSpec] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields shared by every run
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    runs: list[RunSpec] = field(default_factory=list)
+    sweeps: list[SweepSpec] = field(default_factory=list)
+    claims: list[ClaimSpec] = field(default_factory=list)
+    # [run, against] pairs judged (final FID, class accuracy) beside every run against the baseline
+    contrasts: list[list[str]] = field(default_factory=list)
+
+
+def spec_seeds(spec: ExperimentSpec) -> list[int]:
+    """The seeds every run (and every sweep point) is repeated with."""
+    return list(spec.seeds) or [spec.seed]
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    if kind is Any:
+        return True
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, typing.get_origin(kind) or kind)
+
+
+def check_types(cls, d: dict, where: str) -> None:
+    """Every value of table `d` has the type of `cls`'s field of that name (TOML gives "two" for a
+    number as readily as 2): say which table and key, and what was expected."""
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if key not in hints:
+            continue
+        kinds = typing.get_args(hints[key]) if type(None) in typing.get_args(hints[key]) else (hints[key],)
+        kinds = tuple(k for k in kinds if k is not type(None))
+        if value is None or any(_matches(value, k) for k in kinds):
+            continue
+        want = " or ".join(_TYPE_WORDS.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+        raise ClusterarError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def as_spec_keys(message: str) -> str:
+    """A settings check written for the command line (`--batch-size`) worded for a spec (`batch_size`)."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
+
+
+def _build(cls, d: Any, where: str):
+    if not isinstance(d, dict):
+        raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ClusterarError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    check_types(cls, d, where)
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ClusterarError(f"{where}: {e}") from e
+
+
+def _tokenizer_table(d: Any, where: str) -> TokenizerSpec:
+    """[tokenizer]: `path`, or TokenizerTrainConfig fields (checked by name and type here, by value in
+    check_spec)."""
+    from ..train.tokenizer import TokenizerTrainConfig
+
+    if not isinstance(d, dict):
+        raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
+    d = dict(d)
+    path = d.pop("path", None)
+    if path is not None and not isinstance(path, str):
+        raise ClusterarError(f"{where}: path must be a string, got {path!r}")
+    known = {f.name for f in fields(TokenizerTrainConfig)} - set(EXPERIMENT_SETS)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        also = [k for k in unknown if k in EXPERIMENT_SETS]
+        why = f" ({also} are the experiment's own settings)" if also else ""
+        raise ClusterarError(
+            f"{where}: unknown key(s) {unknown}{why}; known keys: {sorted(known | {'path'})}"
+        )
+    check_types(TokenizerTrainConfig, d, where)
+    return TokenizerSpec(path=path, train=d)
+
+
+def _eval_table(d: Any, where: str) -> EvalSpec:
+    """[eval]: EvalSpec keys, and SampleSettings fields gathered into `sample`."""
+    from ..sample import SampleSettings
+
+    if not isinstance(d, dict):
+        raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
+    sampling = {f.name for f in fields(SampleSettings)}
+    check_types(SampleSettings, {k: v for k, v in d.items() if k in sampling}, where)
+    ev = _build(EvalSpec, {k: v for k, v in d.items() if k not in sampling and k != "sample"}, where)
+    ev.sample = {k: v for k, v in d.items() if k in sampling}
+    return ev
+
+
+def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
+    """Build and validate a spec from a parsed TOML dict; every mistake is reported before any work starts."""
+    d = copy.deepcopy(d)
+    d.setdefault("name", Path(source).stem)
+    tables = ("tokenizer", "clusters", "eval", "runs", "sweeps", "claims")
+    top = {k: v for k, v in d.items() if k not in tables}
+    spec = _build(ExperimentSpec, top, source)
+    spec.tokenizer = _tokenizer_table(d.get("tokenizer", {}), f"{source} [tokenizer]")
+    spec.clusters = {
+        k: _build(ClustersSpec, v, f"{source} [clusters.{k}]") for k, v in d.get("clusters", {}).items()
+    }
+    spec.eval = _eval_table(d.get("eval", {}), f"{source} [eval]")
+    spec.runs = [_build(RunSpec, r, f"{source} [[runs]] #{i + 1}") for i, r in enumerate(d.get("runs", []))]
+    spec.sweeps = [
+        _build(SweepSpec, s, f"{source} [[sweeps]] #{i + 1}") for i, s in enumerate(d.get("sweeps", []))
+    ]
+    spec.claims = [
+        _build(ClaimSpec, c, f"{source} [[claims]] #{i + 1}") for i, c in enumerate(d.get("claims", []))
+    ]
+    check_spec(spec, source)
+    return spec
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read a spec file; a bare name (e.g. "demo") means the spec shipped in clusterar/specs/, also where a
+    folder of that name exists (a run folder called `claims` must not hide the `claims` spec)."""
+    p = Path(path)
+    if (not p.exists() or p.is_dir()) and (SPECS_DIR / f"{path}.toml").exists():
+        p = SPECS_DIR / f"{path}.toml"
+    if not p.exists():
+        shipped = ", ".join(sorted(q.stem for q in SPECS_DIR.glob("*.toml")))
+        raise ClusterarError(
+            f"experiment spec {path} not found; check the path, or name a shipped spec (shipped specs: {shipped})"
+        )
+    p = check_file(p, "experiment spec", (".toml",))
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError as e:
+        raise file_error(p, "experiment spec", "is not a text file (binary bytes), so not TOML") from e
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise file_error(p, "experiment spec", f"is not valid TOML ({e})") from e
+    if not d:
+        raise file_error(p, "experiment spec", "holds no settings (an empty TOML file)")
+    return parse_spec(d, str(p))
+
+
+def check_spec(spec: ExperimentSpec, source: str) -> None:
+    from ..clusters import CLUSTER_METHODS, check_n_clusters
+    from ..data import check_dataset_name
+    from ..gpt import GPT_PRESETS
+    from ..sample import STAGE2_SETTINGS, SampleSettings
+    from ..tokenizer import VQ_PRESETS
+    from ..train import TrainConfig
+
+    try:
+        check_dataset_name(spec.data)
+    except ClusterarError as e:
+        raise ClusterarError(f"{source}: data = {spec.data!r}: {e}") from e
+    preset = tokenizer_config(spec).preset
+    if spec.tokenizer.path is None and preset not in VQ_PRESETS:
+        raise ClusterarError(
+            f"{source}: unknown tokenizer preset {preset!r}; choose one of {', '.join(VQ_PRESETS)}"
+        )
+    if spec.tokenizer.path is None:
+        try:
+            tokenizer_config(spec).check()
+        except ClusterarError as e:
+            raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
+    _validate_eval(spec, source)
+    k = codebook_size(spec)
+    for name, c in spec.clusters.items():
+        if c.method not in CLUSTER_METHODS:
+            raise ClusterarError(
+                f"{source} [clusters.{name}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
+            )
+        if k is not None:
+            try:
+                check_n_clusters(k, c.n, balanced=c.method != "kmeans")
+            except ClusterarError as e:
+                raise ClusterarError(f"{source} [clusters.{name}]: n = {c.n}: {e}") from None
+    if not spec.runs:
+        raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
+    train_fields = {f.name for f in fields(TrainConfig)}
+    sampling = [f.name for f in fields(SampleSettings)]
+    reserved = {"method", "clusters", "tokens", "tokenizer", "seed", "device"}
+    names = set()
+    for r in spec.runs:
+        where = f"{source} run {r.name!r}"
+        if r.name in names:
+            raise ClusterarError(f"{where}: two runs share this name")
+        names.add(r.name)
+        if r.method not in RUN_METHODS:
+            raise ClusterarError(
+                f"{where}: unknown method {r.method!r}; choose one of {', '.join(RUN_METHODS)}"
+            )
+        if r.method in ("iar", "ctf") and r.clusters is None:
+            raise ClusterarError(
+                f"{where}: method {r.method} needs `clusters = NAME` (a [clusters.NAME] table)"
+            )
+        if r.clusters is not None and r.clusters not in spec.clusters:
+            raise ClusterarError(
+                f"{where}: clusters {r.clusters!r} is not defined; defined: {sorted(spec.clusters) or 'none'}"
+            )
+        if r.method == "iar" and r.clusters and spec.clusters[r.clusters].method == "kmeans":
+            iar = r.train.get("rearrange", spec.train.get("rearrange", True))
+            if iar:
+                raise ClusterarError(
+                    f"{where}: IAR's rearranged ids need equal-size clusters; use balanced or random clusters, "
+                    "or set rearrange = false in the run's train table to use the segment cluster loss"
+                )
+        if r.refiner and r.method != "ctf":
+            raise ClusterarError(f"{where}: a [refiner] table only applies to method ctf")
+        for what, table in (("train", spec.train), ("run train", r.train), ("refiner", r.refiner)):
+            bad = sorted(set(table) - train_fields)
+            if bad:
+                raise ClusterarError(
+                    f"{where}: unknown {what} setting(s) {bad}; known: {sorted(train_fields)}"
+                )
+            check_types(
+                TrainConfig, table, f"{source} [train]" if what == "train" else f"{where} {what} table"
+            )
+            clash = sorted(set(table) & reserved)
+            if clash:
+                raise ClusterarError(f"{where}: {clash} are set by the experiment, not in a train table")
+            model = table.get("model")
+            if model is not None and model not in GPT_PRESETS:
+                raise ClusterarError(
+                    f"{where}: unknown model preset {model!r}; choose one of {', '.join(GPT_PRESETS)}"
+                )
+        bad = sorted(set(r.sample) - set(sampling))
+        if bad:
+            raise ClusterarError(f"{where}: unknown sample setting(s) {bad}; known: {sampling}")
+        if r.method != "ctf" and set(STAGE2_SETTINGS) & set(r.sample):
+            raise ClusterarError(f"{where}: {', '.join(STAGE2_SETTINGS)} are CTF stage-2 settings")
+        try:
+            SampleSettings.for_method(r.method, **sample_settings(spec, r))
+        except ClusterarError as e:
+            raise ClusterarError(f"{where}: {e}") from e
+        try:
+            configs = train_configs(spec, r)
+        except ClusterarError as e:
+            raise ClusterarError(f"{source} {e}") from None
+        for stage, cfg in configs.items():
+            if cfg.restrict_to_cluster and cfg.method != "ctf-refiner":
+                raise ClusterarError(
+                    f"{where} ({stage}): restrict_to_cluster only applies to CTF's refiner (its [refiner] table)"
+                )
+    for s in spec.sweeps:
+        if s.param not in sampling:
+            raise ClusterarError(
+                f"{source} sweep {s.param!r}: sampling sweeps vary one of {sampling}; training "
+                "settings (clusters, lambda, stage-2 size...) are swept by adding [[runs]]"
+            )
+        unknown = sorted(set(s.runs) - names)
+        if unknown:
+            raise ClusterarError(f"{source} sweep {s.param!r}: unknown run(s) {unknown}")
+        if not s.values:
+            raise ClusterarError(f"{source} sweep {s.param!r}: no values")
+        not_ctf = [r.name for r in spec.runs if r.name in s.runs and r.method != "ctf"]
+        if s.param in STAGE2_SETTINGS and not_ctf:
+            raise ClusterarError(
+                f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
+            )
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in spec.seeds):
+        raise ClusterarError(f"{source}: seeds must be a list of whole numbers >= 0, got {spec.seeds}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ClusterarError(f"{source}: seeds {spec.seeds} repeat a seed; list each seed once")
+    for pair in spec.contrasts:
+        if (
+            len(pair) != 2
+            or any(not isinstance(x, str) or x not in names for x in pair)
+            or pair[0] == pair[1]
+        ):
+            raise ClusterarError(
+                f"{source}: contrasts holds [run, against] pairs of two different runs of {sorted(names)}, "
+                f"got {pair!r}"
+            )
+    for c in spec.claims:
+        if not c.against:
+            c.against = reference_run(spec) or ""
+            if not c.against:
+                raise ClusterarError(
+                    f"{source} [[claims]] {c.run}: no baseline run to compare against; add one, or name the "
+                    "run with against = NAME"
+                )
+        for what, name in (("run", c.run), ("against", c.against)):
+            if name not in names:
+                raise ClusterarError(
+                    f"{source} [[claims]]: {what} = {name!r} is not one of the runs {sorted(names)}"
+                )
+        if not c.speedup > 0:
+            raise ClusterarError(
+                f"{source} [[claims]] {c.run}: speedup must be a number > 0, got {c.speedup}"
+            )
+
+
+def _validate_eval(spec: ExperimentSpec, source: str) -> None:
+    """The [eval] table (checked first: its settings shape every run's snapshots)."""
+    ev = spec.eval
+    if ev.every_steps < 0 or (ev.every_steps and ev.every_epochs):
+        raise ClusterarError(
+            f"{source} [eval]: give evaluation points as one of every_epochs or every_steps (a whole number "
+            f">= 1), got every_epochs = {ev.every_epochs}, every_steps = {ev.every_steps}"
+        )
+    if ev.extractor not in (None, "classifier", "inception"):
+        raise ClusterarError(
+            f"{source} [eval]: extractor = {ev.extractor!r}; choose classifier (trained on the data's train "
+            "split, no download) or inception (with inception = PATH)"
+        )
+    if eval_extractor(spec) == "inception" and not ev.inception:
+        raise ClusterarError(
+            f"{source} [eval]: extractor = inception needs inception = PATH to the standard FID weights "
+            "pt_inception-2015-12-05-6726825d.pth (nothing is downloaded); or use extractor = classifier"
+        )
+    if ev.samples <= 3 or ev.batch_size < 1:
+        raise ClusterarError(
+            f"{source} [eval]: samples must be > 3 (precision/recall use k = 3), batch_size >= 1"
+        )
+    if ev.every_epochs < 0:
+        raise ClusterarError(
+            f"{source} [eval]: every_epochs must be >= 0 (0: evaluate the final models only)"
+        )
+    if not spec.data.startswith("folder:") and ev.reference not in ("train", "val", "all"):
+        raise ClusterarError(f"{source} [eval]: reference is a split of {spec.data}: train, val or all")
+
+
+def eval_extractor(spec: ExperimentSpec) -> str:
+    """The [eval] feature extractor: as set, else Inception when a weights path is given, else the
+    classifier trained on the spec's own data."""
+    return spec.eval.extractor or ("inception" if spec.eval.inception else "classifier")
+
+
+def tokenizer_config(spec: ExperimentSpec):
+    """The TokenizerTrainConfig of the spec's [tokenizer] table, with the experiment's data, image size,
+    seed and device."""
+    from ..train.tokenizer import TokenizerTrainConfig
+
+    own = dict(data=spec.data, image_size=spec.image_size, seed=spec.seed, device=spec.device)
+    return TokenizerTrainConfig(**{**spec.tokenizer.train, **own, "eval_every": 10**9})
+
+
+def codebook_size(spec: ExperimentSpec) -> int | None:
+    """K of the spec's tokenizer, known before any work: the preset's, or the given file's (None if that
+    file does not exist yet)."""
+    from ..fileio import read_meta
+    from ..tokenizer import resolve_tokenizer_path, vq_preset
+
+    t = spec.tokenizer
+    if t.path is None:
+        cfg = tokenizer_config(spec)
+        return cfg.codebook_size or vq_preset(cfg.preset).codebook_size
+    try:
+        path = resolve_tokenizer_path(t.path)
+    except ClusterarError:
+        return None
+    if path.suffix != ".safetensors":
+        return None
+    return read_meta(path, "tokenizer").get("config", {}).get("codebook_size")
+
+
+def train_configs(
+    spec: ExperimentSpec, run: RunSpec, inputs: SharedInputs | None = None, seed: int | None = None
+) -> dict[str, Any]:
+    """The TrainConfig of each stage of `run` ({"model": cfg} or, for CTF, {"coarse": cfg, "refiner": cfg}).
+
+    Without `inputs` the paths are placeholders: `check_spec` builds the configs this way to check every
+    setting before any work starts.
+    """
+    from ..train import TrainConfig
+
+    tokenizer = str(inputs.tokenizer) if inputs else "<tokenizer>"
+    tokens = str(inputs.tokens["train"]) if inputs else "<tokens>"
+    clusters = None
+    if run.clusters is not None:
+        clusters = str(inputs.clusters[run.clusters]) if inputs else f"<clusters {run.clusters}>"
+    seed = spec.seed if seed is None else seed
+    common = dict(tokens=tokens, tokenizer=tokenizer, clusters=clusters, seed=seed, device=spec.device)
+    if spec.eval.every_epochs > 0:
+        common["snapshot_every"] = spec.eval.every_epochs
+    if spec.eval.every_steps > 0:
+        common["snapshot_steps"] = spec.eval.every_steps
+    if run.method != "ctf":
+        stages = {"model": (run.method, {**spec.train, **run.train})}
+    else:
+        stages = {
+            "coarse": ("ctf-coarse", {**spec.train, **run.train}),
+            "refiner": ("ctf-refiner", {**spec.train, **run.refiner}),
+        }
+    out = {}
+    for stage, (method, table) in stages.items():
+        try:
+            cfg = TrainConfig(**{**table, **common, "method": method})
+        except TypeError as e:
+            raise ClusterarError(f"run {run.name!r} ({stage}): {e}") from e
+        try:
+            cfg.check()
+        except ClusterarError as e:
+            raise ClusterarError(f"run {run.name!r} ({stage}): {as_spec_keys(str(e))}") from None
+        out[stage] = cfg
+    return out
+
+
+def sample_settings(spec: ExperimentSpec, run: RunSpec, **overrides: Any) -> dict[str, Any]:
+    """The run's sampling settings over its method's defaults: [eval]'s, then the run's `sample` table,
+    then `overrides` (a sweep point); CTF's stage-2 settings only for CTF runs."""
+    from ..sample import STAGE2_SETTINGS
+
+    d = {**spec.eval.sample, **run.sample, **overrides}
+    return {k: v for k, v in d.items() if run.method == "ctf" or k not in STAGE2_SETTINGS}
+
+
+def sweep_runs(spec: ExperimentSpec, s: SweepSpec) -> list[str]:
+    """The runs a sweep applies to: those named, else every run the parameter means something for."""
+    from ..sample import STAGE2_SETTINGS
+
+    if s.runs:
+        return list(s.runs)
+    return [r.name for r in spec.runs if r.method == "ctf" or s.param not in STAGE2_SETTINGS]
+
+
+def reference_run(spec: ExperimentSpec) -> str | None:
+    """The first baseline run: what every comparison is against."""
+    return next((r.name for r in spec.runs if r.method == "baseline"), None)
