@@ -20,8 +20,8 @@ from clusterar.experiment import parse_spec
 from clusterar.fileio import FILE_MODE, check_writable, save_tensors, write_json
 from clusterar.metrics import evaluate_images
 from clusterar.tokenizer import VQModel, vq_preset
-from clusterar.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 from clusterar.tokens import encode_dataset
+from clusterar.train.tokenizer import TokenizerTrainConfig, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
