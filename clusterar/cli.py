@@ -98,11 +98,11 @@ def shared(*names: str, device_default: str | None = "auto") -> list[argparse.Ar
     """
     p = argparse.ArgumentParser(add_help=False)
     if "device" in names:
-        also = "" if device_default else "; default: the spec's device"
+        said = device_default or "the spec's device, auto unless it sets one"
         p.add_argument(
             "--device",
             default=device_default,
-            help=f"auto (the first CUDA GPU, else CPU), cpu or cuda[:N] (default: auto{also})",
+            help=f"auto (the first CUDA GPU, else CPU), cpu or cuda[:N] (default: {said})",
         )
     if "threads" in names:
         p.add_argument(
