@@ -167,7 +167,6 @@ def _read_progress(part_state: Path, part_codes: Path) -> dict | None:
         return None
 
 
-@torch.no_grad()
 def resolve_views(data: str, views: str) -> str:
     """The views a token file of `data` holds: "auto" is data.default_views (flips for image folders, none
     for the bundled digits)."""
@@ -178,6 +177,7 @@ def resolve_views(data: str, views: str) -> str:
     return views
 
 
+@torch.no_grad()
 def encode_dataset(
     tokenizer: VQModel,
     data: str,

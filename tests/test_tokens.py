@@ -18,7 +18,7 @@ from clusterar.tokens import TokenFile, encode_dataset, smallest_dtype, write_to
 
 @pytest.fixture(scope="module")
 def tokenizer(make_tokenizer) -> VQModel:
-    """16x16 tokens on 32x32 images, 300 codes (a codebook that needs uint16 ids above 255 is tested too)."""
+    """Downsampling 2 (16x16 images -> 8x8 tokens) and 300 codes, so ids need int16."""
     return make_tokenizer(0, ch_mult=(1, 2), codebook_size=300, codebook_dim=4)
 
 
@@ -49,6 +49,20 @@ def test_encode_split_matches_direct_encoding(tokenizer, tmp_path):
     assert codes.dtype == torch.int64 and labels.tolist() == ds.labels[[3, 1]].tolist()
     # no partial files remain
     assert sorted(p.name for p in tmp_path.iterdir()) == ["val.safetensors"]
+
+
+def test_encoding_records_no_autograd_graph(tokenizer, tmp_path, monkeypatch):
+    """encode_dataset runs under no_grad: a graph per batch would cost memory on ImageNet-sized splits."""
+    seen = []
+    encode = tokenizer.encode
+
+    def recording(x):
+        seen.append(torch.is_grad_enabled())
+        return encode(x)
+
+    monkeypatch.setattr(tokenizer, "encode", recording)
+    encode_dataset(tokenizer, "digits", "val", tmp_path / "v.safetensors", image_size=16, progress=False)
+    assert seen and not any(seen)
 
 
 def test_encode_resumes_from_partial_state(tokenizer, tmp_path):
