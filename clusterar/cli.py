@@ -249,20 +249,30 @@ def cmd_tokenizer_eval(args: argparse.Namespace) -> None:
 
 def cmd_encode(args: argparse.Namespace) -> None:
     from .stages import encode_splits
+    from .train.parallel import close_distributed, init_distributed
 
-    encode_splits(
-        args.tokenizer,
-        args.data,
-        {split: args.views for split in args.splits},
-        args.out,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        on_error=args.on_error,
-        save_every=args.save_every,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    dist, device = init_distributed(args.device)  # under torchrun: one shard of every split per process
+    finished = False
+    try:
+        encode_splits(
+            args.tokenizer,
+            args.data,
+            {split: args.views for split in args.splits},
+            args.out,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            on_error=args.on_error,
+            save_every=args.save_every,
+            device=str(device),
+            progress=not args.no_progress,
+            rank=dist.rank,
+            world=dist.world,
+        )
+        finished = True
+    finally:
+        if dist.owns_group:
+            close_distributed(finished)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -469,9 +479,30 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from .train.parallel import close_distributed, init_distributed
+
+    dist, device = init_distributed(args.device)  # under torchrun: every process draws its share of batches
+    finished = False
+    try:
+        summary = _sample(args, str(device), dist.rank, dist.world)
+        finished = True
+    finally:
+        if dist.owns_group:
+            close_distributed(finished)
+    if dist.rank != 0:
+        return
+    files = f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'}"
+    if summary.get("already_complete"):
+        print(f"unchanged: {files}")
+        return
+    rate = summary.get("images_per_s_after_first_batch") or summary.get("images_per_s")
+    print(f"written: {files} ({rate} images/s)")
+
+
+def _sample(args: argparse.Namespace, device: str, rank: int, world: int) -> dict:
     from .stages import sample_model
 
-    summary = sample_model(
+    return sample_model(
         args.source,
         args.out,
         n=args.n,
@@ -482,20 +513,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         compile=args.compile,
         write_images=not args.no_images,
-        device=args.device,
+        device=device,
         tokenizer=args.tokenizer,
         clusters=args.clusters,
         restrict_to_cluster=True if args.restrict_to_cluster else None,
         grid_size=args.grid_size,
         announce=True,
         progress=not args.no_progress,
+        rank=rank,
+        world=world,
     )
-    files = f"{Path(args.out) / 'grid.png'}, {Path(args.out) / 'samples.npz'}"
-    if summary.get("already_complete"):
-        print(f"unchanged: {files}")
-        return
-    rate = summary.get("images_per_s_after_first_batch") or summary.get("images_per_s")
-    print(f"written: {files} ({rate} images/s)")
 
 
 SAMPLING_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p", "temperature2", "top_k2", "cfg_scale2")
@@ -813,7 +840,15 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     )
     smp.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
     smp.add_argument("--out", required=True, help="output folder")
-    smp.add_argument("--n", type=positive_int, default=100, help="number of images (default: 100)")
+    smp.add_argument(
+        "--num-samples",
+        "--n",
+        dest="n",
+        type=positive_int,
+        default=100,
+        help="number of images (default: 100); under torchrun write --num-samples (torchrun reads --n as its "
+        "own, ambiguous, option)",
+    )
     lab = smp.add_mutually_exclusive_group()
     lab.add_argument(
         "--per-class",

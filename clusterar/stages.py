@@ -33,11 +33,14 @@ def encode_splits(
     device: str = "auto",
     reuse: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Path]:
     """Encode each split of `data` (`views`: split -> views) into OUT/SPLIT.safetensors.
 
     reuse: keep a split's file when this tokenizer made it with these views (the runner; the command line
-    always encodes, continuing an interrupted file from its partial save).
+    always encodes, continuing an interrupted file from its partial save). rank / world: this process of a
+    torchrun job (torch.distributed initialised); the processes share every split and write one file.
     """
     from .runtime import pick_device
     from .tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -70,8 +73,10 @@ def encode_splits(
             on_error=on_error,
             progress=progress,
             save_every=save_every,
+            rank=rank,
+            world=world,
         )
-        if not reuse:
+        if not reuse and rank == 0:
             print(
                 f"{tf.path}: codes {list(tf.codes.shape)} {tf.codes.dtype}, {len(tf.meta['skipped'])} skipped"
             )
@@ -144,12 +149,15 @@ def sample_model(
     grid_size: int | None = None,
     announce: bool = False,
     progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, Any]:
     """Sample `n` class-conditional images of a model or pipeline into the resumable folder `out`
     (grid.png, images/, samples.npz in ADM's format, sample.json); return sample.json's summary.
 
     settings: overrides of the method's sampling defaults (SampleSettings.for_method); `method` names the
     method whose defaults apply when it is known beforehand (the runner), else the source's own.
+    rank / world: this process of a torchrun job; the processes share the batches (sample_to_folder).
     """
     from .runtime import pick_device
     from .sample import Pipeline, SampleSettings, describe_settings, make_labels, sample_to_folder
@@ -164,7 +172,7 @@ def sample_model(
     )
     s = SampleSettings.for_method(method or pipe.method, **(settings or {}))
     chosen, how = make_labels(n, pipe.num_classes, per_class=per_class, labels=labels, seed=seed)
-    if announce:
+    if announce and rank == 0:
         print(f"{pipe.method} from {pipe.source} on {pipe.device}: {n} images, labels {how}")
         print(f"settings: {describe_settings(s, pipe.method)}")
     return sample_to_folder(
@@ -179,4 +187,6 @@ def sample_model(
         write_images=write_images,
         progress=progress,
         info={"labels_how": how},
+        rank=rank,
+        world=world,
     )

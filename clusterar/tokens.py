@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -167,6 +168,50 @@ def _read_progress(part_state: Path, part_codes: Path) -> dict | None:
         return None
 
 
+def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) that process `rank` of `world` encodes: a contiguous block of whole batches of the
+    one-process order, so that every image is encoded in the very batch one process would use (the same
+    numbers, and the same token file)."""
+    batches = -(-n // batch_size)
+    return min(n, rank * batches // world * batch_size), min(n, (rank + 1) * batches // world * batch_size)
+
+
+def _state_file(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(out.name + (".partial.json" if world == 1 else f".partial.rank{rank}.json"))
+
+
+def _state_files(out: Path) -> list[Path]:
+    """Every state file of an interrupted encoding of `out`: one process's, or one per torchrun process."""
+    single = out.with_name(out.name + ".partial.json")
+    return ([single] if single.exists() else []) + sorted(out.parent.glob(out.name + ".partial.rank*.json"))
+
+
+def _check_partial_world(out: Path, world: int) -> None:
+    """An interrupted encoding continues only with as many processes as it was started with."""
+    for f in _state_files(out):
+        try:
+            was = int(json.loads(f.read_text()).get("world", 1))
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable: _read_progress discards it
+        if was != world:
+            raise ClusterarError(
+                f"{f} holds the progress of an encoding run by {was} process(es), and this one has {world}; "
+                f"continue it with the same number of processes (torchrun --nproc_per_node {was} ...), or "
+                f"delete {out.name}.partial.* in {out.parent} to start over"
+            )
+
+
+def _merge_shards(out: Path, world: int) -> tuple[list[int], dict[int, tuple]]:
+    """The skipped rows and upscaled images of every process, from their state files (rank 0, at the end)."""
+    skipped: list[int] = []
+    upscaled: dict[int, tuple] = {}
+    for r in range(world):
+        state = json.loads(_state_file(out, r, world).read_text())
+        skipped += state["skipped"]
+        upscaled.update({int(i): tuple(size) for i, size in state.get("upscaled", {}).items()})
+    return sorted(skipped), upscaled
+
+
 def resolve_views(data: str, views: str) -> str:
     """The views a token file of `data` holds: "auto" is data.default_views (flips for image folders, none
     for the bundled digits)."""
@@ -190,6 +235,8 @@ def encode_dataset(
     on_error: str = "fail",
     progress: bool = True,
     save_every: float = 30.0,
+    rank: int = 0,
+    world: int = 1,
 ) -> TokenFile:
     """Encode one split of a dataset into one token file (resumable; see the module docstring).
 
@@ -197,6 +244,10 @@ def encode_dataset(
 
     Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
     every batch); an interrupted run loses at most that much work.
+
+    Under torchrun (`world` processes, torch.distributed initialised), process `rank` encodes its block of
+    whole batches (`shard_rows`) into the one shared partial file, with a state file of its own; rank 0
+    assembles the token file, which is the one a single process writes.
     """
     views = resolve_views(data, views)
     if batch_size < 1 or num_workers < 0 or image_size < 1:
@@ -229,31 +280,50 @@ def encode_dataset(
         "permutation": None,
     }
     part_codes = out.with_name(out.name + ".partial.npy")
-    part_state = out.with_name(out.name + ".partial.json")
-    done, skipped, upscaled = 0, [], {}
+    part_state = _state_file(out, rank, world)
+    _check_partial_world(out, world)
+    lo, hi = shard_rows(n, batch_size, rank, world)
+    done, skipped, upscaled = lo, [], {}
     state = _read_progress(part_state, part_codes)
-    if state is not None:
-        if state["settings"] == settings and state["shape"] == [n, v, seq]:
-            done, skipped = state["done"], state["skipped"]
-            upscaled = {int(i): tuple(size) for i, size in state.get("upscaled", {}).items()}
-            codes = np.lib.format.open_memmap(part_codes, mode="r+")
-            notice(f"resuming {out} at image {done} of {n}")
-        else:
-            log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
-    if done == 0:
-        # The state file says how many rows of the codes file are valid: a stale one (settings changed, or
-        # a run killed while it removed its partial files) must not vouch for the new codes file.
-        part_state.unlink(missing_ok=True)
+    resume = (
+        state is not None
+        and state["settings"] == settings
+        and state["shape"] == [n, v, seq]
+        and state.get("rows", [0, n]) == [lo, hi]
+    )
+    if state is not None and not resume and rank == 0:
+        log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
+    if world > 1:  # all resume, or all start over: one stale shard must not leave holes in the file
+        votes: list[bool] = [False] * world
+        dist.all_gather_object(votes, resume)
+        resume = all(votes)
+    if resume:
+        done, skipped = state["done"], state["skipped"]
+        upscaled = {int(i): tuple(size) for i, size in state.get("upscaled", {}).items()}
+        if rank == 0:
+            notice(
+                f"resuming {out} at image {done - lo} of {hi - lo}"
+                + (f" (process 0 of {world})" if world > 1 else "")
+            )
+    elif rank == 0:
+        # The state files say how many rows of the codes file are valid: stale ones (settings changed, or a
+        # run killed while it removed its partial files) must not vouch for the new codes file.
+        for f in _state_files(out):
+            f.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        codes = np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq))
+        np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq)).flush()
+    if world > 1:
+        dist.barrier()  # the codes file exists before any other process opens it
+    codes = np.lib.format.open_memmap(part_codes, mode="r+")
 
     def save_progress(codes: np.ndarray) -> None:
         codes.flush()
         state = {"settings": settings, "shape": [n, v, seq], "done": done, "skipped": skipped}
+        state.update(rows=[lo, hi], world=world)
         write_json(part_state, dict(state, upscaled={str(i): list(s) for i, s in upscaled.items()}))
 
     loader = torch.utils.data.DataLoader(
-        WithSourceSizes(dataset, done, n),
+        WithSourceSizes(dataset, done, hi),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -262,7 +332,12 @@ def encode_dataset(
     tokenizer.eval()
     last_save = time.monotonic()
     bar = tqdm(
-        total=n, initial=done, desc=f"encode {split}", unit="img", disable=not progress, dynamic_ncols=True
+        total=hi - lo,
+        initial=done - lo,
+        desc=f"encode {split}" + (f" (process 0 of {world})" if world > 1 else ""),
+        unit="img",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
     )
     try:
         # warnings (e.g. a converted CMYK file) go above the bar, each on its own line
@@ -288,7 +363,7 @@ def encode_dataset(
                 kill_point("encode.batch")
     except BaseException as e:
         bar.close()  # ends the bar's line, so the error is printed on a line of its own
-        if done == 0:  # nothing to continue from: leave no partial files behind
+        if done == lo and world == 1:  # nothing to continue from: leave no partial files behind
             del codes
             part_codes.unlink(missing_ok=True)
             part_state.unlink(missing_ok=True)
@@ -296,12 +371,19 @@ def encode_dataset(
         save_progress(codes)
         if isinstance(e, ClusterarError):
             raise ClusterarError(
-                f"{e}. The {done} images of {split} encoded before it are kept in {part_codes.name} and "
+                f"{e}. The {done - lo} images of {split} encoded before it are kept in {part_codes.name} and "
                 f"{part_state.name}: the same command continues from there (delete both to start over)"
             ) from e
         raise
     bar.close()
     save_progress(codes)
+    if world > 1:
+        dist.barrier()  # every shard is on disk
+        if rank != 0:
+            del codes
+            dist.barrier()  # rank 0 has written the token file
+            return TokenFile.open(out)
+        skipped, upscaled = _merge_shards(out, world)
     keep = np.setdiff1d(np.arange(n), np.asarray(skipped, dtype=np.int64))
     meta = dict(settings, skipped=[dataset.path(i) for i in skipped], upscaled=len(upscaled))
     if skipped:
@@ -312,7 +394,10 @@ def encode_dataset(
         log.warning("%s", describe_upscaled(dataset, upscaled))
     write_token_file(out, codes[keep] if skipped else np.asarray(codes), dataset.labels.numpy()[keep], meta)
     del codes  # close the memory map before removing its file
-    part_state.unlink()  # first: a codes file without its state file is never trusted
+    for f in _state_files(out):  # first: a codes file without its state files is never trusted
+        f.unlink()
     kill_point("encode.cleanup")
     part_codes.unlink()
+    if world > 1:
+        dist.barrier()
     return TokenFile.open(out)

@@ -39,9 +39,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _torchrun_command(args: list[str]) -> list[str]:
+def _torchrun_command(args: list[str], command: str = "train") -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return [*cmd, "-m", "clusterar", "train", *args]
+    return [*cmd, "-m", "clusterar", command, *args]
 
 
 @pytest.fixture(scope="session")
@@ -52,12 +52,15 @@ def torchrun_command():
 
 @pytest.fixture(scope="session")
 def torchrun():
-    """Run `clusterar train ARGS` in 2 gloo processes under torchrun, one thread each; `env` adds variables."""
+    """Run `clusterar COMMAND ARGS` (train by default) in 2 gloo processes under torchrun, one thread each;
+    `env` adds variables."""
 
-    def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    def run(
+        args: list[str], cwd: Path, env: dict[str, str] | None = None, command: str = "train"
+    ) -> subprocess.CompletedProcess:
         full = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
         return subprocess.run(
-            _torchrun_command(args), cwd=cwd, env=full, capture_output=True, text=True, timeout=300
+            _torchrun_command(args, command), cwd=cwd, env=full, capture_output=True, text=True, timeout=300
         )
 
     return run

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -455,3 +457,39 @@ def test_interrupted_sampling_resumes_exactly(tmp_path, runs):
     assert again["batches_reused"] == 2 and again["batches_generated"] == 1
     with np.load(tmp_path / "full" / "samples.npz") as a, np.load(tmp_path / "cut" / "samples.npz") as b:
         assert np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_two_processes_draw_the_one_process_samples_and_resume(tmp_path, runs, torchrun):
+    """Under torchrun each process draws every world-th batch with that batch's seed: the npz is the one
+    one process writes; a run killed in one process continues, also with another number of processes."""
+    args = [
+        str(runs["baseline"]),
+        "--num-samples",
+        "20",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "clusterar", "sample", *args, "--out", str(tmp_path / "one")],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr
+    two = ["--out", str(tmp_path / "two")]
+    killed = torchrun(
+        [*args, *two], tmp_path, env={"CLUSTERAR_KILL_AT": "sample.batch:1@1"}, command="sample"
+    )
+    assert killed.returncode != 0
+    drawn = sorted(p.name for p in (tmp_path / "two" / "parts").glob("batch-*.npy"))
+    assert "batch-000001.npy" in drawn and "batch-000003.npy" not in drawn  # rank 1 died after its first
+    res = torchrun([*args, *two], tmp_path, command="sample")
+    assert res.returncode == 0, res.stderr
+    with np.load(tmp_path / "one" / "samples.npz") as a, np.load(tmp_path / "two" / "samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    info = json.loads((tmp_path / "two" / "sample.json").read_text())
+    assert info["processes"] == 2 and info["batches_reused"] == len(drawn) and info["images"] == 20
+    assert not (tmp_path / "two" / "parts").exists()

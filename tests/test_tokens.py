@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +17,7 @@ from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.data import load_dataset, make_views, to_float
 from clusterar.tokenizer import VQModel, save_tokenizer
-from clusterar.tokens import TokenFile, encode_dataset, smallest_dtype, write_token_file
+from clusterar.tokens import TokenFile, encode_dataset, shard_rows, smallest_dtype, write_token_file
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +185,83 @@ def test_fingerprint_covers_values_shapes_and_scalars():
     assert fingerprint(a) != fingerprint({**a, "step": torch.tensor(8)})
     assert fingerprint(a) != fingerprint({**a, "w": a["w"].reshape(3, 2)})  # same bytes, other shape
     assert fingerprint(a) != fingerprint({**a, "w": a["w"].double()})
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def test_shards_are_whole_batches_that_cover_every_row_once():
+    for n, batch, world in ((185, 32, 2), (185, 32, 4), (10, 4, 8), (64, 64, 3), (1, 1, 2)):
+        shards = [shard_rows(n, batch, r, world) for r in range(world)]
+        assert shards[0][0] == 0 and shards[-1][1] == n
+        assert all(
+            a[1] == b[0] for a, b in zip(shards[:-1], shards[1:], strict=True)
+        )  # contiguous, no overlap
+        assert all(lo % batch == 0 and (hi % batch == 0 or hi == n) for lo, hi in shards)
+
+
+def _encode_args(tok: Path, out: Path) -> list[str]:
+    return [
+        *("--tokenizer", str(tok), "--data", "digits", "--splits", "val", "--image-size", "16"),
+        *(
+            "--views",
+            "flip",
+            "--batch-size",
+            "32",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--save-every",
+            "0",
+        ),
+    ]
+
+
+def test_two_processes_write_the_one_process_file_and_resume_after_a_kill(tokenizer, tmp_path, torchrun):
+    save_tokenizer(tokenizer, tmp_path / "tok.safetensors")
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clusterar",
+            "encode",
+            *_encode_args(tmp_path / "tok.safetensors", tmp_path / "one"),
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr
+    # rank 1 is killed at its 2nd batch; the same command continues, with 2 processes
+    args = _encode_args(tmp_path / "tok.safetensors", tmp_path / "two")
+    killed = torchrun(args, tmp_path, env={"CLUSTERAR_KILL_AT": "encode.batch:2@1"}, command="encode")
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "val.safetensors.partial.npy",
+        "val.safetensors.partial.rank0.json",
+        "val.safetensors.partial.rank1.json",
+    ]
+    # one process cannot continue what two started: said before any work
+    rc = main(["encode", *args])
+    assert rc == 2
+    res = torchrun(args, tmp_path, command="encode")
+    assert res.returncode == 0, res.stderr
+    a, b = (
+        TokenFile.open(tmp_path / "one" / "val.safetensors"),
+        TokenFile.open(tmp_path / "two" / "val.safetensors"),
+    )
+    assert np.array_equal(a.codes, b.codes) and a.codes.dtype == b.codes.dtype
+    assert np.array_equal(a.labels, b.labels)
+    assert a.meta == b.meta
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "val.safetensors"
+    ]  # no partial files left
+
+
+def test_a_changed_process_count_is_refused_naming_the_file(tokenizer, tmp_path):
+    out = tmp_path / "val.safetensors"
+    (tmp_path / "val.safetensors.partial.rank0.json").write_text(json.dumps({"world": 2, "done": 0}))
+    with pytest.raises(ClusterarError, match=r"partial.rank0.json.*2 process.*--nproc_per_node 2"):
+        encode_dataset(tokenizer, "digits", "val", out, image_size=16, progress=False)

@@ -13,9 +13,11 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..errors import ClusterarError
 from ..fileio import atomic_path, kill_point, read_json, write_json
@@ -110,6 +112,8 @@ def sample_to_folder(
     write_images: bool = True,
     progress: bool = True,
     info: dict | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> dict:
     """Sample len(labels) images into `out`: grid.png, images/NNNNNN.png, samples.npz (ADM format: arr_0 uint8
     [N, H, W, 3], arr_1 labels) and sample.json (settings, pipeline, time, images/s).
@@ -118,6 +122,10 @@ def sample_to_folder(
     finished batches are kept in out/parts/ and an interrupted run continues where it stopped when run
     again with the same settings; other settings in a non-empty folder are refused. The parts are removed
     once the .npz is written.
+
+    Under torchrun (`world` processes, torch.distributed initialised) process `rank` draws batches rank,
+    rank + world, ...: the same batches with the same seeds, so the samples are the ones one process
+    draws, and a killed run continues with any number of processes. Rank 0 writes the npz and sample.json.
     """
     from tqdm.auto import tqdm
 
@@ -138,6 +146,11 @@ def sample_to_folder(
         "compile": compile,  # bf16 numerics of a compiled step differ slightly: other draws, same distribution
     }
     summary_path, parts = out / "sample.json", out / "parts"
+
+    def together() -> None:  # every process reaches this point before any goes on
+        if world > 1:
+            dist.barrier()
+
     for path in (summary_path, parts / "run.json"):
         if path.exists():
             old = read_json(path, "sample record")
@@ -153,15 +166,19 @@ def sample_to_folder(
                 if parts.exists():  # a run killed between sample.json and removing its parts
                     shutil.rmtree(parts)
                 return {**read_json(summary_path), "already_complete": True}
-    parts.mkdir(parents=True, exist_ok=True)
-    write_json(parts / "run.json", run)
+    together()  # every process has read the records before rank 0 writes one
+    if rank == 0:
+        parts.mkdir(parents=True, exist_ok=True)
+        write_json(parts / "run.json", run)
+    together()
     n_batches = math.ceil(n / batch_size)
     kept = sum((parts / f"batch-{b:06d}.npy").exists() for b in range(n_batches))
-    if kept:
+    if kept and rank == 0:
         notice(f"resuming {out}: {kept} of {n_batches} batches are already drawn")
     timed: list[tuple[int, float]] = []  # (images, seconds) of the batches generated in this session
     reused = 0
-    bar = tqdm(range(n_batches), desc="sampling", unit="batch", disable=not progress)
+    mine = range(rank, n_batches, world)
+    bar = tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0)
     for b in bar:
         part = parts / f"batch-{b:06d}.npy"
         if part.exists():
@@ -181,6 +198,17 @@ def sample_to_folder(
         with atomic_path(part) as tmp, open(tmp, "wb") as f:
             np.save(f, images)
         kill_point("sample.batch")
+    together()  # every batch is on disk
+    if world > 1:  # this session's figures of every process: throughput of the whole job
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, (timed, reused))
+        if rank != 0:
+            together()  # rank 0 has written the npz and sample.json
+            return read_json(summary_path, "sample record")
+        # images/s of the job: all images over the slowest process's time
+        seconds_each = [sum(t for _, t in tm) for tm, _ in every]
+        timed = [(sum(k for tm, _ in every for k, _ in tm), max(seconds_each))] if any(seconds_each) else []
+        reused = sum(r for _, r in every)
     h = w = pipeline.image_size
     with atomic_path(out / "samples.npz") as tmp:
         stack = parts / "all.npy"
@@ -213,7 +241,10 @@ def sample_to_folder(
         "torch": torch.__version__,
         "files": {"grid": "grid.png", "npz": "samples.npz", "images": "images/" if write_images else None},
     }
+    if world > 1:
+        summary["processes"] = world
     write_json(summary_path, summary)
     kill_point("sample.finish")
     shutil.rmtree(parts)
+    together()
     return summary
