@@ -47,6 +47,7 @@ def encode_splits(
     from .tokens import VIEW_NAMES, TokenFile, encode_dataset, resolve_views
 
     model = None
+    fp = tokenizer_fingerprint(tokenizer) if reuse else None  # once: a LlamaGen .pt is loaded to hash it
     paths: dict[str, Path] = {}
     for split, split_views in views.items():
         path = Path(out) / f"{split}.safetensors"
@@ -54,7 +55,7 @@ def encode_splits(
         if reuse and path.exists():
             meta = TokenFile.open(path).meta
             want = VIEW_NAMES[resolve_views(data, split_views)]
-            if meta["tokenizer_fingerprint"] == tokenizer_fingerprint(tokenizer) and meta["views"] == want:
+            if meta["tokenizer_fingerprint"] == fp and meta["views"] == want:
                 print(f"tokens: reusing {path}")
                 continue
         if model is None:

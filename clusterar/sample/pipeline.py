@@ -394,20 +394,21 @@ class Pipeline:
         s = settings or self.settings(**overrides)
         y = self._labels(labels)
         g = torch.Generator(self.device).manual_seed(int(seed))
-        common = dict(generator=g, compile=compile, use_cache=use_cache)
+        raw = generate(  # CTF: stage 1, the coarse labels
+            self.model,
+            y,
+            cfg_scale=s.cfg_scale,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            generator=g,
+            compile=compile,
+            use_cache=use_cache,
+        )
         if self.method == "ctf":
-            coarse = generate(
-                self.model,
-                y,
-                cfg_scale=s.cfg_scale,
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                **common,
-            )
             fine = refine(
                 self.refiner,
-                coarse,
+                raw,
                 y,
                 cfg_scale=s.cfg_scale2,
                 temperature=s.temperature2,
@@ -415,16 +416,7 @@ class Pipeline:
                 generator=g,
                 cluster_labels=self._cluster_labels,
             )
-            return SampledTokens(ids=fine, raw=fine, coarse=coarse)
-        raw = generate(
-            self.model,
-            y,
-            cfg_scale=s.cfg_scale,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            **common,
-        )
+            return SampledTokens(ids=fine, raw=fine, coarse=raw)
         ids = self._unmap[raw] if self._unmap is not None else raw
         return SampledTokens(ids=ids, raw=raw)
 
