@@ -543,6 +543,39 @@ def cmd_pipeline_ctf(args: argparse.Namespace) -> None:
     print(f"written: {args.out}; sample with `clusterar sample {args.out} --out DIR`")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    from .convert import convert
+    from .runtime import pick_device
+
+    paths = convert(
+        args.model,
+        args.method,
+        args.out,
+        tokenizer=args.tokenizer,
+        clusters=args.clusters,
+        head=args.head,
+        tokens=args.tokens,
+        lsq_sequences=args.lsq_sequences,
+        grid_size=args.grid_size,
+        ema=args.ema,
+        device=pick_device(args.device),
+        seed=args.seed,
+    )
+    for stage, path in paths.items():
+        print(f"{stage}: {path}")
+    if args.method == "ctf":
+        print(
+            f"sample it as it is with `clusterar sample {paths['pipeline']}`; fine-tune each stage with `clusterar "
+            f"train --method ctf-coarse --init-from {paths['coarse'].parent}` and `--method ctf-refiner --init-from "
+            f"{paths['refiner'].parent}` (same --tokens, --tokenizer and --clusters)"
+        )
+    else:
+        print(
+            f"sample it as it is with `clusterar sample {args.out}`; fine-tune it with `clusterar train --method "
+            f"{args.method} --init-from {args.out}` (same tokenizer{'' if args.method == 'baseline' else ' and clusters'})"
+        )
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -875,6 +908,51 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     )
     smp.add_argument("--no-images", action="store_true", help="skip the per-image PNGs (grid and npz only)")
     smp.set_defaults(func=cmd_sample)
+
+    cnv = sub.add_parser(
+        "convert",
+        parents=shared("device", "threads", "seed", device_default="cpu"),
+        help="turn a trained baseline (LlamaGen c2i .pt or a clusterar run) into an IAR or CTF starting point",
+        description="Write the starting point of --method from a baseline, for `clusterar train --init-from`. "
+        "iar: the embedding and head rows permuted into the rearranged id space (exactly the same "
+        "distribution, and the same samples under the same seed); ctf: stage 1 with cluster-mean tables "
+        "(--head mean, or lsq: fitted to the original's mass per cluster on --tokens) and the refiner from "
+        "the body with bidirectional attention and the original head; baseline: the weights in "
+        "clusterar's format, for a baseline fine-tune. Model, tokenizer and clusters are checked to belong "
+        "together first.",
+    )
+    cnv.add_argument(
+        "model", help="baseline run folder / model.safetensors, or a LlamaGen c2i checkpoint .pt"
+    )
+    cnv.add_argument("--method", required=True, choices=("iar", "ctf", "baseline"), help="what to convert to")
+    cnv.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    cnv.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the model's tokenizer (required for .pt; default: the one recorded)",
+    )
+    cnv.add_argument(
+        "--clusters", default=None, help="clusters of the tokenizer's codebook (iar: balanced; ctf: k-means)"
+    )
+    cnv.add_argument(
+        "--head",
+        default="mean",
+        choices=("mean", "lsq"),
+        help="CTF stage-1 head initialisation (default: mean)",
+    )
+    cnv.add_argument("--tokens", default=None, help="train token file that --head lsq fits on")
+    add_flag(cnv, "lsq_sequences", 512, "token sequences --head lsq fits on", type=positive_int)
+    add_flag(
+        cnv,
+        "grid_size",
+        None,
+        "token grid side of a LlamaGen .pt (default: 16, its 256 px models)",
+        type=positive_int,
+    )
+    cnv.add_argument(
+        "--ema", action="store_true", help="a LlamaGen training checkpoint: convert its EMA weights"
+    )
+    cnv.set_defaults(func=cmd_convert)
 
     pip = sub.add_parser("pipeline", help="tie CTF's two stages to their tokenizer and clusters")
     psub = pip.add_subparsers(dest="pipecmd", required=True, metavar="KIND")

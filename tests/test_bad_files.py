@@ -99,6 +99,10 @@ def build_files(d: Path) -> dict[str, Path]:
     f["spec"] = d / "spec.toml"
     shutil.copy(QUICK_SPEC, f["spec"])
 
+    f["small_tok"] = d / "small-tokenizer" / "tokenizer.safetensors"  # 256 codes: another vocabulary
+    f["small_tok"].parent.mkdir()
+    save_tokenizer(tiny_tokenizer(0, codebook_size=256), f["small_tok"])
+
     f["llamagen_vq"] = d / "vq_ds16_c2i.pt"
     torch.save({"model": tok.state_dict()}, f["llamagen_vq"])
     f["llamagen_gpt"] = d / "c2i_tiny.pt"
@@ -420,6 +424,37 @@ CASES = {
             "cpu",
         ],
         lambda f, t: ["not divisible by n_clusters=15", "8 or 16"],
+    ),
+    "convert-vocabulary": Case(
+        "a LlamaGen GPT and a tokenizer of another vocabulary",
+        "convert c2i.pt --tokenizer T256",
+        lambda f, t: (
+            ["convert", f["llamagen_gpt"], "--method", "iar", "--tokenizer", f["small_tok"]]
+            + ["--clusters", f["clusters"], "--grid-size", "8", "--out", t / "out"]
+        ),
+        lambda f, t: [
+            f"{f['llamagen_gpt']} predicts 512 tokens, but tokenizer {f['small_tok']} has 256 codes"
+        ],
+    ),
+    "convert-clusters-codebook": Case(
+        "clusters of another tokenizer's codebook",
+        "convert RUN --clusters OTHER",
+        lambda f, t: (
+            ["convert", f["run"], "--method", "iar", "--clusters", f["other_clusters"]] + ["--out", t / "out"]
+        ),
+        lambda f, t: [
+            f"the clusters in {f['other_clusters']} were computed on codebook",
+            f"tokenizer {f['tok']}",
+        ],
+    ),
+    "init-from-method": Case(
+        "a baseline model as the start of an IAR run",
+        "train --method iar --init-from RUN",
+        lambda f, t: _train(f, t, "--method", "iar", "--clusters", f["clusters"], "--init-from", f["run"]),
+        lambda f, t: [
+            f"--init-from {f['model']} is a 'baseline' model and --method is iar",
+            "clusterar convert",
+        ],
     ),
     "clusters-more-than-codes": Case(
         "more clusters than codes",

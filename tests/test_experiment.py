@@ -165,6 +165,13 @@ def _with(**changes):
         ({"eval": {"every_steps": 5, "every_epochs": 1.0}}, "one of every_epochs or every_steps"),
         ({"eval": {"extractor": "clip"}}, "choose classifier"),
         ({"eval": {"extractor": "inception"}}, "needs inception = PATH"),
+        ({"runs__0__start": "ctf"}, "must name a run listed before it"),
+        (
+            {"runs__1__start": "base", "runs__0__method": "iar", "runs__0__clusters": "b"},
+            "conversions start from a baseline",
+        ),
+        ({"runs__0__start_head": "lsq"}, "start_head applies to a run with `start`"),
+        ({"runs__1__start_head": "median"}, "start_head must be one of mean, lsq"),
     ],
 )
 def test_bad_specs_are_refused_before_any_work(changes, message):

@@ -12,7 +12,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +196,45 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
     return summary
 
 
+def stage_convert(
+    spec: ExperimentSpec, run: RunSpec, inputs: SharedInputs, out: Path, seed: int
+) -> dict[str, Path]:
+    """The starting point of a run with `start`: the start run's final model (same seed) converted to the
+    run's method (`clusterar.convert`), written once into RUN/start; returns {stage: model file}."""
+    import shutil
+
+    from ..convert import convert
+    from ..gpt import MODEL_FILE, read_gpt_info
+
+    source = run_dir(spec, out, run.start, seed) / MODEL_FILE
+    folder = run_dir(spec, out, run.name, seed) / "start"
+    record = folder / "done.json"
+    settings = {
+        "source": str(source),
+        "source_step": read_gpt_info(source).get("step"),
+        "method": run.method,
+        "head": run.start_head,
+        "clusters": str(inputs.clusters[run.clusters]) if run.clusters else None,
+    }
+    done = _stage_done(record, settings, f"conversion of {run.start} for {run.name}")
+    if done is None:
+        if folder.exists():  # a conversion killed before its record: redo it
+            shutil.rmtree(folder)
+        print(f"convert: {run.start} -> {run.name} ({run.method}) -> {folder}", flush=True)
+        paths = convert(
+            source,
+            run.method,
+            folder,
+            clusters=settings["clusters"],
+            head=run.start_head,
+            tokens=inputs.tokens["train"] if run.start_head == "lsq" else None,
+            seed=seed,
+        )
+        done = {k: str(v.relative_to(folder)) for k, v in paths.items()}
+        _stage_save(record, settings, done)
+    return {k: folder / v for k, v in done.items() if k != "pipeline"}
+
+
 def _extends(saved: dict, now: dict) -> bool:
     """Is `now` the finished run `saved` with a larger budget on a constant schedule? Then training on from
     its checkpoint computes what a straight run to the new budget would (the trainer's extension rule, once
@@ -225,7 +264,11 @@ def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
     if not files:
         files = [run_dir / MODEL_FILE]
     infos = [read_gpt_info(f) for f in files]
-    return [(float(i["epoch"]), int(i["step"]), f) for i, f in zip(infos, files, strict=True)]
+    # a fine-tuned run counts the epochs of the model it started from (`init_epoch`): one epoch axis for all
+    return [
+        (float(i["epoch"]) + float(i.get("init_epoch") or 0.0), int(i["step"]), f)
+        for i, f in zip(infos, files, strict=True)
+    ]
 
 
 @dataclass
@@ -248,12 +291,16 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list
     from ..sample import write_ctf_pipeline
 
     base = run_dir(spec, out, run.name, seed)
+    start = base / "start"
     if run.method != "ctf":
+        first = _snapshots(start) if run.start else []  # the converted model, before fine-tuning
         return [
             EvalPoint(run.name, run.method, e, f, {"model": f}, {"model": n}, base, seed)
-            for e, n, f in _snapshots(base)
+            for e, n, f in first + _snapshots(base)
         ]
     coarse, refiner = _snapshots(base / "coarse"), _snapshots(base / "refiner")
+    if run.start:
+        coarse, refiner = _snapshots(start / "coarse") + coarse, _snapshots(start / "refiner") + refiner
     if len(coarse) != len(refiner):
         raise ClusterarError(
             f"run {run.name!r}: {len(coarse)} stage-1 snapshots but {len(refiner)} stage-2 snapshots; give both "
@@ -261,7 +308,8 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list
         )
     points = []
     for (e1, n1, f1), (_, n2, f2) in zip(coarse, refiner, strict=True):
-        path = base / "pipelines" / f"{f1.stem.replace('model-', '')}.json"
+        name = f1.stem.replace("model-", "") if f1.parent.parent != start else "start"
+        path = base / "pipelines" / f"{name}.json"
         if not path.exists():
             write_ctf_pipeline(f1, f2, path)
         points.append(
@@ -564,11 +612,15 @@ def run_experiment(
         for run in spec.runs:
             base = run_dir(spec, out, run.name, seed)
             what = run.name if len(seeds) == 1 else f"{run.name} (seed {seed})"
+            configs = train_configs(spec, run, inputs, seed)
+            if run.start:
+                starts = stage_convert(spec, run, inputs, out, seed)
+                configs = {k: replace(c, init_from=str(starts[k])) for k, c in configs.items()}
             trained[run.name][str(seed)] = {
                 stage: stage_train(
                     cfg, base if stage == "model" else base / stage, f"{what} {stage}", progress
                 )
-                for stage, cfg in train_configs(spec, run, inputs, seed).items()
+                for stage, cfg in configs.items()
             }
             clock.tick()
     clock.tick("training", t)

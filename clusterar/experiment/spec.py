@@ -74,6 +74,8 @@ class RunSpec:
     train: dict[str, Any] = field(default_factory=dict)  # overrides of [train] for this run (stage 1 for CTF)
     refiner: dict[str, Any] = field(default_factory=dict)  # CTF stage-2 overrides of [train]
     sample: dict[str, Any] = field(default_factory=dict)  # overrides of [eval] sampling settings
+    start: str | None = None  # an earlier baseline run: fine-tune its final model, converted to this method
+    start_head: str = "mean"  # CTF stage-1 head of the conversion: mean or lsq (clusterar.convert)
 
 
 @dataclass
@@ -287,12 +289,13 @@ def check_spec(spec: ExperimentSpec, source: str) -> None:
         raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
     train_fields = {f.name for f in fields(TrainConfig)}
     sampling = [f.name for f in fields(SampleSettings)]
-    reserved = {"method", "clusters", "tokens", "tokenizer", "seed", "device"}
+    reserved = {"method", "clusters", "tokens", "tokenizer", "seed", "device", "init_from"}
     names = set()
     for r in spec.runs:
         where = f"{source} run {r.name!r}"
         if r.name in names:
             raise ClusterarError(f"{where}: two runs share this name")
+        _check_start(spec, r, names, where)
         names.add(r.name)
         if r.method not in RUN_METHODS:
             raise ClusterarError(
@@ -461,6 +464,31 @@ def codebook_size(spec: ExperimentSpec) -> int | None:
     if path.suffix != ".safetensors":
         return None
     return read_meta(path, "tokenizer").get("config", {}).get("codebook_size")
+
+
+def _check_start(spec: ExperimentSpec, r: RunSpec, earlier: set[str], where: str) -> None:
+    """`start` names an earlier baseline run, and `start_head` a head initialisation of `clusterar.convert`."""
+    from ..convert import HEAD_INITS
+
+    if r.start_head not in HEAD_INITS:
+        raise ClusterarError(
+            f"{where}: start_head must be one of {', '.join(HEAD_INITS)}, got {r.start_head!r}"
+        )
+    if r.start is None:
+        if r.start_head != "mean":
+            raise ClusterarError(f"{where}: start_head applies to a run with `start`")
+        return
+    if r.start not in earlier:
+        raise ClusterarError(
+            f"{where}: start = {r.start!r} must name a run listed before it (it is trained first); listed before: "
+            f"{sorted(earlier) or 'none'}"
+        )
+    if next(x for x in spec.runs if x.name == r.start).method != "baseline":
+        raise ClusterarError(
+            f"{where}: start = {r.start!r} is not a baseline run; conversions start from a baseline"
+        )
+    if r.start_head != "mean" and r.method != "ctf":
+        raise ClusterarError(f"{where}: start_head chooses CTF's stage-1 head; this run is {r.method}")
 
 
 def train_configs(

@@ -168,6 +168,7 @@ def generate(
     compile: bool | str = False,
     null_batch: bool | None = None,
     return_logits: bool = False,
+    draw_order: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample token ids [B, N] from a causal model for class ids `labels` [B] (on the model's device).
 
@@ -176,6 +177,11 @@ def generate(
     the draw repeatable; the same seed gives other tokens on another device. `use_cache=False` is the naive
     path: the full forward pass recomputed at every step. With `return_logits` also returns the guided raw
     logits [B, N, V] each token was drawn from (before temperature and filtering).
+
+    `draw_order` [V] lists the model's ids in the order the draw walks the vocabulary (its i-th entry is the
+    model id of tokenizer code i): IAR passes its permutation, so that a model on rearranged ids draws the
+    same image as the original-id model it computes the same distribution as (the inverse-CDF draw depends
+    on the order of the ids, not only on their probabilities). Ids returned and fed back are the model's.
 
     On CUDA everything runs under bf16 autocast with a bf16 KV cache; the cache stays allocated for the next
     call (`model.clear_cache()` frees it).
@@ -196,7 +202,10 @@ def generate(
         logits = guide(logits, cfg_scale) if batched else logits.float()
         if return_logits:
             kept.append(logits.clone())
-        return sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if draw_order is not None:
+            logits = logits[..., draw_order]
+        tok = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return draw_order[tok] if draw_order is not None else tok
 
     with autocast(device):
         if use_cache:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoints import PT_SUFFIXES
 from ..clusters import CodebookClusters
 from ..data import to_uint8
 from ..errors import ClusterarError
@@ -28,7 +29,7 @@ from .generate import SampledTokens, SampleSettings, generate, refine
 
 PIPELINE_KIND = "clusterar.pipeline"
 PIPELINE_VERSION = 1
-LLAMAGEN_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+LLAMAGEN_SUFFIXES = PT_SUFFIXES
 
 # ----------------------------------------------------------------------------- loading helpers
 
@@ -247,6 +248,8 @@ class Pipeline:
             _check_clusters(clusters, codes, (meta, self.refiner_meta), self.source)
         self.id_space = meta.get("id_space", "original")
         self._unmap = _unmap_table(self.method, self.id_space, clusters, self.device, self.source)
+        # IAR draws in the tokenizer's id order (see `generate`): a converted model samples its original's images
+        self._draw_order = clusters.perm.to(self.device) if self._unmap is not None else None
         self.restrict_to_cluster = _check_restrict_to_cluster(
             restrict_to_cluster, self.refiner_meta, self.method, self.source
         )
@@ -404,6 +407,7 @@ class Pipeline:
             generator=g,
             compile=compile,
             use_cache=use_cache,
+            draw_order=self._draw_order,
         )
         if self.method == "ctf":
             fine = refine(

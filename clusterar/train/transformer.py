@@ -29,6 +29,7 @@ every --snapshot-every epochs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -45,7 +46,7 @@ from ..checkpoints import _unflatten_optimizer, load_state_strict, save_checkpoi
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
 from ..fileio import kill_point, load_tensors, write_json
-from ..gpt import GPT, GPT_PRESETS, MODEL_FILE, load_gpt, read_gpt_info, save_gpt
+from ..gpt import GPT, GPT_PRESETS, MODEL_FILE, GPTConfig, load_gpt, read_gpt_info, save_gpt
 from ..methods import TRAIN_METHODS, Method
 from ..runtime import autocast, notice, num_params
 from ..tokenizer import load_tokenizer, resolve_tokenizer_path
@@ -107,6 +108,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints
     snapshot_every: float | None = None  # epochs between snapshots/model-stepNNNNNNN.safetensors
     snapshot_steps: int | None = None  # ... or optimizer steps between them (finer than an epoch)
+    init_from: str | None = None  # start from this model (clusterar convert, a run) instead of random weights
     seed: int = 0  # random seed
     device: str = "auto"  # auto, cpu or cuda[:N]
 
@@ -219,10 +221,55 @@ def load_inputs(cfg: TrainConfig) -> TrainData:
     return TrainData(tf, tok_path, tokenizer.fingerprint(), clusters, method)
 
 
+# what a starting model must share with the run (the rest of its architecture is its own)
+INIT_MUST_MATCH = ("vocab_size", "input_vocab_size", "grid_size", "num_classes", "causal")
+DROPOUTS = ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout")
+
+
+def _init_config(path: Path, meta: dict, want: GPTConfig, inputs: TrainData, method: Method) -> GPTConfig:
+    """The architecture of --init-from's model with the run's dropouts, after refusing a model of another
+    method, tokenizer, clusters, id space or data shape (each named with the file to fix)."""
+    cfg_name = method.name
+    if meta.get("method") != cfg_name:
+        raise ClusterarError(
+            f"--init-from {path} is a {meta.get('method')!r} model and --method is {cfg_name}; start from a model "
+            f"of the same method (`clusterar convert BASELINE --method {cfg_name.split('-')[0]}` makes one)"
+        )
+    if meta.get("tokenizer_fingerprint") != inputs.tokenizer_fingerprint:
+        raise ClusterarError(
+            f"--init-from {path} was made with tokenizer {meta.get('tokenizer_fingerprint')}, but --tokens "
+            f"{inputs.tokens.path} were encoded by {inputs.tokenizer_path} ({inputs.tokenizer_fingerprint}); "
+            "train on tokens of the tokenizer the model was made with"
+        )
+    cl = inputs.clusters
+    if cfg_name != "baseline" and meta.get("clusters_fingerprint") != cl.fingerprint():
+        raise ClusterarError(
+            f"--init-from {path} was made with clusters {meta.get('clusters_fingerprint')} "
+            f"({meta.get('clusters')}), but --clusters {cl.source} holds {cl.fingerprint()}; pass the clusters "
+            "file the model was converted with"
+        )
+    if meta.get("id_space", "original") != method.id_space:
+        raise ClusterarError(
+            f"--init-from {path} works on {meta.get('id_space')} ids, this run on {method.id_space} ids "
+            "(--no-rearrange keeps the original ids); drop --no-rearrange or convert with the same setting"
+        )
+    have = GPTConfig.from_dict(meta["gpt_config"])
+    wrong = [
+        f"{k} {getattr(have, k)} (run: {getattr(want, k)})"
+        for k in INIT_MUST_MATCH
+        if getattr(have, k) != getattr(want, k)
+    ]
+    if wrong:
+        raise ClusterarError(
+            f"--init-from {path} does not fit the data of --tokens {inputs.tokens.path}: {', '.join(wrong)}"
+        )
+    return dataclasses.replace(have, **{k: getattr(want, k) for k in DROPOUTS})
+
+
 def _normalised(cfg: TrainConfig) -> dict:
     """The config as compared on resume: absolute paths, session-only fields left out."""
     d = asdict(cfg)
-    for k in ("tokens", "tokenizer", "clusters"):
+    for k in ("tokens", "tokenizer", "clusters", "init_from"):
         if d[k]:
             d[k] = str(Path(d[k]).resolve())
     return {k: v for k, v in d.items() if k not in SESSION_FIELDS}
@@ -265,9 +312,16 @@ class Trainer:
         self.model_config = self.method.model_config(
             cfg.model, tf.grid[0], tf.num_classes, cfg.class_dropout, cfg.dropout
         )
+        self.preset = cfg.model  # --init-from's own architecture replaces it
         self.tokens_per_step = self.global_batch * tf.seq_len
         self.par = Parallel(di, device, cfg.fsdp)
         self._check_folder(resume)
+        self.init_from: Path | None = None  # --init-from's model file (None on resume: the checkpoint rules)
+        self.init_epoch = (
+            0.0  # epochs the starting model had been trained (the report's epoch axis adds them)
+        )
+        if cfg.init_from:
+            self._set_init(resume and self.ckpt.exists())
 
         # model and optimizer; on resume the weights are loaded before the model is placed (sharded)
         torch.manual_seed(cfg.seed)
@@ -277,6 +331,9 @@ class Trainer:
         nodecay = [n for n, p in bare.named_parameters() if p.dim() < 2]
         self.opt_names = decay + nodecay  # the optimizer's index order
         saved = self._read_checkpoint(bare) if resume and self.ckpt.exists() else None
+        if saved is None and self.init_from is not None:
+            tensors, _ = load_tensors(self.init_from, "--init-from model")
+            load_state_strict(bare, tensors, str(self.init_from))
         self.par.place(bare)
         self.bare = bare
         params = dict(bare.named_parameters())
@@ -311,6 +368,26 @@ class Trainer:
             self.model = torch.compile(self.model, dynamic=False)
             self.loss_fn = torch.compile(self.method.loss, dynamic=False)
         self.tic, self.paused = 0.0, 0.0  # the session's start and its time spent saving (set by `fit`)
+
+    # ------------------------------------------------------------ the starting model
+
+    def _set_init(self, resuming: bool) -> None:
+        """Take the architecture of --init-from's model (the checkpoint's on resume, so the file may have
+        moved since), after checking that it belongs to this run's method, tokenizer, clusters and data."""
+        from ..fileio import read_meta
+        from ..sample.pipeline import _model_file
+
+        if resuming:
+            meta = read_meta(self.ckpt, "checkpoint")
+            self.model_config = GPTConfig.from_dict(meta["gpt_config"])
+            self.init_epoch = float(meta.get("init_epoch", 0.0))
+            self.preset = meta.get("preset", self.preset)
+            return
+        path = _model_file(self.cfg.init_from, "--init-from model")
+        meta = read_gpt_info(path, "--init-from model")
+        self.model_config = _init_config(path, meta, self.model_config, self.inputs, self.method)
+        self.init_from, self.preset = path, meta.get("preset") or f"from {path}"
+        self.init_epoch = float(meta.get("epoch") or 0.0) + float(meta.get("init_epoch") or 0.0)
 
     # ------------------------------------------------------------ the run folder and resuming
 
@@ -404,7 +481,7 @@ class Trainer:
         inp, tf, cl = self.inputs, self.inputs.tokens, self.inputs.clusters
         return {
             "method": self.cfg.method,
-            "preset": self.cfg.model,
+            "preset": self.preset,
             "tokenizer": str(inp.tokenizer_path),
             "tokenizer_fingerprint": inp.tokenizer_fingerprint,
             "clusters": str(Path(cl.source).resolve()) if cl is not None else None,
@@ -421,6 +498,8 @@ class Trainer:
             "num_classes": tf.num_classes,
             "class_names": tf.meta.get("class_names"),
             "tokens": str(Path(self.cfg.tokens).resolve()),
+            "init_from": str(self.init_from or self.cfg.init_from or "") or None,
+            "init_epoch": self.init_epoch,
         }
 
     def write_model(self, path: Path) -> None:
@@ -460,6 +539,8 @@ class Trainer:
             "world_size": self.di.world,
             "elapsed": self.elapsed(),
             "gpt_config": self.model_config.to_dict(),
+            "init_epoch": self.init_epoch,
+            "preset": self.preset,
         }
         extra = {f"ema.{n}": t for n, t in self._full(self.ema).items()} if self.ema is not None else {}
         state = self.par.checkpoint_state(self.opt, self.opt_names)  # all ranks gather under FSDP
