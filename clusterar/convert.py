@@ -140,7 +140,9 @@ def to_ctf(
     return coarse, refiner
 
 
-def _check_vocab(model: GPT, codes: int, source: str = "the model", tokenizer: str = "the clusters' codebook") -> None:
+def _check_vocab(
+    model: GPT, codes: int, source: str = "the model", tokenizer: str = "the clusters' codebook"
+) -> None:
     c = model.config
     if not c.causal or c.vocab_size != c.input_vocab_size:
         shape = (
