@@ -315,7 +315,8 @@ def _add_cluster_fit_args(p: argparse.ArgumentParser, required: bool) -> None:
     how.add_argument(
         "--method",
         choices=CLUSTER_METHODS,
-        help="kmeans (CTF), balanced (IAR: K/M codes each) or random (ablation)",
+        help="kmeans (CTF), balanced (IAR: K/M codes each), hierarchical (average linkage, MASC; for CTF) or "
+        "random (ablation)",
     )
     how.add_argument(
         "--from-iar",
@@ -450,7 +451,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     """One flag per SampleSettings field; unset means the method's default (stated from SampleSettings)."""
-    from .sample import STAGE2_SETTINGS, SampleSettings
+    from .sample import STAGE2_MODES, STAGE2_SETTINGS, SampleSettings
 
     helps = field_help(SampleSettings)
     plain, ctf = SampleSettings.for_method("baseline"), SampleSettings.for_method("ctf")
@@ -463,7 +464,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
         )
         text = f"{helps[name]} ({said})" if name in helps else said
         p.add_argument(
-            "--" + name.replace("_", "-"), type=FLAG_TYPES[name], default=None, help=text.replace("%", "%%")
+            "--" + name.replace("_", "-"),
+            type=FLAG_TYPES.get(name, str),
+            choices=STAGE2_MODES if name == "stage2" else None,
+            default=None,
+            help=text.replace("%", "%%"),
         )
 
 
@@ -525,7 +530,16 @@ def _sample(args: argparse.Namespace, device: str, rank: int, world: int) -> dic
     )
 
 
-SAMPLING_FLAGS = ("cfg_scale", "temperature", "top_k", "top_p", "temperature2", "top_k2", "cfg_scale2")
+SAMPLING_FLAGS = (
+    "cfg_scale",
+    "temperature",
+    "top_k",
+    "top_p",
+    "temperature2",
+    "top_k2",
+    "cfg_scale2",
+    "stage2",
+)
 
 
 def cmd_pipeline_ctf(args: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters, remap_tokens
 from clusterar.tokenizer import load_tokenizer, save_tokenizer
@@ -246,3 +247,21 @@ def test_rearrange_tokenizer_and_tokens(work, tmp_path, capsys):
         capsys,
     )
     assert rc == 2 and "were computed on codebook" in err
+
+
+def test_fit_hierarchical_for_ctf(work, tmp_path, capsys):
+    """`--method hierarchical`: exactly M clusters, unequal sizes, the same file twice; CTF trains on it and
+    IAR's rearranged ids refuse it."""
+    tok = work / "tok.safetensors"
+    args = ["cluster", "fit", "--tokenizer", tok, "--method", "hierarchical", "--clusters", 24]
+    rc, out, err = run([*args, "--out", tmp_path / "h.st"], capsys)
+    assert rc == 0 and err == "" and "hierarchical: 24 clusters of 512 codes" in out
+    c = CodebookClusters.load(tmp_path / "h.st")
+    assert c.method == "hierarchical" and c.labels.unique().numel() == 24 and not c.is_balanced
+    run([*args, "--out", tmp_path / "h2.st"], capsys)
+    assert torch.equal(CodebookClusters.load(tmp_path / "h2.st").labels, c.labels)
+    from clusterar.methods import Method
+
+    Method("ctf-coarse", 512, c)  # CTF takes it
+    with pytest.raises(ClusterarError, match="equal-size clusters"):
+        Method("iar", 512, c)

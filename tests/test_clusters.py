@@ -12,6 +12,7 @@ from clusterar.clusters import (
     CodebookClusters,
     balanced_assign,
     balanced_kmeans,
+    hierarchical,
     kmeans,
     permute_codebook,
     permute_rows,
@@ -53,7 +54,7 @@ def fitted() -> dict[str, tuple[torch.Tensor, CodebookClusters]]:
     cb = codebook(240)
     return {
         method: (cb, CodebookClusters.fit(cb, method, 12, seed=3))
-        for method in ("kmeans", "balanced", "random")
+        for method in ("kmeans", "balanced", "hierarchical", "random")
     }
 
 
@@ -186,7 +187,7 @@ def test_random_clusters() -> None:
 # ----------------------------------------------------------------------------- the result object
 
 
-@pytest.mark.parametrize("method", ["kmeans", "balanced", "random"])
+@pytest.mark.parametrize("method", ["kmeans", "balanced", "hierarchical", "random"])
 def test_labels_perm_inverse_consistent(fitted, method: str) -> None:
     cb, c = fitted[method]
     k = cb.shape[0]
@@ -202,7 +203,7 @@ def test_labels_perm_inverse_consistent(fitted, method: str) -> None:
         start += old.numel()
     assert int(c.sizes.sum()) == k
     assert c.codebook_fingerprint and c.method == method and c.seed == 3
-    if method == "kmeans":
+    if method in ("kmeans", "hierarchical"):
         assert c.objective <= fitted["random"][1].objective
     else:
         assert c.is_balanced and c.block_size == 20
@@ -316,3 +317,34 @@ def test_bad_inputs_raise_clear_errors(fitted, tmp_path) -> None:
     save_tensors(tmp_path / "other.safetensors", {"x": torch.zeros(2)}, {"kind": "token_file"})
     with pytest.raises(ClusterarError, match="not a clusters file"):
         CodebookClusters.load(tmp_path / "other.safetensors")
+
+
+def test_hierarchical_cut_is_scipys_average_linkage_partition() -> None:
+    """Exactly n clusters, the partition scipy's tree gives at n clusters, numbered by smallest code id."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    torch.manual_seed(3)
+    cb = torch.randn(300, 6)
+    for n in (1, 7, 40, 300):
+        labels, objective = hierarchical(cb, n)
+        assert labels.unique().numel() == n and int(labels.max()) == n - 1
+        xn = torch.nn.functional.normalize(cb.double(), dim=1).numpy()
+        want = fcluster(linkage(xn, method="average"), t=n, criterion="maxclust")  # no ties in random data
+        same = (want[:, None] == want[None, :]) == (labels.numpy()[:, None] == labels.numpy()[None, :])
+        assert same.all(), n
+        firsts = [int((labels == c).nonzero()[0]) for c in range(n)]
+        assert firsts == sorted(firsts) and firsts[0] == 0
+        assert objective == pytest.approx(wcss(cb, labels, n))
+    c = CodebookClusters.fit(cb, "hierarchical", 12)
+    assert torch.equal(c.labels, CodebookClusters.fit(cb, "hierarchical", 12, seed=5).labels)  # no randomness
+    assert c.method == "hierarchical" and c.n_clusters == 12 and not c.is_balanced
+
+
+def test_hierarchical_exact_count_with_tied_merges() -> None:
+    """Duplicated codes merge at height 0 in ties; the cut still gives exactly n clusters."""
+    cb = torch.randn(20, 4).repeat(5, 1)  # 100 codes, 20 distinct
+    for n in (5, 20, 37, 100):
+        labels, _ = hierarchical(cb, n)
+        assert labels.unique().numel() == n
+    labels, _ = hierarchical(cb, 20)
+    assert all(labels[i].item() == labels[i % 20].item() for i in range(100))  # copies together

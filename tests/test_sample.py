@@ -22,6 +22,7 @@ from clusterar.sample import (
     Pipeline,
     SampleSettings,
     draw,
+    draw_in_cluster,
     filter_top_k,
     filter_top_p,
     generate,
@@ -493,3 +494,70 @@ def test_two_processes_draw_the_one_process_samples_and_resume(tmp_path, runs, t
     info = json.loads((tmp_path / "two" / "sample.json").read_text())
     assert info["processes"] == 2 and info["batches_reused"] == len(drawn) and info["images"] == 20
     assert not (tmp_path / "two" / "parts").exists()
+
+
+# ----------------------------------------------------------------------------- refiner-free stage 2
+
+
+def test_draw_in_cluster_stays_in_the_cluster_and_follows_the_weights():
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 2, 1, 0])
+    cl = CodebookClusters.from_labels(labels, torch.randn(10, 4), "kmeans", 3)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), cl.sizes.cumsum(0)])
+    weights = torch.tensor([1.0, 0, 3, 0, 2, 0, 0, 0, 2, 0])  # cluster 2 (codes 3, 6, 7) weighs nothing
+    coarse = torch.tensor([0, 1, 2]).repeat(30000, 1)
+    ids = draw_in_cluster(coarse, cl.inverse, starts, weights, torch.Generator().manual_seed(0))
+    assert ids.shape == coarse.shape and torch.equal(labels[ids], coarse)
+    share = torch.bincount(ids.reshape(-1), minlength=10).double() / 30000
+    want = torch.tensor([0.25, 0, 0.75, 1 / 3, 0.5, 0, 1 / 3, 1 / 3, 0.5, 0], dtype=torch.float64)
+    torch.testing.assert_close(share, want, atol=0.015, rtol=0)
+    assert share[[1, 5, 9]].sum() == 0  # weight 0 in a cluster with weight: never drawn
+
+
+def test_ctf_without_refiner_uniform_and_by_frequency(tmp_path, parts, runs):
+    from clusterar.tokens import write_token_file
+
+    km = parts["kmeans"]
+    first = torch.tensor([int((km.labels == c).nonzero()[0]) for c in range(M)])  # one code per cluster
+    rng = np.random.default_rng(0)
+    codes = first.numpy()[rng.integers(0, M, (20, 1, 64))]
+    tok = parts["tok"]
+    meta = {
+        "tokenizer_fingerprint": tok.fingerprint(),
+        "codebook_fingerprint": tok.codebook_fingerprint(),
+        "codebook_size": K,
+        "grid": [8, 8],
+        "image_size": 32,
+        "views": ["original"],
+        "dataset": "test",
+        "split": "train",
+        "num_classes": CLASSES,
+        "class_names": None,
+        "permutation": None,
+    }
+    write_token_file(
+        tmp_path / "train.safetensors", codes.astype(np.int16), rng.integers(0, CLASSES, 20), meta
+    )
+    info = run_info(parts, "ctf-coarse", "kmeans", tokens=str(tmp_path / "train.safetensors"))
+    coarse = write_run(tmp_path / "coarse", random_gpt(3, vocab_size=M), info)
+    write_ctf_pipeline(coarse, runs["refiner"], tmp_path / "p.json")
+    pipe = Pipeline.load(tmp_path / "p.json")
+    y = list(range(CLASSES))
+    refined = pipe.sample_tokens(y, seed=2)
+    for mode in ("uniform", "frequency"):
+        t = pipe.sample_tokens(y, seed=2, stage2=mode)
+        assert torch.equal(t.coarse, refined.coarse)  # stage 1 draws the same labels
+        assert torch.equal(km.labels[t.ids], t.coarse)  # every code inside its cluster
+        assert torch.equal(t.ids, pipe.sample_tokens(y, seed=2, stage2=mode).ids)  # seeded
+    t = pipe.sample_tokens(y, seed=2, stage2="frequency")
+    assert torch.equal(t.ids, first[t.coarse])  # only the codes the training tokens hold
+    assert torch.equal(
+        pipe.code_weights("frequency").cpu(),
+        torch.bincount(torch.from_numpy(codes).reshape(-1).long(), minlength=K),
+    )
+    assert pipe.sample(y, seed=2, stage2="uniform").shape == (CLASSES, 32, 32, 3)
+    # a pipeline whose stage-1 run records no token file says what is missing
+    write_ctf_pipeline(runs["coarse"], runs["refiner"], tmp_path / "q.json")
+    with pytest.raises(ClusterarError, match="stage2 = frequency draws codes by their frequency"):
+        Pipeline.load(tmp_path / "q.json").sample_tokens(y, stage2="frequency")
+    with pytest.raises(ClusterarError, match="stage2 must be one of refiner, uniform, frequency"):
+        pipe.sample_tokens(y, stage2="median")

@@ -19,7 +19,7 @@ import torch
 from ..checkpoints import load_torch_file
 from ..errors import ClusterarError
 from ..fileio import expect_kind, file_error, fingerprint, load_tensors, save_tensors
-from .fit import CLUSTER_METHODS, _points, balanced_kmeans, kmeans, random_clusters, wcss
+from .fit import CLUSTER_METHODS, _points, balanced_kmeans, hierarchical, kmeans, random_clusters, wcss
 
 FORMAT = "codebook_clusters"
 FORMAT_VERSION = 1
@@ -131,8 +131,9 @@ class CodebookClusters:
     def fit(
         cls, codebook: torch.Tensor, method: str, n_clusters: int, seed: int = 0, **kw: Any
     ) -> CodebookClusters:
-        """Cluster `codebook` [K, D] (raw rows; normalised inside) with "kmeans" (CTF), "balanced" (IAR)
-        or "random" (the ablation; balanced=True by default). Extra keywords go to the algorithm."""
+        """Cluster `codebook` [K, D] (raw rows; normalised inside) with "kmeans" (CTF), "balanced" (IAR),
+        "hierarchical" (average linkage, MASC) or "random" (the ablation; balanced=True by default). Extra
+        keywords go to the algorithm."""
         if method not in CLUSTER_METHODS:
             raise ClusterarError(
                 f"unknown clustering method {method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
@@ -142,6 +143,8 @@ class CodebookClusters:
             labels, _, objective = kmeans(codebook, n_clusters, seed=seed, **kw)
         elif method == "balanced":
             labels, _, objective = balanced_kmeans(codebook, n_clusters, seed=seed, **kw)
+        elif method == "hierarchical":  # deterministic: the seed is recorded, never used
+            labels, objective = hierarchical(codebook, n_clusters, **kw)
         else:
             labels = random_clusters(codebook.shape[0], n_clusters, seed=seed, **kw)
             objective = wcss(codebook, labels, n_clusters)

@@ -1,4 +1,5 @@
-"""Fitting clusters to a VQ codebook: k-means (CTF), balanced k-means (IAR), random (the ablation).
+"""Fitting clusters to a VQ codebook: k-means (CTF), balanced k-means (IAR), hierarchical (average-linkage,
+MASC), random (the ablation).
 
 Both papers cluster the L2-normalised codebook rows (the tokenizer looks codes up by cosine), so every
 method here normalises the rows first; the objective is the within-cluster sum of squares (WCSS) of those
@@ -39,7 +40,9 @@ import torch
 
 from ..errors import ClusterarError
 
-CLUSTER_METHODS = ("kmeans", "balanced", "random")  # the methods `CodebookClusters.fit` offers
+CLUSTER_METHODS = ("kmeans", "balanced", "hierarchical", "random")  # what `CodebookClusters.fit` offers
+# methods whose clusters have unequal sizes (CTF's; IAR's rearranged ids need equal ones)
+UNEQUAL_METHODS = ("kmeans", "hierarchical")
 _TOL = 1e-10  # strict-improvement threshold on costs of order 1: float64 noise never counts as a gain
 
 
@@ -587,6 +590,49 @@ def balanced_kmeans(
         return state.labels, {"iters": it, "converged": converged, "moved": moved}
 
     return _best_of(xn, n, starts, run, info)
+
+
+# ----------------------------------------------------------------------------- hierarchical clusters
+
+
+def hierarchical(
+    codebook: torch.Tensor, n_clusters: int, *, info: dict | None = None
+) -> tuple[torch.Tensor, float]:
+    """(labels [K], WCSS) of average-linkage (UPGMA) agglomerative clustering of the L2-normalised rows, cut
+    where exactly `n_clusters` clusters remain (MASC's density-driven clusters).
+
+    SciPy builds the tree (`linkage(method="average")` on the condensed Euclidean distances: K(K-1)/2
+    float64s, 1.07 GB for 16,384 codes; time and memory are measured by benchmarks/bench_clusters.py). The
+    cut applies the first K - n merges of the tree (a union-find over its rows), which gives exactly n
+    clusters even where merges tie in height (scipy's maxclust criterion may give fewer). Clusters are
+    numbered by their smallest code id; there is no randomness.
+    """
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    x = _points(codebook)
+    k = x.shape[0]
+    n = check_n_clusters(k, n_clusters, balanced=False)
+    tree = linkage(pdist(x.cpu().double().numpy()), method="average")
+    parent = np.arange(2 * k - 1)  # tree node i >= k is the merge of row i - k
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for row, (a, b) in enumerate(tree[: k - n, :2].astype(np.int64)):
+        parent[root(int(a))] = parent[root(int(b))] = k + row
+    roots = np.array([root(i) for i in range(k)])
+    _, first = np.unique(roots, return_index=True)  # number clusters by their smallest code id
+    order = np.argsort(first)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[order] = np.arange(len(first))
+    labels = torch.from_numpy(rank[np.unique(roots, return_inverse=True)[1]])
+    if info is not None:
+        info.update(cut_height=float(tree[k - n - 1, 2]) if n < k else 0.0, merges=k - n)
+    return labels, wcss(x, labels, n)
 
 
 # ----------------------------------------------------------------------------- random clusters

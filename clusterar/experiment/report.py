@@ -356,7 +356,7 @@ def render_report(data: dict, out: Path) -> str:
         lines += [
             "",
             f"## Sweep: {param} (final models, FID / precision / recall / class accuracy"
-            + (", means over seeds" if several else "")
+            + (", means over seeds with FID's and class accuracy's spread" if several else "")
             + ")",
             "",
             "| run | " + " | ".join(str(v) for v in swept) + " |",
@@ -364,8 +364,8 @@ def render_report(data: dict, out: Path) -> str:
         ]
         for run, cs in per_run.items():
             cells = [
-                f"{_fmt(c['fid'])} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)} / "
-                f"{_pct(c.get('class_accuracy'))}"
+                f"{fmt_spread(c, 'fid')} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)} / "
+                f"{fmt_spread(c, 'class_accuracy', 1, pct=True)}"
                 for c in cs
             ]
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
@@ -517,6 +517,10 @@ def _sampling(s: dict, method: str) -> str:
         text += f"; stage 2: temperature {s['temperature2']}, top-k {s['top_k2']}, unguided"
         if s.get("cfg_scale2", 1.0) != 1.0:
             text = text.replace("unguided", f"CFG {s['cfg_scale2']}")
+        if s.get("stage2", "refiner") != "refiner":
+            text = (
+                text.split("; stage 2:")[0] + f"; stage 2: no refiner, a code of the cluster ({s['stage2']})"
+            )
     return text
 
 

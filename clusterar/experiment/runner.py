@@ -333,6 +333,15 @@ def _key(d: dict) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+# SampleSettings fields added after evaluations were first stored, with the value that drew them: left out
+# of an evaluation's key at that value, so that the evaluations stored before stay valid
+LATER_FIELDS = {"stage2": "refiner"}
+
+
+def _settings_key(settings: Any) -> dict[str, Any]:
+    return {k: v for k, v in asdict(settings).items() if LATER_FIELDS.get(k, object()) != v}
+
+
 class Evaluator:
     """Samples a point, scores the samples (FID, IS, precision, recall) and the val tokens (accuracies).
 
@@ -366,7 +375,7 @@ class Evaluator:
             "models": {k: str(v) for k, v in point.models.items()},
             "steps": point.steps,
             # the sampling as drawn (the method's defaults filled in), so equal settings share a result
-            "settings": asdict(SampleSettings.for_method(point.method, **settings)),
+            "settings": _settings_key(SampleSettings.for_method(point.method, **settings)),
             "samples": self.spec.eval.samples,
             "seed": point.seed,
             "reference": self.reference,

@@ -252,7 +252,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 
 def check_spec(spec: ExperimentSpec, source: str) -> None:
-    from ..clusters import CLUSTER_METHODS, check_n_clusters
+    from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
     from ..data import check_dataset_name
     from ..gpt import GPT_PRESETS
     from ..sample import STAGE2_SETTINGS, SampleSettings
@@ -282,7 +282,7 @@ def check_spec(spec: ExperimentSpec, source: str) -> None:
             )
         if k is not None:
             try:
-                check_n_clusters(k, c.n, balanced=c.method != "kmeans")
+                check_n_clusters(k, c.n, balanced=c.method not in UNEQUAL_METHODS)
             except ClusterarError as e:
                 raise ClusterarError(f"{source} [clusters.{name}]: n = {c.n}: {e}") from None
     if not spec.runs:
@@ -309,7 +309,7 @@ def check_spec(spec: ExperimentSpec, source: str) -> None:
             raise ClusterarError(
                 f"{where}: clusters {r.clusters!r} is not defined; defined: {sorted(spec.clusters) or 'none'}"
             )
-        if r.method == "iar" and r.clusters and spec.clusters[r.clusters].method == "kmeans":
+        if r.method == "iar" and r.clusters and spec.clusters[r.clusters].method in UNEQUAL_METHODS:
             iar = r.train.get("rearrange", spec.train.get("rearrange", True))
             if iar:
                 raise ClusterarError(

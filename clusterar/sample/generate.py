@@ -270,11 +270,46 @@ def refine(
     return (ids, logits) if return_logits else ids
 
 
+def draw_in_cluster(
+    coarse: torch.Tensor,
+    clusters_inverse: torch.Tensor,
+    cluster_starts: torch.Tensor,
+    weights: torch.Tensor,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Refiner-free CTF stage 2 (MASC): for each coarse label [B, N], one code of that cluster, drawn with
+    probability proportional to `weights` [K] (ones: uniform; training-token counts: by frequency).
+
+    The codes are laid out cluster by cluster (`clusters_inverse`: the codes in rearranged-id order, cluster
+    c occupying positions cluster_starts[c] .. cluster_starts[c + 1] - 1), so one cumulative sum over that
+    layout serves every cluster: a draw is one uniform number and one binary search, O(log K) per position
+    with no [B, N, K] tensor. A cluster whose codes all weigh 0 is drawn uniformly.
+    """
+    w = weights.double()[clusters_inverse]
+    starts, ends = cluster_starts[:-1], cluster_starts[1:]
+    mass = torch.zeros(len(starts), dtype=w.dtype, device=w.device).index_add_(
+        0, torch.repeat_interleave(torch.arange(len(starts), device=w.device), ends - starts), w
+    )
+    empty = (mass == 0).repeat_interleave(ends - starts)
+    w = torch.where(empty, torch.ones_like(w), w)
+    cdf = torch.cumsum(w, 0)
+    below = torch.cat([cdf.new_zeros(1), cdf])  # cdf before position i: below[i]
+    c = coarse.reshape(-1)
+    lo, hi = below[starts[c]], below[ends[c]]
+    u = torch.rand(c.shape[0], generator=generator, device=c.device, dtype=torch.float64)
+    x = lo + u * (hi - lo)
+    pos = torch.searchsorted(cdf, x, right=True)
+    pos = torch.minimum(torch.maximum(pos, starts[c]), ends[c] - 1)  # float edge cases stay in the cluster
+    return clusters_inverse[pos].view(coarse.shape)
+
+
 # ----------------------------------------------------------------------------- settings
 
 
 # SampleSettings' fields that only CTF's stage 2 (the refiner) reads
-STAGE2_SETTINGS = ("temperature2", "top_k2", "cfg_scale2")
+STAGE2_SETTINGS = ("temperature2", "top_k2", "cfg_scale2", "stage2")
+# CTF's stage 2: the refiner, or a refiner-free draw inside each position's cluster (MASC)
+STAGE2_MODES = ("refiner", "uniform", "frequency")
 
 
 @dataclass
@@ -288,6 +323,7 @@ class SampleSettings:
     temperature2: float = 1.0  # CTF stage 2 temperature
     top_k2: int = 0  # CTF stage 2 top-k; 0 = all
     cfg_scale2: float = 1.0  # CTF stage 2 guidance; 1 = off (the paper guides stage 1 only)
+    stage2: str = "refiner"  # CTF stage 2: refiner; or no refiner, a code of the cluster: uniform, frequency
 
     @classmethod
     def for_method(cls, method: str, **overrides: Any) -> SampleSettings:
@@ -307,6 +343,8 @@ class SampleSettings:
         for name in ("cfg_scale", "cfg_scale2"):
             if not math.isfinite(getattr(self, name)):
                 raise ClusterarError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.stage2 not in STAGE2_MODES:
+            raise ClusterarError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
 
 
 @dataclass
@@ -323,6 +361,6 @@ def describe_settings(s: SampleSettings, method: str) -> str:
     """One line for the terminal."""
     d = asdict(s)
     if method != "ctf":
-        for k in ("temperature2", "top_k2", "cfg_scale2"):
+        for k in STAGE2_SETTINGS:
             d.pop(k)
     return json.dumps(d)

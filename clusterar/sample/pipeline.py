@@ -25,7 +25,7 @@ from ..errors import ClusterarError
 from ..fileio import read_json, remedy, write_json
 from ..gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
 from ..tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
-from .generate import SampledTokens, SampleSettings, generate, refine
+from .generate import SampledTokens, SampleSettings, draw_in_cluster, generate, refine
 
 PIPELINE_KIND = "clusterar.pipeline"
 PIPELINE_VERSION = 1
@@ -210,6 +210,27 @@ def _check_restrict_to_cluster(asked: bool | None, refiner_meta: dict, method: s
     return bool(asked) or trained_restricted
 
 
+def _code_counts(path: str | None, meta: dict, k: int, source: str, block: int = 4096) -> np.ndarray:
+    """How often each of the k codes occurs in a token file (every image and view), read block by block."""
+    from ..tokens import TokenFile
+
+    if not path or not Path(path).exists():
+        raise ClusterarError(
+            f"stage2 = frequency draws codes by their frequency in the training tokens, which {source} records "
+            f"as {path!r}: not found; restore that token file, or sample with stage2 = uniform"
+        )
+    tf = TokenFile.open(path)
+    if tf.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+        raise ClusterarError(
+            f"{path} was encoded by tokenizer {tf.meta.get('tokenizer_fingerprint')}, not the pipeline's "
+            f"{meta.get('tokenizer_fingerprint')}; it cannot give the codes' frequencies"
+        )
+    counts = np.zeros(k, dtype=np.int64)
+    for lo in range(0, len(tf), block):
+        counts += np.bincount(np.asarray(tf.codes[lo : lo + block]).reshape(-1), minlength=k)
+    return counts
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 
@@ -254,6 +275,7 @@ class Pipeline:
             restrict_to_cluster, self.refiner_meta, self.method, self.source
         )
         self._cluster_labels = clusters.labels.to(self.device) if self.restrict_to_cluster else None
+        self._code_weights: dict[str, torch.Tensor] = {}  # refiner-free stage 2's, made when first asked
         self.grid = model.config.grid_size
         self.image_size = self.grid * tokenizer.config.downsample
         self.num_classes = model.config.num_classes
@@ -409,6 +431,10 @@ class Pipeline:
             use_cache=use_cache,
             draw_order=self._draw_order,
         )
+        if self.method == "ctf" and s.stage2 != "refiner":
+            inv, starts = self._cluster_layout()
+            fine = draw_in_cluster(raw, inv, starts, self.code_weights(s.stage2), g)
+            return SampledTokens(ids=fine, raw=fine, coarse=raw)
         if self.method == "ctf":
             fine = refine(
                 self.refiner,
@@ -423,6 +449,25 @@ class Pipeline:
             return SampledTokens(ids=fine, raw=fine, coarse=raw)
         ids = self._unmap[raw] if self._unmap is not None else raw
         return SampledTokens(ids=ids, raw=raw)
+
+    def _cluster_layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes cluster by cluster (clusters.inverse) and where each cluster starts, on the device."""
+        sizes = self.clusters.sizes
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+        return self.clusters.inverse.to(self.device), starts.to(self.device)
+
+    def code_weights(self, mode: str) -> torch.Tensor:
+        """[K] weights of refiner-free stage 2: ones ("uniform"), or how often each code occurs in the
+        training tokens of stage 1 ("frequency", counted once, in blocks, from the token file its model
+        file records)."""
+        if mode not in self._code_weights:
+            k = self.tokenizer.config.codebook_size
+            if mode == "uniform":
+                w = torch.ones(k)
+            else:
+                w = torch.from_numpy(_code_counts(self.meta.get("tokens"), self.meta, k, self.source))
+            self._code_weights[mode] = w.to(self.device)
+        return self._code_weights[mode]
 
     @torch.no_grad()
     def decode(self, ids: torch.Tensor) -> torch.Tensor:
