@@ -590,6 +590,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
         )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .runtime import pick_device
+    from .serve import serve
+
+    serve(args.sources, host=args.host, port=args.port, device=pick_device(args.device))
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -967,6 +974,19 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
         "--ema", action="store_true", help="a LlamaGen training checkpoint: convert its EMA weights"
     )
     cnv.set_defaults(func=cmd_convert)
+
+    srv = sub.add_parser(
+        "serve",
+        parents=shared("device", "threads", device_default="auto"),
+        help="a local web page to sample from models side by side",
+        description="Serve a page (offline: nothing from the internet) where you pick models, a class, CFG, "
+        "temperatures, top-k/top-p, CTF's stage 2 and a seed, and see a grid of samples per model (CTF: with "
+        "its map of coarse labels). Sampling requests run one at a time; the page stays responsive.",
+    )
+    srv.add_argument("sources", nargs="+", help="run folders, model files or CTF pipeline JSONs")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    add_flag(srv, "port", 8000, "port to listen on; 0 picks a free one", type=nonneg_int)
+    srv.set_defaults(func=cmd_serve)
 
     pip = sub.add_parser("pipeline", help="tie CTF's two stages to their tokenizer and clusters")
     psub = pip.add_subparsers(dest="pipecmd", required=True, metavar="KIND")
