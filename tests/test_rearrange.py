@@ -11,18 +11,18 @@ import pytest
 import torch
 
 from clusterar import ClusterarError
-from clusterar.cluster_inspect import ROWS, inspect_clusters, swap_experiment, swap_tokens
 from clusterar.clusters import CodebookClusters, permute_rows, remap_tokens, unmap_tokens
-from clusterar.data import to_float
-from clusterar.gpt import GPT, gpt_preset
-from clusterar.losses import cluster_logits, cluster_logits_contiguous
-from clusterar.rearrange import (
+from clusterar.clusters.inspect import ROWS, inspect_clusters, swap_experiment, swap_tokens
+from clusterar.clusters.rearrange import (
     export_iar_mapping,
     rearrange_token_file,
     rearrange_token_files,
     rearrange_tokenizer_file,
     rearranged_tokenizer,
 )
+from clusterar.data import to_float
+from clusterar.gpt import GPT, gpt_preset
+from clusterar.losses import cluster_logits, cluster_logits_contiguous
 from clusterar.tokenizer import VQModel, load_tokenizer, save_tokenizer, vq_preset
 from clusterar.tokens import encode_dataset
 
