@@ -36,10 +36,20 @@ def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = 
         image_grid(images, nrow=nrow, scale=scale).save(tmp, format="PNG")
 
 
-def save_figure(fig, path: str | os.PathLike, title: str = "", dpi: int = 110) -> None:
-    """Title, tight layout, PNG written atomically, figure closed: the end of every plot here."""
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend, imported when a picture is first drawn: matplotlib
+    takes about half a second to import, which commands that draw nothing should not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, title: str = "", dpi: int = 110) -> None:
+    """Title, tight layout, PNG written atomically, figure closed: the end of every plot here."""
+    plt = pyplot()
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -57,11 +67,7 @@ def plot_curves(
     logy: Sequence[str] = (),
 ) -> None:
     """One subplot per key of the JSONL log records, against `x`; saved as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = [k for k in keys if any(k in r for r in records)]
     if not keys:
         return
@@ -89,11 +95,7 @@ def plot_series(
 
     Used for the experiment report: FID / IS / accuracy against epochs per run, and the sweeps.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = {k: v for k, v in panels.items() if any(v.values())}
     if not panels:
         return
@@ -127,11 +129,7 @@ def plot_series(
 
 def plot_image_panels(panels: dict[str, Image.Image], path: str | os.PathLike, title: str = "") -> None:
     """Image grids side by side, each under its title (the report's samples-per-method figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     if not panels:
         return
     aspect = max(img.width / img.height for img in panels.values())

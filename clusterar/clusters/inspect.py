@@ -23,7 +23,7 @@ from ..fileio import write_json
 from ..runtime import autocast
 from ..tokenizer import VQModel
 from ..train.tokenizer import fetch, psnr
-from ..viz import image_grid, save_figure
+from ..viz import image_grid, pyplot, save_figure
 from .codebook import CodebookClusters
 
 ROWS = ("original", "reconstruction", "same_cluster", "other_cluster")
@@ -148,11 +148,7 @@ def swap_experiment(
 
 def save_swap_picture(picture: torch.Tensor, path: str | Path, title: str = "") -> None:
     """The swap picture (rows in ROWS order) with each row labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     per_row = picture.shape[0] // len(ROWS)
     h = picture.shape[-2]
     scale = max(1, 64 // h)
@@ -173,11 +169,7 @@ def save_swap_picture(picture: torch.Tensor, path: str | Path, title: str = "") 
 
 def plot_sizes_and_projection(clusters: CodebookClusters, codebook: torch.Tensor, path: str | Path) -> None:
     """Cluster-size histogram and a PCA projection of the L2-normalised codebook, a few clusters in colour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     x = torch.nn.functional.normalize(codebook.detach().double().cpu(), dim=1)
     x = x - x.mean(0)
     _, s, v = torch.linalg.svd(x, full_matrices=False)
