@@ -37,21 +37,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_fit_writes_clusters_and_prints_summary(work, tmp_path, capsys):
     tok = work / "tok.safetensors"
-    rc, out, err = run(
-        [
-            "cluster",
-            "fit",
-            "--tokenizer",
-            tok,
-            "--method",
-            "kmeans",
-            "--clusters",
-            32,
-            "--out",
-            tmp_path / "k.st",
-        ],
-        capsys,
-    )
+    kmeans = ["cluster", "fit", "--tokenizer", tok, "--method", "kmeans", "--clusters", 32, "--out"]
+    rc, out, err = run([*kmeans, tmp_path / "k.st"], capsys)
     assert rc == 0 and err == ""
     c = CodebookClusters.load(tmp_path / "k.st")
     assert c.method == "kmeans" and c.n_clusters == 32 and c.num_codes == 512 and int(c.sizes.sum()) == 512
@@ -59,21 +46,7 @@ def test_fit_writes_clusters_and_prints_summary(work, tmp_path, capsys):
     assert "kmeans: 32 clusters of 512 codes" in out and "objective" in out and "converged" in out
     assert f"{c.objective:.6g}" in out
     # the same seed gives the same clusters; the balanced file from the fixture is balanced
-    run(
-        [
-            "cluster",
-            "fit",
-            "--tokenizer",
-            tok,
-            "--method",
-            "kmeans",
-            "--clusters",
-            32,
-            "--out",
-            tmp_path / "k2.st",
-        ],
-        capsys,
-    )
+    run([*kmeans, tmp_path / "k2.st"], capsys)
     assert torch.equal(CodebookClusters.load(tmp_path / "k2.st").labels, c.labels)
     b = CodebookClusters.load(work / "balanced.safetensors")
     assert b.is_balanced and b.block_size == 8 and b.method == "balanced"
