@@ -15,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from clusterar.clusters.fit import _generator, _points, check_n_clusters
+from clusterar.clusters.fit import check_n_clusters, seeded_generator, unit_codebook
 
 
 def _greedy_assign(xn: torch.Tensor, centres: torch.Tensor, m: int, fast_loops: bool = False) -> torch.Tensor:
@@ -49,7 +49,7 @@ def _greedy_assign(xn: torch.Tensor, centres: torch.Tensor, m: int, fast_loops: 
 def iar_greedy_assign(x: torch.Tensor, centres: torch.Tensor, *, fast_loops: bool = False) -> torch.Tensor:
     """The greedy equal-size assignment of IAR's script (reference baseline; the exact one is
     `clusterar.clusters.balanced_assign`)."""
-    xn = _points(x).float().cpu()
+    xn = unit_codebook(x).float().cpu()
     centres = torch.as_tensor(centres).float().cpu()
     n = check_n_clusters(xn.shape[0], centres.shape[0], balanced=True)
     return _greedy_assign(xn, centres, xn.shape[0] // n, fast_loops)
@@ -75,11 +75,11 @@ def iar_greedy_balanced_kmeans(
     assignment is not optimal: late points land far from their nearest centre. `max_seconds` stops after
     the iteration that crosses the limit; `info` receives the iterations done and the time.
     """
-    xn = _points(x).float().cpu()
+    xn = unit_codebook(x).float().cpu()
     k = xn.shape[0]
     n = check_n_clusters(k, n_clusters, balanced=True)
     m = k // n
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     centres = xn[torch.randperm(k, generator=gen)[:n]].clone()
     labels = torch.full((k,), -1, dtype=torch.long)
     t0 = time.perf_counter()

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import load_dataset, stratified_split
 from .errors import ClusterarError
 from .fileio import fingerprint, load_tensors, read_meta, save_tensors
 
@@ -63,7 +64,7 @@ def cache_dir(path: str | os.PathLike | None = None) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# image conversion (shared with metrics.py)
+# image conversion (shared with clusterar.metrics)
 
 
 def to_nchw_uint8(images: np.ndarray | torch.Tensor, what: str = "images") -> torch.Tensor:
@@ -223,15 +224,13 @@ def load_splits(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{"train": (images, labels), "val": (images, labels)} at the classifier's input size. A folder
     without split folders gives a stratified tenth of its images to val (the bundled sets' rule)."""
-    from .data import _stratified_split, load_dataset
-
     train = load_dataset(config.dataset, config.split, config.input_size)
     val = load_dataset(config.dataset, "val", config.input_size) if config.split != "val" else train
     train_idx = np.arange(len(train))
     val_idx = np.arange(len(val))
     if train.root is not None and train.root == val.root:  # one folder: hold a tenth out
         labels = train.labels.numpy()
-        train_idx, val_idx = _stratified_split(labels, "train"), _stratified_split(labels, "val")
+        train_idx, val_idx = stratified_split(labels, "train"), stratified_split(labels, "val")
     train_idx = train_idx[_balanced_subset(train.labels.numpy()[train_idx], config.max_images, config.seed)]
     val_idx = val_idx[_balanced_subset(val.labels.numpy()[val_idx], config.max_images // 5, config.seed)]
     return {
@@ -248,8 +247,6 @@ def data_fingerprint(dataset: str) -> str:
     h = hashlib.sha256()
     root = Path(dataset[len("folder:") :]).expanduser()
     for split in ("train", "val"):
-        from .data import load_dataset
-
         try:
             d = load_dataset(dataset, split, INPUT_SIZE)
         except ClusterarError:
@@ -364,8 +361,6 @@ def load_classifier(
             "file (--inception PATH)"
         )
     if dataset.startswith("folder:"):
-        from .data import load_dataset
-
         probe = load_dataset(dataset, "train", INPUT_SIZE)
         overrides = {
             "channels": 3,

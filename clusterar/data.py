@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import ClusterarError
 
@@ -249,8 +249,6 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def _image_problem(path: str, e: BaseException) -> str:
     """What is wrong with an image file that PIL could not decode, in a few words."""
-    from PIL import UnidentifiedImageError
-
     try:
         if os.path.getsize(path) == 0:
             return "is empty (0 bytes)"
@@ -264,7 +262,7 @@ def _image_problem(path: str, e: BaseException) -> str:
     return f"cannot be decoded ({type(e).__name__}: {text})"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB: alpha composited on white, 16-bit grey scaled (PIL would clip it)."""
     mode = img.mode
     if mode == "RGB":
@@ -295,7 +293,7 @@ def read_image_and_size(path: str, image_size: int) -> tuple[np.ndarray, tuple[i
     with Image.open(path) as img:
         img.load()  # decode now, inside the caller's try, so truncation is caught here
         mode = img.mode
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
     if mode != "RGB":
         log.warning("converted %s from mode %s to RGB", path, mode)
     return center_crop_arr(rgb, image_size), rgb.size
@@ -317,7 +315,7 @@ def describe_upscaled(dataset: ImageDataset, sizes: dict[int, tuple[int, int]]) 
 # bundled datasets
 
 
-def _stratified_split(labels: np.ndarray, split: str) -> np.ndarray:
+def stratified_split(labels: np.ndarray, split: str) -> np.ndarray:
     """Indices of `split`: per class (ascending, one default_rng(0)), permute; last ceil(10%) -> val."""
     if split == "all":
         return np.arange(len(labels))
@@ -375,7 +373,7 @@ def _load_bundled(spec: str, split: str, image_size: int, on_error: str) -> Imag
             f"unknown split '{split}' for dataset '{spec}'; use one of: {', '.join(BUNDLED_SPLITS)}"
         )
     images, labels = _bundled(spec, image_size)
-    idx = torch.from_numpy(_stratified_split(labels.numpy(), split))
+    idx = torch.from_numpy(stratified_split(labels.numpy(), split))
     return ImageDataset(
         name=spec,
         split=split,
@@ -549,7 +547,9 @@ __all__ = [
     "make_views",
     "read_image",
     "read_image_and_size",
+    "stratified_split",
     "to_float",
+    "to_rgb",
     "to_uint8",
     "view_load_size",
     "WithSourceSizes",

@@ -46,7 +46,8 @@ from .data import (
     view_load_size,
 )
 from .errors import ClusterarError
-from .fileio import expect_kind, kill_point, mmap_tensor, read_meta, save_tensors, write_json
+from .fileio import expect_kind, mmap_tensor, read_meta, save_tensors, write_json
+from .killpoints import kill_point
 from .runtime import autocast, notice
 from .tokenizer import VQModel
 

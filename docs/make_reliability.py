@@ -24,9 +24,9 @@ BEGIN, END = "<!-- begin reliability-tables -->", "<!-- end reliability-tables -
 def main() -> None:
     body = (
         "**Command-line values, outputs and specs** (`tests/test_cli_input.py`):\n\n"
-        + test_cli_input._table()
+        + test_cli_input.reliability_table()
         + "\n\n**Files and images** (`tests/test_bad_files.py`; paths relative to the test's folder):\n\n"
-        + test_bad_files._table()
+        + test_bad_files.reliability_table()
     )
     readme = ROOT / "README.md"
     text = readme.read_text()

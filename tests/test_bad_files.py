@@ -724,7 +724,7 @@ def test_non_rgb_images_are_converted_with_a_warning(odd_images, name, mode, ref
 # ----------------------------------------------------------------------------- the table of README.md (docs/make_reliability.py)
 
 
-def _table() -> str:
+def reliability_table() -> str:
     """Run every case above once, in a temporary folder, and return the Markdown table of what users get."""
     import contextlib
     import io
@@ -825,4 +825,4 @@ def _table() -> str:
 
 
 if __name__ == "__main__":
-    print(_table())
+    print(reliability_table())

@@ -351,7 +351,7 @@ def test_the_command_list_and_light_commands_do_not_import_torch():
 # ----------------------------------------------------------------------------- the README's table
 
 
-def _table() -> str:
+def reliability_table() -> str:
     """Run the cases above once, in a temporary folder, and return the Markdown rows of what users get
     (`python tests/test_cli_input.py`; the README's reliability section is made from it)."""
     import io
@@ -439,4 +439,4 @@ def _table() -> str:
 
 
 if __name__ == "__main__":
-    print(_table())
+    print(reliability_table())

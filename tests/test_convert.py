@@ -19,7 +19,7 @@ from clusterar.gpt import GPT, export_llamagen, gpt_preset, load_gpt, read_gpt_i
 from clusterar.sample import Pipeline
 from clusterar.tokenizer import save_tokenizer
 from clusterar.train import TrainConfig, train, validation_loss
-from tests.test_train import CLASSES, GRID, K, M, _token_file, _tokenizer
+from tests.test_train import CLASSES, GRID, K, M, seeded_tokenizer, token_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,7 +35,7 @@ def _random_model(seed: int = 0, **kw) -> GPT:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("convert")
-    tok, other = _tokenizer(0), _tokenizer(1)
+    tok, other = seeded_tokenizer(0), seeded_tokenizer(1)
     save_tokenizer(tok, d / "tok.safetensors")
     save_tokenizer(other, d / "other.safetensors")
     w = tok.quantize.embedding.weight.detach()
@@ -48,7 +48,7 @@ def files(tmp_path_factory) -> dict[str, str]:
     # tokens with structure to learn: each class repeats its own 4 codes
     labels = rng.integers(0, CLASSES, 48)
     codes = (labels[:, None, None] * 4 + rng.integers(0, 4, (48, 1, GRID * GRID))) % K
-    _token_file(d / "train.safetensors", tok, codes, labels)
+    token_file(d / "train.safetensors", tok, codes, labels)
     # a baseline "trained" run: random weights saved as `clusterar train` would
     save_gpt(
         d / "base.safetensors",
@@ -200,7 +200,7 @@ def test_fine_tune_from_a_converted_ctf_start(files, tmp_path):
 
     write_ctf_pipeline(tmp_path / "coarse", tmp_path / "refiner", tmp_path / "tuned.json")
     images = Pipeline.load(tmp_path / "tuned.json").sample(torch.arange(CLASSES), seed=0)
-    side = GRID * _tokenizer(0).config.downsample
+    side = GRID * seeded_tokenizer(0).config.downsample
     assert images.shape == (CLASSES, side, side, 3) and images.dtype == torch.uint8
 
 

@@ -2,7 +2,7 @@
 that was never interrupted.
 
 Each test runs the real command in a subprocess (`python -m clusterar ...`, one thread) on a tiny config,
-kills it with SIGKILL at named points (`CLUSTERAR_KILL_AT`, see `clusterar.fileio.kill_point`: after a
+kills it with SIGKILL at named points (`CLUSTERAR_KILL_AT`, see `clusterar.killpoints.kill_point`: after a
 step, inside an atomic write between the temporary file and the rename, after a batch, between stages)
 or after a seeded random delay, runs the same command again (with `--resume` where the command needs
 it) until it finishes, and checks:

@@ -163,12 +163,12 @@ def test_rearrange_token_file_round_trip(tok, clusters, files, tmp_path):
     # the rows remapped in chunks equal the whole-file lookup
     import clusterar.clusters.rearrange as rearrange_module
 
-    small = rearrange_module._CHUNK_IDS
+    small = rearrange_module.CHUNK_IDS
     try:
-        rearrange_module._CHUNK_IDS = 3 * 128  # 3 rows per chunk: 60 chunks and a partial one
+        rearrange_module.CHUNK_IDS = 3 * 128  # 3 rows per chunk: 60 chunks and a partial one
         chunked = rearrange_token_file(tf.path, clusters, tmp_path / "chunked.safetensors", tok)
     finally:
-        rearrange_module._CHUNK_IDS = small
+        rearrange_module.CHUNK_IDS = small
     assert np.array_equal(chunked.codes, out.codes)
 
 

@@ -27,7 +27,7 @@ K, M, GRID, CLASSES = 64, 8, 4, 4  # 64 codes in 8 clusters, 4x4 token grids, 4 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tokenizer(seed: int) -> VQModel:
+def seeded_tokenizer(seed: int) -> VQModel:
     torch.manual_seed(seed)
     cfg = VQConfig(
         ch=32,
@@ -41,7 +41,7 @@ def _tokenizer(seed: int) -> VQModel:
     return VQModel(cfg).eval()
 
 
-def _token_file(path: Path, tok: VQModel, codes: np.ndarray, labels: np.ndarray) -> str:
+def token_file(path: Path, tok: VQModel, codes: np.ndarray, labels: np.ndarray) -> str:
     meta = {
         "tokenizer_fingerprint": tok.fingerprint(),
         "codebook_fingerprint": tok.codebook_fingerprint(),
@@ -62,7 +62,7 @@ def _token_file(path: Path, tok: VQModel, codes: np.ndarray, labels: np.ndarray)
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("train-data")
-    tok, other = _tokenizer(0), _tokenizer(1)
+    tok, other = seeded_tokenizer(0), seeded_tokenizer(1)
     save_tokenizer(tok, d / "tok.safetensors")
     save_tokenizer(other, d / "other.safetensors")
     w = tok.quantize.embedding.weight.detach()
@@ -76,17 +76,17 @@ def files(tmp_path_factory) -> dict[str, str]:
     )
     rng = np.random.default_rng(0)
     # 64 images, two views, random tokens
-    _token_file(
+    token_file(
         d / "rand.safetensors", tok, rng.integers(0, K, (64, 2, GRID * GRID)), rng.integers(0, CLASSES, 64)
     )
     # 8 images, one view: a batch to overfit
-    _token_file(d / "few.safetensors", tok, rng.integers(0, K, (8, 1, GRID * GRID)), np.arange(8) % CLASSES)
+    token_file(d / "few.safetensors", tok, rng.integers(0, K, (8, 1, GRID * GRID)), np.arange(8) % CLASSES)
     # fine token = a fixed member of its k-means cluster: the refiner can reach 100%
     fine_of = np.array([int(np.flatnonzero(km.labels.numpy() == c)[0]) for c in range(M)])
     coarse = rng.integers(0, M, (64, 2, GRID * GRID))
-    _token_file(d / "ctf.safetensors", tok, fine_of[coarse], rng.integers(0, CLASSES, 64))
+    token_file(d / "ctf.safetensors", tok, fine_of[coarse], rng.integers(0, CLASSES, 64))
     # encoded by another tokenizer
-    _token_file(d / "other-tokens.safetensors", other, rng.integers(0, K, (16, 1, GRID * GRID)), np.zeros(16))
+    token_file(d / "other-tokens.safetensors", other, rng.integers(0, K, (16, 1, GRID * GRID)), np.zeros(16))
     return {
         "tok": str(d / "tok.safetensors"),
         "other": str(d / "other.safetensors"),

@@ -19,7 +19,7 @@ import torch
 from ..checkpoints import load_torch_file
 from ..errors import ClusterarError
 from ..fileio import expect_kind, file_error, fingerprint, load_tensors, save_tensors
-from .fit import CLUSTER_METHODS, _points, balanced_kmeans, hierarchical, kmeans, random_clusters, wcss
+from .fit import CLUSTER_METHODS, balanced_kmeans, hierarchical, kmeans, random_clusters, unit_codebook, wcss
 
 FORMAT = "codebook_clusters"
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ def _as_tensor(x: Any, what: str) -> torch.Tensor:
 def _check_codebook(codebook: Any) -> torch.Tensor:
     """The raw codebook as a tensor, after the checks every method needs (2-D, finite)."""
     codebook = _as_tensor(codebook, "codebook")
-    _points(codebook)
+    unit_codebook(codebook)
     return codebook
 
 

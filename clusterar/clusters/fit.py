@@ -49,7 +49,7 @@ _TOL = 1e-10  # strict-improvement threshold on costs of order 1: float64 noise 
 # ----------------------------------------------------------------------------- input checks
 
 
-def _points(x: torch.Tensor, what: str = "codebook") -> torch.Tensor:
+def unit_codebook(x: torch.Tensor, what: str = "codebook") -> torch.Tensor:
     """Validate a [K, D] codebook and return its L2-normalised rows in float64 (same device)."""
     if not isinstance(x, torch.Tensor):
         x = torch.as_tensor(np.asarray(x))
@@ -93,7 +93,8 @@ def check_n_clusters(k: int, n: int, balanced: bool) -> int:
     return n
 
 
-def _generator(seed: int) -> torch.Generator:
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with `seed`: random draws depend on the seed alone, not on the device."""
     return torch.Generator().manual_seed(int(seed))
 
 
@@ -115,7 +116,7 @@ def _cluster_means(x: torch.Tensor, labels: torch.Tensor, n: int) -> tuple[torch
 
 def wcss(x: torch.Tensor, labels: torch.Tensor, n_clusters: int | None = None) -> float:
     """Within-cluster sum of squares of the L2-normalised rows of `x` around their cluster means."""
-    xn = _points(x)
+    xn = unit_codebook(x)
     labels = torch.as_tensor(labels).to(xn.device).long()
     n = int(labels.max()) + 1 if n_clusters is None else n_clusters
     means, _ = _cluster_means(xn, labels, n)
@@ -250,9 +251,9 @@ def kmeans(
     A restart stops when its labels repeat (then every label is the nearest centre, compared in float32)
     or after `iters` iterations.
     """
-    xn = _points(x)
+    xn = unit_codebook(x)
     n = check_n_clusters(xn.shape[0], n_clusters, balanced=False)
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     starts = _check_restarts(n_init)
 
     def run() -> tuple[torch.Tensor, dict]:
@@ -523,7 +524,7 @@ def balanced_assign(x: torch.Tensor, centres: torch.Tensor, *, neighbours: int =
     Greedy start, then negative-cycle cancelling in the cluster graph over each cluster's `neighbours`
     nearest centres, until a dense check over all cluster pairs certifies optimality.
     """
-    xn = _points(x)
+    xn = unit_codebook(x)
     centres = torch.as_tensor(centres).to(xn)
     if centres.dim() != 2 or centres.shape[1] != xn.shape[1]:
         raise ClusterarError(f"centres must be [n, {xn.shape[1]}], got shape {tuple(centres.shape)}")
@@ -556,11 +557,11 @@ def balanced_kmeans(
     so started from another method's result it can only improve on it. Returns (labels, centres,
     objective) of the best of `n_init` starts. Deterministic under `seed`.
     """
-    xn = _points(x)
+    xn = unit_codebook(x)
     k = xn.shape[0]
     n = check_n_clusters(k, n_clusters, balanced=True)
     m = k // n
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     if init is not None:
         init = torch.as_tensor(init).to(xn)
         if init.shape != (n, xn.shape[1]):
@@ -610,7 +611,7 @@ def hierarchical(
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import pdist
 
-    x = _points(codebook)
+    x = unit_codebook(codebook)
     k = x.shape[0]
     n = check_n_clusters(k, n_clusters, balanced=False)
     tree = linkage(pdist(x.cpu().double().numpy()), method="average")
@@ -644,7 +645,7 @@ def random_clusters(k: int, n_clusters: int, *, balanced: bool = True, seed: int
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ClusterarError(f"the number of codes K must be a positive integer, got {k!r}")
     n = check_n_clusters(int(k), n_clusters, balanced)
-    gen = _generator(seed)
+    gen = seeded_generator(seed)
     order = torch.randperm(k, generator=gen)
     if balanced:
         labels = torch.empty(k, dtype=torch.long)

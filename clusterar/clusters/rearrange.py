@@ -28,7 +28,7 @@ from ..tokenizer import TOKENIZER_FILE, VQModel, load_tokenizer, resolve_tokeniz
 from ..tokens import TokenFile, write_token_file
 from .codebook import CodebookClusters, permute_rows, remap_tokens
 
-_CHUNK_IDS = 1 << 24  # ids remapped per step: bounds the int64 temporary of the lookup to 128 MB
+CHUNK_IDS = 1 << 24  # ids remapped per step: bounds the int64 temporary of the lookup to 128 MB
 
 
 def permutation_info(clusters: CodebookClusters) -> dict:
@@ -126,7 +126,7 @@ def rearrange_token_file(
         raise ClusterarError(f"{dst} is the token file itself; write the remapped copy elsewhere")
     new_tokenizer = rearranged_tokenizer(tokenizer, clusters)
     codes = np.empty(tf.codes.shape, tf.codes.dtype)
-    rows = max(1, _CHUNK_IDS // max(1, tf.num_views * tf.seq_len))
+    rows = max(1, CHUNK_IDS // max(1, tf.num_views * tf.seq_len))
     for i in range(0, len(tf), rows):  # chunks: the file may be far larger than memory for int64 ids
         codes[i : i + rows] = remap_tokens(np.asarray(tf.codes[i : i + rows]), clusters)
     meta = {k: v for k, v in tf.meta.items() if k != "kind"}

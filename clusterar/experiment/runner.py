@@ -18,7 +18,8 @@ from typing import Any
 
 from ..compare import aggregate
 from ..errors import ClusterarError
-from ..fileio import kill_point, read_json, write_json, write_text_atomic
+from ..fileio import read_json, write_json, write_text_atomic
+from ..killpoints import kill_point
 from .report import (
     _fmt,
     _pct,

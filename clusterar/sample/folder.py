@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import ClusterarError
-from ..fileio import atomic_path, kill_point, read_json, write_json
+from ..fileio import atomic_path, read_json, write_json
+from ..killpoints import kill_point
 from ..runtime import notice
 from .generate import SampleSettings
 from .pipeline import Pipeline

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..data import ImageDataset, load_dataset, to_float, to_uint8
 from ..errors import ClusterarError
-from ..fileio import kill_point, write_json, write_text_atomic
+from ..fileio import write_json, write_text_atomic
+from ..killpoints import kill_point
 from ..runtime import autocast, num_params, pick_device
 from ..tokenizer import TOKENIZER_FILE, VQModel, save_tokenizer, vq_loss, vq_preset
 from ..viz import plot_curves, save_grid

@@ -45,8 +45,9 @@ from tqdm.auto import tqdm
 from ..checkpoints import _unflatten_optimizer, load_state_strict, save_checkpoint
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
-from ..fileio import kill_point, load_tensors, write_json
+from ..fileio import load_tensors, write_json
 from ..gpt import GPT, GPT_PRESETS, MODEL_FILE, GPTConfig, load_gpt, read_gpt_info, save_gpt
+from ..killpoints import kill_point
 from ..methods import TRAIN_METHODS, Method
 from ..runtime import autocast, notice, num_params
 from ..tokenizer import load_tokenizer, resolve_tokenizer_path

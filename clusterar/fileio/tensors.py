@@ -1,0 +1,120 @@
+"""safetensors files with clusterar's JSON metadata in the header: saved atomically, read whole, or one
+tensor memory-mapped; a file that is missing, truncated or not safetensors gets a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import ClusterarError
+from .atomic import atomic_path
+from .errors import check_file, file_error, first_line
+
+
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]
+) -> None:
+    """Save tensors to a safetensors file atomically, with `meta` stored as JSON in its header."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata={"clusterar": json.dumps(dict(meta))})
+        except SafetensorError as e:  # safetensors reports a failed write (disk full) in its own type
+            reason = str(e).rsplit("I/O error: ", 1)[-1].split(" (os error")[0]
+            raise ClusterarError(
+                f"cannot write {path} ({reason}); free some space or choose another output folder"
+            ) from None
+
+
+def read_meta(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """Read the JSON metadata of a clusterar safetensors file without loading its tensors."""
+    header, _ = read_safetensors_header(path, what)
+    raw = header.get("__metadata__", {}).get("clusterar")
+    if raw is None:
+        raise file_error(
+            path, what, "is a safetensors file that clusterar did not write (it has no metadata)"
+        )
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise file_error(path, what, f"has damaged metadata ({e.msg})", damaged=True) from e
+    if not isinstance(meta, dict):
+        raise file_error(path, what, "has damaged metadata (not a JSON object)", damaged=True)
+    return meta
+
+
+def load_tensors(
+    path: str | os.PathLike, what: str = "file"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load all tensors and the clusterar metadata of a safetensors file."""
+    meta = read_meta(path, what)
+    try:
+        return load_file(str(path)), meta
+    except Exception as e:  # safetensors raises its own error types for inconsistent tensor tables
+        raise file_error(path, what, f"is damaged ({first_line(e)})", damaged=True) from e
+
+
+def read_safetensors_header(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, Any], int]:
+    """Return (header dict, byte offset of the data section) of a safetensors file.
+
+    Used to memory-map tensors with numpy directly, and to give a clear error for a file that is
+    missing, a folder, empty, truncated or not safetensors at all.
+    """
+    path = check_file(path, what)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise file_error(path, what, f"is truncated ({size} bytes)", damaged=True)
+        (n,) = struct.unpack("<Q", raw)
+        first = f.read(1)
+        if n > 100_000_000 or first != b"{":
+            if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+                raise file_error(path, what, "is a PyTorch file, not safetensors")
+            raise file_error(
+                path, what, "is not a safetensors file (its first bytes are not a safetensors header)"
+            )
+        if n > size - 8:
+            raise file_error(path, what, f"is truncated ({size} bytes, cut inside its header)", damaged=True)
+        try:
+            header = json.loads(first + f.read(n - 1))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise file_error(path, what, "is not a safetensors file (unreadable header)", damaged=True) from e
+    try:
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, IndexError, TypeError) as e:
+        raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True) from e
+    end = max(ends, default=0)
+    if 8 + n + end > size:
+        raise file_error(path, what, f"is truncated ({size} of {8 + n + end} bytes)", damaged=True)
+    return header, 8 + n
+
+
+_NP_DTYPES = {
+    "U8": np.uint8,
+    "I16": np.int16,
+    "U16": np.uint16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "F32": np.float32,
+}
+
+
+def mmap_tensor(path: str | os.PathLike, name: str, what: str = "file") -> np.ndarray:
+    """Memory-map one tensor of a safetensors file as a read-only numpy array (no copy, no load)."""
+    header, offset = read_safetensors_header(path, what)
+    if name not in header:
+        raise file_error(path, what, f"has no tensor '{name}'")
+    info = header[name]
+    begin, _ = info["data_offsets"]
+    return np.memmap(
+        path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"])
+    )
