@@ -19,8 +19,20 @@ from .flags import OUTPUT_FLAGS, add_flag
 
 __all__ = ["build_parser", "main"]
 
-# In the order of `clusterar --help`.
-GROUPS = (experiment, tokenizer, encode, cluster, train, evaluate, sample, convert, serve, info)
+# Each adds its command(s) to the subparsers, in the order of `clusterar --help`.
+ADD_PARSERS = (
+    experiment.add_parsers,  # demo, experiment
+    tokenizer.add_parsers,
+    encode.add_parsers,
+    cluster.add_parsers,
+    train.add_parsers,
+    evaluate.add_parsers,
+    sample.add_sample_parser,
+    convert.add_parsers,
+    serve.add_parsers,
+    sample.add_pipeline_parser,
+    info.add_parsers,
+)
 RERUN_AGAIN = ("demo", "experiment", "sample", "encode")  # continue by rerunning, not with --resume
 
 
@@ -46,8 +58,8 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     )
     add_flag(parser, "verbose", names=("-v", "--verbose"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in GROUPS:
-        group.add_parsers(sub, full)
+    for add_parsers in ADD_PARSERS:
+        add_parsers(sub, full)
     return parser
 
 

@@ -257,6 +257,7 @@ def _add(p, name: str, flag: Flag, default, help, *, said, names, **kw) -> None:
     names = names or ("--" + name.replace("_", "-"),)
     if flag.type is SWITCH and "type" not in kw and "action" not in kw:
         kw["action"] = "store_true"
+        default = bool(default)
     elif "action" not in kw:
         kw.setdefault("type", flag.type)
         choices = flag.choices() if callable(flag.choices) else flag.choices

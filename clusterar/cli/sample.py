@@ -106,7 +106,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     add_config_flags(p, SampleSettings, unset=True, said=said)
 
 
-def _add_sample(sub: argparse._SubParsersAction, full: bool) -> None:
+def add_sample_parser(sub: argparse._SubParsersAction, full: Callable[[str], bool]) -> None:
     p = sub.add_parser(
         "sample",
         help="sample images from a trained model (baseline, iar) or a CTF pipeline",
@@ -118,7 +118,7 @@ def _add_sample(sub: argparse._SubParsersAction, full: bool) -> None:
         "every batch.",
     )
     p.set_defaults(func=cmd_sample)
-    if not full:
+    if not full("sample"):
         return
     add_compute_flags(p, seed=True)
     p.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
@@ -148,9 +148,9 @@ def _add_sample(sub: argparse._SubParsersAction, full: bool) -> None:
     add_flag(p, "no_images")
 
 
-def _add_pipeline(sub: argparse._SubParsersAction, full: bool) -> None:
+def add_pipeline_parser(sub: argparse._SubParsersAction, full: Callable[[str], bool]) -> None:
     p = sub.add_parser("pipeline", help="tie CTF's two stages to their tokenizer and clusters")
-    if not full:
+    if not full("pipeline"):
         return
     kinds = p.add_subparsers(dest="pipecmd", required=True, metavar="KIND")
     ctf = kinds.add_parser(
@@ -166,8 +166,3 @@ def _add_pipeline(sub: argparse._SubParsersAction, full: bool) -> None:
     add_flag(ctf, "tokenizer", help="override the tokenizer path recorded in the runs")
     add_flag(ctf, "clusters", help="override the clusters path recorded in the runs")
     add_flag(ctf, "restrict_to_cluster", help="sample fine tokens inside their coarse cluster")
-
-
-def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) -> None:
-    _add_sample(sub, full("sample"))
-    _add_pipeline(sub, full("pipeline"))
