@@ -4,7 +4,7 @@ A flag means the same thing, with the same check and choices, on every command t
 is declared once, by name, in FLAGS; each command gives its default (and, where the flag names something
 of its own, such as --out, its help). The flags that mirror a configuration dataclass (TrainConfig,
 TokenizerTrainConfig, SampleSettings) are made from its fields by `add_config_flags`, through the same
-`add_flag`: the field's type (bool as --x / --no-x), its default and its help (the comment beside it).
+code: the field's type (bool as --x / --no-x), its default and its help (the comment beside it).
 
 Numbers are checked while parsing, so a bad value is one line naming the flag (exit status 2) before any
 work. Choices the library defines (presets, methods, modes) are read from the library when a command's
