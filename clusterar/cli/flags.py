@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 # ----------------------------------------------------------------------------- number checks
 
 
-def number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], Any]:
+def number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], object]:
     """A parse function for a number that must be >= low (> low if strict); argparse names the flag."""
 
     def parse(text: str):
@@ -112,7 +110,7 @@ class Flag:
     choices (a tuple, or a function that reads them from the library), its help, and whether it names
     an output (checked to be writable before any work)."""
 
-    type: Callable[[str], Any] | None = str
+    type: Callable[[str], object] | None = str
     help: str = ""
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
     output: bool = False
@@ -232,12 +230,12 @@ OUTPUT_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.output)
 def add_flag(
     p: argparse.ArgumentParser,
     name: str,
-    default: Any = None,
+    default: object = None,
     help: str | None = None,
     *,
     said: str | None = None,
     names: tuple[str, ...] = (),
-    **kw: Any,
+    **kw: object,
 ) -> None:
     """--NAME on parser (or argument group) `p`, as FLAGS declares it, with this command's default; the
     default is said in the help (`said` words it where the value alone would not). `help` replaces the
@@ -310,6 +308,8 @@ def add_config_flags(
     the field's type (X | None parses an X; bool is --x / --no-x; Literal gives choices) unless the table
     checks it (a positive int, ...), its default, and its help (the field's comment). unset: every
     default is None, and `said` words what None stands for."""
+    import typing  # not at the top: `clusterar --help` does without it
+
     hints = typing.get_type_hints(cls)  # real types, also under `from __future__ import annotations`
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
@@ -319,7 +319,7 @@ def add_config_flags(
         if type(None) in typing.get_args(kind):  # `int | None` parses an int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         flag = FLAGS.get(f.name, Flag(kind))
-        kw: dict[str, Any] = {"names": ()}
+        kw: dict[str, object] = {"names": ()}
         if unset:
             default = None
         elif f.default is not dataclasses.MISSING:
