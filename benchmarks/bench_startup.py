@@ -1,8 +1,9 @@
 """How long the `clusterar` command takes to start, next to the cost of importing PyTorch.
 
-`clusterar --help` and the parsing of every command import no torch (the flags that come from the
-configuration dataclasses are built only for the command given), so the command list answers at once;
-a command that computes pays the torch import once, as any PyTorch program does.
+`clusterar --help` imports no torch: only the command given is built with its flags (clusterar/cli/:
+the others are a name and a line of help), so the command list answers at once. A command whose flags
+come from the library (config dataclasses, presets, methods) pays the torch import when it is built, and
+a command that computes pays it once, as any PyTorch program does.
 
     python benchmarks/bench_startup.py            # median of 7 runs each, writes RESULTS.md
     python benchmarks/bench_startup.py --no-write
@@ -22,7 +23,7 @@ CASES = [
     ("`clusterar --help`", [sys.executable, "-m", "clusterar", "--help"]),
     ("`clusterar info --help`", [sys.executable, "-m", "clusterar", "info", "--help"]),
     (
-        "`clusterar train --help` (builds the train flags: imports torch)",
+        "`clusterar train --help` (its flags come from TrainConfig: imports torch)",
         [sys.executable, "-m", "clusterar", "train", "--help"],
     ),
     ("`python -c 'import torch'` (reference)", [sys.executable, "-c", "import torch"]),

@@ -175,6 +175,28 @@ def test_shared_flags_are_on_every_command_that_uses_them_with_one_meaning():
         assert any("--threads" in a.option_strings for a in commands[name]._actions), name
 
 
+def test_help_lists_the_choices_the_library_defines():
+    """Choices come from the library's tuples, so help cannot fall behind (a new cluster method, ...)."""
+    from clusterar.clusters import CLUSTER_METHODS
+    from clusterar.convert import CONVERT_METHODS
+    from clusterar.methods import TRAIN_METHODS
+    from clusterar.sample import STAGE2_MODES
+
+    commands = _commands(build_parser())
+
+    def action(command: str, flag: str):
+        (a,) = [a for a in commands[command]._actions if flag in a.option_strings]
+        return a
+
+    assert tuple(action("train", "--method").choices) == TRAIN_METHODS
+    assert tuple(action("convert", "--method").choices) == CONVERT_METHODS
+    assert tuple(action("sample", "--stage2").choices) == STAGE2_MODES
+    for command in ("cluster", "cluster fit"):
+        assert tuple(action(command, "--method").choices) == CLUSTER_METHODS
+        assert all(m in action(command, "--method").help for m in CLUSTER_METHODS)
+    assert all(m in commands["cluster fit"].description for m in CLUSTER_METHODS)
+
+
 def test_no_progress_is_accepted_where_it_once_was_not(capsys):
     # argparse parses them (and the command then fails on the missing tokenizer file, not on the flag)
     for argv in (

@@ -1,0 +1,123 @@
+"""The `clusterar` command. Each subcommand is a thin layer over a library function, in the module of its
+group with its parser beside it (tokenizer, encode, cluster, train, convert, sample, evaluate, experiment,
+serve, info); every flag comes from `flags.add_flag`.
+
+Only the command given is built with its flags: the others are a name and a line of help, so `clusterar
+--help` imports no torch. Errors in the user's input (ClusterarError) are printed as one clear message
+with exit status 2, never a traceback; Ctrl-C says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import ClusterarError
+from . import cluster, convert, encode, evaluate, experiment, info, sample, serve, tokenizer, train
+from .flags import OUTPUT_FLAGS, add_flag
+
+__all__ = ["build_parser", "main"]
+
+# Each adds its command(s) to the subparsers, in the order of `clusterar --help`.
+ADD_PARSERS = (
+    experiment.add_parsers,  # demo, experiment
+    tokenizer.add_parsers,
+    encode.add_parsers,
+    cluster.add_parsers,
+    train.add_parsers,
+    evaluate.add_parsers,
+    sample.add_sample_parser,
+    convert.add_parsers,
+    serve.add_parsers,
+    sample.add_pipeline_parser,
+    info.add_parsers,
+)
+RERUN_AGAIN = ("demo", "experiment", "sample", "encode")  # continue by rerunning, not with --resume
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with clusterar's error style: one line, exit status 2, and where to read more."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser ("*"), or one where COMMAND alone has its flags and the other commands only
+    their name and help: building a command's flags may import the library (its presets, methods,
+    config dataclasses: torch, seconds), which `clusterar --help` need not wait for. None: only the list
+    of commands."""
+
+    def full(name: str) -> bool:
+        return command in ("*", name)
+
+    parser = Parser(
+        prog="clusterar",
+        description="Cluster-aware autoregressive image generation: LlamaGen baseline, IAR and CTF on one stack.",
+    )
+    add_flag(parser, "verbose", names=("-v", "--verbose"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parsers in ADD_PARSERS:
+        add_parsers(sub, full)
+    return parser
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Where the command writes, checked before any work: a read-only or misplaced --out is said at once,
+    not after an hour of training."""
+    from ..fileio import check_writable
+
+    for name in OUTPUT_FLAGS:
+        value = getattr(args, name, None)
+        if value:
+            check_writable(value, "--" + name.replace("_", "-"))
+
+
+def _setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    args = parser.parse_args(argv)
+    _setup(args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        _check_outputs(args)
+        with logging_redirect_tqdm():  # warnings on their own line, never after a progress bar's \r
+            args.func(args)
+    except ClusterarError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:  # raised in a DataLoader worker: keep only our message
+            msg = msg.rsplit("ClusterarError: ", 1)[-1].strip()
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # A write that failed mid-way (disk full, a folder turned read-only): say which file, not where.
+        from ..fileio import WRITE_ERRNOS
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(
+            f"error: cannot write {e.filename or 'an output file'} ({e.strerror}); free some space or "
+            "choose another --out",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        again = "again" if args.command in RERUN_AGAIN else "with --resume"
+        print(
+            f"\ninterrupted; finished checkpoints are kept: run the same command {again} to continue",
+            file=sys.stderr,
+        )
+        return 130
+    return 0

@@ -1,0 +1,56 @@
+"""`clusterar demo` and `clusterar experiment`: a spec file's runs under identical conditions, reported."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from .flags import add_compute_flags, add_flag
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from ..demo import run_demo
+
+    out = args.out or ("runs/demo-quick" if args.quick else "runs/demo")
+    run_demo(out, quick=args.quick, device=args.device, progress=not args.no_progress)
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    from ..experiment import load_spec, run_experiment
+
+    spec = load_spec(args.spec)
+    if args.device is not None:
+        spec.device = args.device
+    if args.check:
+        print(f"{args.spec}: valid ({len(spec.runs)} runs, {len(spec.sweeps)} sweeps)")
+        return
+    run_experiment(spec, args.out, progress=not args.no_progress)
+
+
+def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="the whole pipeline on bundled MNIST: tokenizer, clusters, baseline / IAR / CTF, samples, report",
+        description="Runs the experiment spec clusterar/specs/demo.toml (about 15 minutes on 2 CPU cores) and "
+        "writes runs/demo/report.md. Finished stages are reused when it is run again.",
+    )
+    demo.set_defaults(func=cmd_demo)
+    if full("demo"):
+        add_compute_flags(demo, device=None)
+        add_flag(
+            demo, "out", help="run folder; finished stages are reused", said="runs/demo, or runs/demo-quick"
+        )
+        add_flag(demo, "quick")
+
+    exp = sub.add_parser(
+        "experiment",
+        help="train, sample and evaluate the runs of a spec file under identical conditions; write a report",
+        description="SPEC is a TOML file, or the name of a shipped one (demo, quick). Every stage is reused "
+        "when its result exists with the same settings; the report goes to OUT/report.md.",
+    )
+    exp.set_defaults(func=cmd_experiment)
+    if full("experiment"):
+        add_compute_flags(exp, device=None)
+        exp.add_argument("spec", help="spec file (TOML) or shipped spec name")
+        add_flag(exp, "out", help="experiment folder", said="runs/NAME")
+        add_flag(exp, "check")

@@ -1,0 +1,345 @@
+"""The one way a command gets a flag: `add_flag(parser, name, default)`.
+
+A flag means the same thing, with the same check and choices, on every command that takes it: what it is
+is declared once, by name, in FLAGS; each command gives its default (and, where the flag names something
+of its own, such as --out, its help). The flags that mirror a configuration dataclass (TrainConfig,
+TokenizerTrainConfig, SampleSettings) are made from its fields by `add_config_flags`, through the same
+code: the field's type (bool as --x / --no-x), its default and its help (the comment beside it).
+
+Numbers are checked while parsing, so a bad value is one line naming the flag (exit status 2) before any
+work. Choices the library defines (presets, methods, modes) are read from the library when a command's
+parser is built, so help lists them as they are; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# ----------------------------------------------------------------------------- number checks
+
+
+def number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], object]:
+    """A parse function for a number that must be >= low (> low if strict); argparse names the flag."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes {what}, got {text!r}") from None
+        if (
+            value != value
+            or value in (float("inf"), float("-inf"))
+            or value < low
+            or (strict and value == low)
+        ):
+            raise argparse.ArgumentTypeError(f"takes {what}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, 0, True, "a whole number >= 1")
+nonneg_int = number(int, 0, False, "a whole number >= 0")
+positive_float = number(float, 0.0, True, "a number > 0")
+nonneg_float = number(float, 0.0, False, "a number >= 0")
+
+
+# ----------------------------------------------------------------------------- choices from the library
+# Called when a command's parser is built (never for `clusterar --help`): the library is the one source.
+
+
+def _on_error() -> tuple[str, ...]:
+    from ..data import ON_ERROR
+
+    return ON_ERROR
+
+
+def _schedules() -> tuple[str, ...]:
+    from ..train.transformer import SCHEDULES
+
+    return SCHEDULES
+
+
+def _train_methods() -> tuple[str, ...]:
+    from ..methods import TRAIN_METHODS
+
+    return TRAIN_METHODS
+
+
+def _gpt_presets() -> tuple[str, ...]:
+    from ..gpt import GPT_PRESETS
+
+    return tuple(GPT_PRESETS)
+
+
+def _vq_presets() -> tuple[str, ...]:
+    from ..tokenizer import VQ_PRESETS
+
+    return tuple(VQ_PRESETS)
+
+
+def _views() -> tuple[str, ...]:
+    from ..data import VIEWS
+
+    return ("auto", *VIEWS)
+
+
+def _head_inits() -> tuple[str, ...]:
+    from ..convert import HEAD_INITS
+
+    return HEAD_INITS
+
+
+def _stage2_modes() -> tuple[str, ...]:
+    from ..sample import STAGE2_MODES
+
+    return STAGE2_MODES
+
+
+# ----------------------------------------------------------------------------- the table
+
+SWITCH = None  # Flag.type of an on/off flag (store_true)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """What a flag is wherever it appears: its parse-and-check function (SWITCH: takes no value), its
+    choices (a tuple, or a function that reads them from the library), its help, and whether it names
+    an output (checked to be writable before any work)."""
+
+    type: Callable[[str], object] | None = str
+    help: str = ""
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    output: bool = False
+
+
+FLAGS: dict[str, Flag] = {
+    # every command that computes
+    "device": Flag(help="auto (the first CUDA GPU, else CPU), cpu or cuda[:N]"),
+    "threads": Flag(positive_int, "CPU threads for PyTorch"),
+    "no_progress": Flag(SWITCH, "no progress bars"),
+    "seed": Flag(nonneg_int, "random seed"),
+    "verbose": Flag(SWITCH, "log more"),
+    # what a command reads and writes
+    "out": Flag(help="output folder", output=True),
+    "out_dir": Flag(help="output folder", output=True),
+    "cache_dir": Flag(help="cache folder", output=True),
+    "resume": Flag(SWITCH, "continue the run in --out where it stopped"),
+    "tokenizer": Flag(help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"),
+    "tokens": Flag(help="token file (clusterar encode)"),
+    "clusters": Flag(help="clusters file (clusterar cluster fit)"),
+    "data": Flag(help="mnist, digits or folder:PATH"),
+    "split": Flag(help="dataset split: train or val (folders: a sub-folder name)"),
+    "splits": Flag(help="dataset splits"),
+    "on_error": Flag(help="unreadable images: fail, or skip and list them", choices=_on_error),
+    "num_workers": Flag(nonneg_int, "DataLoader workers for folder datasets"),
+    "views": Flag(
+        help="views per image; auto: flip for image folders, none for the bundled digits (mirrored digits "
+        "are not digits)",
+        choices=_views,
+    ),
+    "save_every": Flag(
+        nonneg_float,
+        "save progress (SPLIT.safetensors.partial.*) this often; a rerun continues from it",
+    ),
+    # sizes and budgets
+    "image_size": Flag(positive_int, "image side in pixels (images are resized and centre-cropped to it)"),
+    "batch_size": Flag(positive_int, "images per batch"),
+    "grid_size": Flag(positive_int, "token grid side of a LlamaGen .pt"),
+    "n": Flag(positive_int, "number of images"),
+    "stop_at": Flag(
+        positive_int,
+        "end this session after step N with a checkpoint (time-sliced jobs); continue with --resume",
+    ),
+    # experiment, demo
+    "quick": Flag(
+        SWITCH, "the minute-sized spec (tiny models on the digits set, specs/quick.toml): a smoke test"
+    ),
+    "check": Flag(SWITCH, "only validate the spec"),
+    # cluster
+    "from_iar": Flag(
+        help="import IAR's permutation file (1-D int64 [K], new_id = mapping[old_id]) instead of fitting"
+    ),
+    "restarts": Flag(positive_int, "k-means++ starts, best kept"),
+    # evaluate
+    "ref": Flag(
+        help="reference: mnist:val, mnist:train, digits:val, ..., an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) "
+        "or a folder of images"
+    ),
+    "inception": Flag(
+        help="Inception-v3 FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)"
+    ),
+    "extractor": Flag(
+        help="classifier (of the --ref dataset), classifier:mnist, classifier:digits or classifier:folder:PATH"
+    ),
+    "k": Flag(positive_int, "neighbourhood size for precision/recall"),
+    # sample, pipeline
+    "per_class": Flag(
+        SWITCH,
+        "class-balanced labels, n/num_classes per class (the first n % num_classes classes get one more); "
+        "default: labels uniform at random",
+    ),
+    "labels": Flag(help="comma-separated class ids, repeated to --n"),
+    "restrict_to_cluster": Flag(SWITCH, "ctf: sample every fine token inside its coarse cluster"),
+    "compile": Flag(SWITCH, 'torch.compile the decode step (mode "reduce-overhead", GPU)'),
+    "no_images": Flag(SWITCH, "skip the per-image PNGs (grid and npz only)"),
+    "coarse": Flag(help="CTF stage-1 run folder or model file (ctf-coarse)"),
+    "refiner": Flag(help="CTF stage-2 run folder or model file (ctf-refiner)"),
+    # convert
+    "head": Flag(help="CTF stage-1 head initialisation", choices=_head_inits),
+    "lsq_sequences": Flag(positive_int, "token sequences --head lsq fits on"),
+    "ema": Flag(SWITCH, "a LlamaGen training checkpoint: convert its EMA weights"),
+    # serve
+    "host": Flag(help="address to listen on"),
+    "port": Flag(nonneg_int, "port to listen on; 0 picks a free one"),
+    # The checks and choices of config fields (their help is the field's comment, their type the field's).
+    "method": Flag(choices=_train_methods),
+    "model": Flag(choices=_gpt_presets),
+    "preset": Flag(choices=_vq_presets),
+    "schedule": Flag(choices=_schedules),
+    "steps": Flag(positive_int),
+    "epochs": Flag(positive_float),
+    "grad_accum": Flag(positive_int),
+    "log_every": Flag(positive_int),
+    "ckpt_every": Flag(positive_int),
+    "eval_every": Flag(positive_int),
+    "snapshot_every": Flag(positive_float),
+    "snapshot_steps": Flag(positive_int),
+    "lr": Flag(positive_float),
+    "min_lr": Flag(nonneg_float),
+    "warmup": Flag(nonneg_int),
+    "weight_decay": Flag(nonneg_float),
+    "grad_clip": Flag(nonneg_float),
+    "restart_every": Flag(nonneg_int),
+    "codebook_size": Flag(positive_int),
+    "temperature": Flag(positive_float),
+    "temperature2": Flag(positive_float),
+    "top_k": Flag(nonneg_int),
+    "top_p": Flag(positive_float),
+    "top_k2": Flag(nonneg_int),
+    "cfg_scale": Flag(nonneg_float),
+    "cfg_scale2": Flag(nonneg_float),
+    "stage2": Flag(choices=_stage2_modes),
+}
+OUTPUT_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.output)
+
+
+def add_flag(
+    p: argparse.ArgumentParser,
+    name: str,
+    default: object = None,
+    help: str | None = None,
+    *,
+    said: str | None = None,
+    names: tuple[str, ...] = (),
+    **kw: object,
+) -> None:
+    """--NAME on parser (or argument group) `p`, as FLAGS declares it, with this command's default; the
+    default is said in the help (`said` words it where the value alone would not). `help` replaces the
+    table's where the flag names something of the command's own; `names` replaces --NAME (aliases);
+    keywords go to argparse and win over the table (a count where the table has a path, a command's own
+    choices)."""
+    _add(p, name, FLAGS[name], default, help, said=said, names=names, **kw)
+
+
+def _add(p, name: str, flag: Flag, default, help, *, said, names, **kw) -> None:
+    text = help if help is not None else flag.help
+    if said is None and default is not None and not isinstance(default, bool):
+        said = " ".join(map(str, default)) if isinstance(default, list | tuple) else str(default)
+    if said is not None or (isinstance(default, bool) and "action" in kw):
+        text += f" (default: {said if said is not None else default})"
+    text = text.strip().replace("%", "%%")
+    names = names or ("--" + name.replace("_", "-"),)
+    if flag.type is SWITCH and "type" not in kw and "action" not in kw:
+        kw["action"] = "store_true"
+        default = bool(default)
+    elif "action" not in kw:
+        kw.setdefault("type", flag.type)
+        choices = flag.choices() if callable(flag.choices) else flag.choices
+        kw.setdefault("choices", choices)
+    action = p.add_argument(*names, dest=name, default=default, **kw)
+    action.help = text  # set afterwards: BooleanOptionalAction would append its own default (Python < 3.13)
+
+
+def add_compute_flags(
+    p: argparse.ArgumentParser, seed: bool = False, progress: bool = True, device: str | None = "auto"
+) -> None:
+    """--device, --threads and --no-progress, which every command that computes takes, and --seed where
+    it draws random numbers. device=None: the command's spec decides (demo, experiment)."""
+    said = None if device else "the spec's device, auto unless it sets one"
+    add_flag(p, "device", device, said=said)
+    add_flag(p, "threads", None, said="its choice")
+    if progress:
+        add_flag(p, "no_progress")
+    if seed:
+        add_flag(p, "seed", 0)
+
+
+# ----------------------------------------------------------------------------- config dataclasses
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """{field: help} from the trailing comments of a config dataclass (`steps: int = 1000  # budget ...`):
+    a flag's help is written once, beside its field."""
+    import inspect
+    import re
+
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (a frozen build): flags without help
+            continue
+        helps.update(re.findall(r"^    (\w+)\s*:[^#\n]*#\s*(.+)$", src, re.M))
+    return helps
+
+
+def add_config_flags(
+    p: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    unset: bool = False,
+    said: dict[str, str] | None = None,
+) -> None:
+    """One flag per field of config dataclass `cls` (but `skip`), through the same table as add_flag:
+    the field's type (X | None parses an X; bool is --x / --no-x; Literal gives choices) unless the table
+    checks it (a positive int, ...), its default, and its help (the field's comment). unset: every
+    default is None, and `said` words what None stands for."""
+    import typing  # not at the top: `clusterar --help` does without it
+
+    hints = typing.get_type_hints(cls)  # real types, also under `from __future__ import annotations`
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # `int | None` parses an int
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        flag = FLAGS.get(f.name, Flag(kind))
+        kw: dict[str, object] = {"names": ()}
+        if unset:
+            default = None
+        elif f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default, kw["required"] = None, True
+        kw["said"] = (said or {}).get(f.name) or (
+            "none" if default is None and "required" not in kw else None
+        )
+        if kind is bool and not unset:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = typing.get_args(kind)
+        elif flag.type in (str, SWITCH):  # else the table's check (a positive int, ...)
+            kw["type"] = kind
+        _add(p, f.name, flag, default, helps.get(f.name), **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    """The config dataclass `cls` from the parsed flags that mirror its fields."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
