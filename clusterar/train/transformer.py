@@ -128,7 +128,6 @@ class TrainConfig:
                 f"unknown --model preset {self.model!r}; choose one of {', '.join(GPT_PRESETS)}"
             )
         Method.check_clusters_given(self.method, bool(self.clusters))
-        Method.check_restrict_to_cluster(self.method, self.restrict_to_cluster)
         if (self.epochs is None) == (self.steps is None):
             raise ClusterarError("give the training budget as exactly one of --epochs or --steps")
         if self.epochs is not None and not self.epochs > 0:
