@@ -16,6 +16,11 @@ Every method logs the same accuracies so runs compare on one footing: `acc_token
 the target; not defined for ctf-coarse, which never predicts fine tokens) and `acc_cluster` (the most
 probable cluster is the target's; for ctf-coarse that is its coarse accuracy). Accuracies need a
 clusters file; the baseline takes one for logging only.
+
+The rules of the methods live here once, as static methods of `Method` that training, `clusterar
+convert`, experiment specs and the sampler all ask: which methods need clusters (`check_clusters_given`),
+IAR's rearranged ids need equal-size clusters (`check_equal_size`), and restrict_to_cluster belongs to
+CTF's refiner, which must be sampled as it was trained (`check_restrict_to_cluster`, `sampling_restricted`).
 """
 
 from __future__ import annotations

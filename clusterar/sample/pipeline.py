@@ -4,8 +4,8 @@ images.
 It loads from a run folder / model file (baseline, IAR), a LlamaGen checkpoint (baseline, with
 --tokenizer), or a pipeline JSON (CTF, written by `write_ctf_pipeline` / `clusterar pipeline ctf`), and
 checks every fingerprint on the way, so a model is never decoded with another tokenizer or clusters than
-those it was trained with. The checks that the parts belong together live in `_check_*` functions, so the
-constructor reads as the data flow.
+those it was trained with (model files and those checks are `clusterar.model_file`'s). The checks that
+the parts belong together live in `_check_*` functions, so the constructor reads as the data flow.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _check_single_model(model: GPT, info: ModelInfo, codes: int, source: str) ->
     """A baseline or IAR model on its own: causal, predicting the tokenizer's codes. Returns its method."""
     method = info.method
     c = model.config
-    if method in ("ctf-coarse", "ctf-refiner"):
+    if info.is_ctf_stage:
         raise ClusterarError(
             f"{source} is one stage of CTF ({method}); tie both stages together with `clusterar "
             "pipeline ctf --coarse RUN1 --refiner RUN2 --out pipeline.json` and sample that"
