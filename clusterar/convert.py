@@ -25,14 +25,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .checkpoints import PT_SUFFIXES
 from .clusters import CodebookClusters, permute_rows
 from .errors import ClusterarError
-from .gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, read_gpt_info, save_gpt
+from .gpt import GPT, GPTConfig
+from .methods import Method
+from .model_file import (
+    MODEL_FILE,
+    ModelInfo,
+    load_checked_tokenizer,
+    load_llamagen_model,
+    load_model,
+    read_model_info,
+    resolve_model_file,
+    save_model,
+)
 from .tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
 
 CONVERT_METHODS = ("iar", "ctf", "baseline")
@@ -169,8 +179,8 @@ def load_baseline(
     grid_size: int | None = None,
     ema: bool = False,
     device: torch.device | str = "cpu",
-) -> tuple[GPT, dict[str, Any], VQModel, Path]:
-    """(model, its metadata, tokenizer, tokenizer path) of a baseline to convert, checked to belong together.
+) -> tuple[GPT, ModelInfo, VQModel, Path]:
+    """(model, its info, tokenizer, tokenizer path) of a baseline to convert, checked to belong together.
 
     `source` is a run folder or model file of `clusterar train --method baseline`, or a LlamaGen c2i
     checkpoint (.pt; needs `tokenizer`, and `grid_size` for other than 256 px models with 16x16 tokens)."""
@@ -180,8 +190,7 @@ def load_baseline(
             raise ClusterarError(
                 f"{p} is a LlamaGen checkpoint, which names no tokenizer; pass --tokenizer (e.g. vq_ds16_c2i.pt)"
             )
-        model = load_llamagen_gpt(p, grid_size=grid_size, ema=ema, device=device)
-        meta: dict[str, Any] = {"method": "baseline", "id_space": "original", "source": "llamagen"}
+        model, info = load_llamagen_model(p, grid_size=grid_size, ema=ema, device=device)
         tok_path = resolve_tokenizer_path(tokenizer).resolve()
         tok = load_tokenizer(tok_path)
     else:
@@ -190,23 +199,21 @@ def load_baseline(
                 f"--ema and --grid-size apply to LlamaGen checkpoints; {p} is a clusterar model, whose file "
                 "records its grid (and holds the EMA weights when it was trained with --ema)"
             )
-        from .sample.pipeline import _load_checked_tokenizer, _model_file
-
-        p = _model_file(p, "model to convert")
-        meta = read_gpt_info(p, "model to convert")
-        if meta.get("method") != "baseline":
+        p = resolve_model_file(p, "model to convert")
+        info = read_model_info(p, "model to convert")
+        if info.method != "baseline":
             raise ClusterarError(
-                f"{p} is a {meta.get('method')!r} model; convert a baseline (`clusterar train --method "
+                f"{p} is a {info.method!r} model; convert a baseline (`clusterar train --method "
                 "baseline`, or a LlamaGen c2i checkpoint)"
             )
-        tok_path = tokenizer or meta.get("tokenizer")
+        tok_path = tokenizer or info.tokenizer
         if tok_path is None:
             raise ClusterarError(f"{p} records no tokenizer; pass --tokenizer")
-        tok = _load_checked_tokenizer(tok_path, meta.get("tokenizer_fingerprint"), f"model {p}")
+        tok = load_checked_tokenizer(tok_path, info.tokenizer_fingerprint, f"model {p}")
         tok_path = resolve_tokenizer_path(tok_path).resolve()
-        model, meta = load_gpt(p, device)
+        model, info = load_model(p, device)
     _check_vocab(model, tok.config.codebook_size, str(p), f"tokenizer {tok_path}")
-    return model, meta, tok, tok_path
+    return model, info, tok, tok_path
 
 
 def _sequences(
@@ -258,59 +265,49 @@ def convert(
         raise ClusterarError(
             "--head lsq fits the head on real token sequences: pass --tokens TRAIN.safetensors"
         )
-    if method != "baseline" and clusters is None:
-        kind = "balanced (`clusterar cluster fit --method balanced`)" if method == "iar" else "k-means"
-        raise ClusterarError(
-            f"--method {method} needs --clusters FILE: {kind} clusters of the tokenizer's codebook"
-        )
+    Method.check_clusters_given(method, clusters is not None)
     if lsq_sequences < 1:
         raise ClusterarError(f"--lsq-sequences must be at least 1, got {lsq_sequences}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ClusterarError(f"{out} exists and is not empty; choose another --out or delete it")
-    model, meta, tok, tok_path = load_baseline(source, tokenizer, grid_size=grid_size, ema=ema, device=device)
+    model, base, tok, tok_path = load_baseline(source, tokenizer, grid_size=grid_size, ema=ema, device=device)
     cl = None
     if clusters is not None:
         cl = CodebookClusters.load(clusters)
         cl.check_codebook(tok.quantize.embedding.weight.detach().cpu(), f"codebook of tokenizer {tok_path}")
-        if method == "iar" and not cl.is_balanced:
-            raise ClusterarError(
-                f"IAR's rearranged ids need equal-size clusters, but {clusters} ({cl.method}) has clusters of "
-                f"{int(cl.sizes.min())}..{int(cl.sizes.max())} codes; make balanced ones with `clusterar cluster "
-                "fit --method balanced`"
-            )
+        Method.check_equal_size(method, cl, no_rearrange=None)  # convert's IAR always rearranges
     seqs = (
         _sequences(tokens, tok.fingerprint(), lsq_sequences, seed)
         if method == "ctf" and head == "lsq"
         else None
     )
 
-    info = {
-        "preset": meta.get("preset"),
-        "tokenizer": str(tok_path),
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "clusters": str(Path(clusters).resolve()) if cl is not None else None,
-        "clusters_fingerprint": cl.fingerprint() if cl is not None else None,
-        "n_clusters": cl.n_clusters if cl is not None else None,
-        "restrict_to_cluster": False,
-        "step": 0,
-        "epoch": 0.0,
-        "init_epoch": float(meta.get("epoch") or 0.0) + float(meta.get("init_epoch") or 0.0),
-        "converted_from": str(Path(source).resolve()),
-        "conversion": {"method": method, "head": head if method == "ctf" else None},
-        "image_size": meta.get("image_size"),
-        "grid": meta.get("grid") or [model.config.grid_size] * 2,
-        "dataset": meta.get("dataset"),
-        "num_classes": model.config.num_classes,
-        "class_names": meta.get("class_names"),
-    }
+    info = ModelInfo(
+        preset=base.preset,
+        tokenizer=str(tok_path),
+        tokenizer_fingerprint=tok.fingerprint(),
+        clusters=str(Path(clusters).resolve()) if cl is not None else None,
+        clusters_fingerprint=cl.fingerprint() if cl is not None else None,
+        n_clusters=cl.n_clusters if cl is not None else None,
+        restrict_to_cluster=False,
+        step=0,
+        epoch=0.0,
+        init_epoch=base.total_epoch,
+        converted_from=str(Path(source).resolve()),
+        conversion={"method": method, "head": head if method == "ctf" else None},
+        image_size=base.image_size,
+        grid=base.grid or [model.config.grid_size] * 2,
+        dataset=base.dataset,
+        num_classes=model.config.num_classes,
+        class_names=base.class_names,
+    )
     out.mkdir(parents=True, exist_ok=True)
     if method in ("iar", "baseline"):
         new = to_iar(model, cl) if method == "iar" else model
         path = out / MODEL_FILE
-        save_gpt(
-            path, new, {**info, "method": method, "id_space": "rearranged" if method == "iar" else "original"}
-        )
+        space = "rearranged" if method == "iar" else "original"
+        save_model(path, new, dataclasses.replace(info, method=method, id_space=space))
         return {"model": path}
     rows = lsq_head(model, cl, *seqs) if seqs is not None else None
     coarse, refiner = to_ctf(model, cl, head, rows)
@@ -320,7 +317,7 @@ def convert(
         (refiner, "refiner", "ctf-refiner", "original"),
     ):
         paths[net].parent.mkdir(exist_ok=True)
-        save_gpt(paths[net], stage, {**info, "method": name, "id_space": space})
+        save_model(paths[net], stage, dataclasses.replace(info, method=name, id_space=space))
     from .sample import write_ctf_pipeline
 
     paths["pipeline"] = out / "pipeline.json"

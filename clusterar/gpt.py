@@ -22,7 +22,7 @@ from torch import nn
 
 from .checkpoints import load_state_strict, load_torch_weights
 from .errors import ClusterarError
-from .fileio import atomic_path, expect_kind, load_tensors, read_meta, save_tensors
+from .fileio import atomic_path
 from .runtime import num_params
 
 
@@ -544,41 +544,7 @@ def load_llamagen_gpt(
     return model.to(device).eval()
 
 
-# ----------------------------------------------------------------------------- our own model files
-
-MODEL_FILE = "model.safetensors"
-
-
-def save_gpt(path: str | os.PathLike, model: GPT, info: dict | None = None) -> None:
-    """Write a model's weights + config (+ `info`: method, tokenizer/clusters fingerprints...) atomically.
-
-    The metadata carries the full GPTConfig, so `load_gpt` needs nothing else (grid size included, which
-    LlamaGen files cannot tell).
-    """
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    model = getattr(model, "module", model)  # DDP wrapper
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_tensors(path, state, {"kind": "gpt", "gpt_config": model.config.to_dict(), **(info or {})})
-
-
-def read_gpt_info(path: str | os.PathLike, what: str = "model file") -> dict:
-    """The metadata of a `save_gpt` file (config + info) without loading weights; `what` names the role of
-    the file in errors (its advice comes from fileio.REMEDIES)."""
-    meta = read_meta(path, "model file")
-    expect_kind(path, meta, "gpt", what)
-    return meta
-
-
-def load_gpt(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[GPT, dict]:
-    """Load a `save_gpt` file strictly, in eval mode; returns (model, metadata)."""
-    meta = read_gpt_info(path)
-    tensors, _ = load_tensors(path, "model file")
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(meta["gpt_config"]))
-    model = model.to_empty(device="cpu")
-    model.init_buffers()
-    load_state_strict(model, tensors, source=str(path))
-    return model.to(device).eval(), meta
+# ----------------------------------------------------------------------------- LlamaGen export
 
 
 def export_llamagen(model: GPT, path: str | os.PathLike) -> None:

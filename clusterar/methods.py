@@ -16,18 +16,27 @@ Every method logs the same accuracies so runs compare on one footing: `acc_token
 the target; not defined for ctf-coarse, which never predicts fine tokens) and `acc_cluster` (the most
 probable cluster is the target's; for ctf-coarse that is its coarse accuracy). Accuracies need a
 clusters file; the baseline takes one for logging only.
+
+The rules of the methods live here once, as static methods of `Method` that training, `clusterar
+convert`, experiment specs and the sampler all ask: which methods need clusters (`check_clusters_given`),
+IAR's rearranged ids need equal-size clusters (`check_equal_size`), and restrict_to_cluster belongs to
+CTF's refiner, which must be sampled as it was trained (`check_restrict_to_cluster`, `sampling_restricted`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .clusters import CodebookClusters
+from .clusters import UNEQUAL_METHODS, CodebookClusters
 from .errors import ClusterarError
 from .gpt import GPTConfig, gpt_preset
 from .losses import cluster_accuracy, iar_loss, token_accuracy, token_ce
+
+if TYPE_CHECKING:
+    from .model_file import ModelInfo
 
 TRAIN_METHODS = ("baseline", "iar", "ctf-coarse", "ctf-refiner")
 
@@ -58,30 +67,116 @@ class Method:
         if self.name not in TRAIN_METHODS:
             raise ClusterarError(f"unknown --method {self.name!r}; choose one of {', '.join(TRAIN_METHODS)}")
         c = self.clusters
-        if c is None and self.name != "baseline":
-            kind = "balanced (IAR)" if self.name == "iar" else "k-means (CTF)"
-            raise ClusterarError(
-                f"--method {self.name} needs --clusters FILE: {kind} clusters of the tokenizer's codebook, "
-                "made with `clusterar cluster`"
-            )
+        Method.check_clusters_given(self.name, c is not None)
         if c is not None and c.num_codes != self.codebook_size:
             raise ClusterarError(
                 f"the clusters in {c.source or 'the clusters file'} cover {c.num_codes} codes, but the token "
                 f"file's codebook has {self.codebook_size}; cluster the tokenizer that made these tokens"
             )
-        if self.name == "iar" and self.rearrange and not c.is_balanced:
-            sizes = c.sizes
-            raise ClusterarError(
-                f"IAR's rearranged ids need equal-size clusters, but {c.source or 'the clusters'} ({c.method}) "
-                f"has clusters of {int(sizes.min())}..{int(sizes.max())} codes; make balanced ones with "
-                "`clusterar cluster --method balanced`, or pass --no-rearrange to use the segment cluster loss"
-            )
-        if self.restrict_to_cluster and self.name != "ctf-refiner":
-            raise ClusterarError("--restrict-to-cluster only applies to --method ctf-refiner")
+        if c is not None:
+            Method.check_equal_size(self.name, c, self.rearrange)
+        Method.check_restrict_to_cluster(self.name, self.restrict_to_cluster)
         if self.cluster_weight < 0:
             raise ClusterarError(f"--cluster-weight must be >= 0, got {self.cluster_weight}")
         self._labels = c.labels if c is not None else None  # phi: original id -> cluster
         self._perm = c.perm if (c is not None and self.name == "iar" and self.rearrange) else None
+
+    # ---------------------------------------------------------------- the rules of each method
+    #
+    # Static, so that they hold wherever a method is named: training (a `Method`), `clusterar convert` and
+    # an experiment spec (which name "ctf" for both stages, before any clusters file exists), and sampling.
+    # The messages name the command line's flags; a caller that names the settings otherwise passes its own
+    # words for them (the spec: its keys), and adds where the setting sits.
+
+    @staticmethod
+    def needs_clusters(method: str) -> bool:
+        """Every method but the baseline trains against clusters of the codebook (the baseline takes a
+        clusters file for its logged cluster accuracy only)."""
+        return method != "baseline"
+
+    @staticmethod
+    def check_clusters_given(
+        method: str, given: bool, *, method_key: str = "--method", clusters_key: str = "--clusters FILE"
+    ) -> None:
+        """Refuse a method that needs clusters (`needs_clusters`) when none are given."""
+        if Method.needs_clusters(method) and not given:
+            kind = "balanced" if method == "iar" else "k-means or hierarchical"
+            raise ClusterarError(
+                f"{method_key} {method} needs {clusters_key}: {kind} clusters of the tokenizer's codebook "
+                "(`clusterar cluster fit`)"
+            )
+
+    @staticmethod
+    def check_equal_size(
+        method: str,
+        clusters: CodebookClusters | str,
+        rearrange: bool = True,
+        *,
+        no_rearrange: str | None = "pass --no-rearrange",
+    ) -> None:
+        """IAR on rearranged ids gives every cluster a block of m consecutive ids, so the clusters must all
+        have m codes. `clusters` is a loaded file, or the name of the algorithm that will make them (a spec:
+        `clusters.UNEQUAL_METHODS` make unequal ones). `no_rearrange` says how to train on the original ids
+        instead (with the segment cluster loss), None where that is not offered (convert)."""
+        if method != "iar" or not rearrange:
+            return
+        if isinstance(clusters, str):
+            if clusters not in UNEQUAL_METHODS:
+                return
+            detail = f"{clusters} clusters have unequal sizes"
+        else:
+            if clusters.is_balanced:
+                return
+            sizes = clusters.sizes
+            detail = (
+                f"{clusters.source or 'the clusters'} ({clusters.method}) has clusters of "
+                f"{int(sizes.min())}..{int(sizes.max())} codes"
+            )
+        alternative = f", or {no_rearrange} to use the segment cluster loss" if no_rearrange else ""
+        raise ClusterarError(
+            f"IAR's rearranged ids need equal-size clusters, but {detail}; use balanced or random clusters "
+            f"(`clusterar cluster fit --method balanced`){alternative}"
+        )
+
+    @staticmethod
+    def check_restrict_to_cluster(
+        method: str,
+        restrict: bool,
+        *,
+        key: str = "--restrict-to-cluster",
+        refiner: str = "--method ctf-refiner",
+    ) -> None:
+        """Only CTF's refiner predicts fine tokens from known clusters, so only it can be masked to them."""
+        if restrict and method != "ctf-refiner":
+            raise ClusterarError(f"{key} only applies to {refiner}")
+
+    @staticmethod
+    def sampling_restricted(asked: bool | None, trained: bool, has_refiner: bool, source: str) -> bool:
+        """Whether stage 2 samples inside each position's cluster: when `asked`, and always for a refiner
+        `trained` with the mask (its logits outside the cluster were never trained). `asked` None: as
+        trained."""
+        if asked is False and trained:
+            raise ClusterarError(
+                f"the refiner of {source} was trained with restrict_to_cluster; it must be sampled with the "
+                "same mask"
+            )
+        if asked and not has_refiner:
+            raise ClusterarError("restrict_to_cluster only applies to CTF pipelines")
+        return bool(asked) or trained
+
+    @classmethod
+    def from_info(
+        cls, info: ModelInfo, codebook_size: int, clusters: CodebookClusters | None = None
+    ) -> Method:
+        """The method a model file was trained with (its cluster weight, id space and mask)."""
+        return cls(
+            info.method,
+            codebook_size,
+            clusters,
+            cluster_weight=info.cluster_weight if info.cluster_weight is not None else 1.0,
+            rearrange=info.rearranged,
+            restrict_to_cluster=info.restrict_to_cluster,
+        )
 
     # ---------------------------------------------------------------- description
 

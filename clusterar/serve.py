@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .errors import ClusterarError
+from .model_file import MODEL_FILE
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_IMAGES = 64  # per request: a grid a person looks at, not a dataset
@@ -38,11 +39,7 @@ MAX_IMAGES = 64  # per request: a grid a person looks at, not a dataset
 def _name(source: str | Path, taken: set[str]) -> str:
     """A short unique name for a model: its run folder or file name."""
     p = Path(source)
-    base = (
-        p.parent.name
-        if p.name in ("model.safetensors", "pipeline.json")
-        else (p.stem if p.suffix else p.name)
-    )
+    base = p.parent.name if p.name in (MODEL_FILE, "pipeline.json") else (p.stem if p.suffix else p.name)
     name, i = base or "model", 2
     while name in taken:
         name, i = f"{base}-{i}", i + 1

@@ -29,7 +29,8 @@ from PIL import Image
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters
 from clusterar.data import load_dataset, read_image
-from clusterar.gpt import export_llamagen, load_gpt
+from clusterar.gpt import export_llamagen
+from clusterar.model_file import load_model
 from clusterar.sample import write_ctf_pipeline
 from clusterar.tokenizer import save_tokenizer
 from clusterar.tokens import TokenFile, encode_dataset, write_token_file
@@ -106,7 +107,7 @@ def build_files(d: Path) -> dict[str, Path]:
     f["llamagen_vq"] = d / "vq_ds16_c2i.pt"
     torch.save({"model": tok.state_dict()}, f["llamagen_vq"])
     f["llamagen_gpt"] = d / "c2i_tiny.pt"
-    export_llamagen(load_gpt(f["model"])[0], f["llamagen_gpt"])
+    export_llamagen(load_model(f["model"])[0], f["llamagen_gpt"])
     f["evil"] = d / "evil.pt"
     f["marker"] = d / "MARKER"
     torch.save({"model": {"w": torch.zeros(1)}, "payload": Evil(f["marker"])}, f["evil"])

@@ -15,7 +15,8 @@ from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters
 from clusterar.convert import cluster_means, convert, lsq_head, to_ctf, to_iar
-from clusterar.gpt import GPT, export_llamagen, gpt_preset, load_gpt, read_gpt_info, save_gpt
+from clusterar.gpt import GPT, export_llamagen, gpt_preset
+from clusterar.model_file import ModelInfo, load_model, read_model_info, save_model
 from clusterar.sample import Pipeline
 from clusterar.tokenizer import save_tokenizer
 from clusterar.train import TrainConfig, train, validation_loss
@@ -50,18 +51,18 @@ def files(tmp_path_factory) -> dict[str, str]:
     codes = (labels[:, None, None] * 4 + rng.integers(0, 4, (48, 1, GRID * GRID))) % K
     token_file(d / "train.safetensors", tok, codes, labels)
     # a baseline "trained" run: random weights saved as `clusterar train` would
-    save_gpt(
+    save_model(
         d / "base.safetensors",
         _random_model(),
-        {
-            "method": "baseline",
-            "id_space": "original",
-            "tokenizer": str(d / "tok.safetensors"),
-            "tokenizer_fingerprint": tok.fingerprint(),
-            "step": 10,
-            "epoch": 2.0,
-            "num_classes": CLASSES,
-        },
+        ModelInfo(
+            method="baseline",
+            id_space="original",
+            tokenizer=str(d / "tok.safetensors"),
+            tokenizer_fingerprint=tok.fingerprint(),
+            step=10,
+            epoch=2.0,
+            num_classes=CLASSES,
+        ),
     )
     return {
         k: str(d / f"{k}.safetensors") for k in ("tok", "other", "bal", "km", "other-km", "train", "base")
@@ -90,8 +91,8 @@ def test_iar_conversion_gives_the_same_logits_up_to_the_permutation(files):
 def test_iar_conversion_draws_the_same_samples_under_the_same_seed(files, make_tokenizer):
     tok = make_tokenizer(0, codebook_size=K)
     model, cl = _random_model(), CodebookClusters.fit(tok.quantize.embedding.weight.detach(), "balanced", M)
-    base = Pipeline(tok, model, {"method": "baseline"})
-    iar = Pipeline(tok, to_iar(model, cl), {"method": "iar", "id_space": "rearranged"}, clusters=cl)
+    base = Pipeline(tok, model, ModelInfo(method="baseline"))
+    iar = Pipeline(tok, to_iar(model, cl), ModelInfo(method="iar", id_space="rearranged"), clusters=cl)
     y = torch.arange(CLASSES).repeat(2)
     for kw in ({}, {"cfg_scale": 3.0, "temperature": 0.8, "top_k": 20, "top_p": 0.9}):
         a, b = base.sample_tokens(y, seed=5, **kw), iar.sample_tokens(y, seed=5, **kw)
@@ -107,14 +108,14 @@ def test_convert_command_writes_a_sampler_ready_iar_model(files, tmp_path, capsy
         == 0
     )
     assert f"--init-from {out}" in capsys.readouterr().out
-    meta = read_gpt_info(out / "model.safetensors")
-    assert (meta["method"], meta["id_space"], meta["step"], meta["init_epoch"]) == (
+    meta = read_model_info(out / "model.safetensors")
+    assert (meta.method, meta.id_space, meta.step, meta.init_epoch) == (
         "iar",
         "rearranged",
         0,
         2.0,
     )
-    assert meta["clusters_fingerprint"] == CodebookClusters.load(files["bal"]).fingerprint()
+    assert meta.clusters_fingerprint == CodebookClusters.load(files["bal"]).fingerprint()
     a = Pipeline.load(files["base"]).sample_tokens(torch.arange(CLASSES), seed=3)
     b = Pipeline.load(out).sample_tokens(torch.arange(CLASSES), seed=3)
     assert torch.equal(a.ids, b.ids)
@@ -188,9 +189,9 @@ def test_fine_tune_from_a_converted_ctf_start(files, tmp_path):
         before = validation_loss(paths[stage], files["train"])["loss"]
         out = tmp_path / stage
         train(TrainConfig(method=method, init_from=str(start / stage), **common), out, progress=False)
-        model, meta = load_gpt(out / "model.safetensors")
-        assert meta["init_from"] == str(paths[stage]) and meta["init_epoch"] == 2.0
-        assert meta["epoch"] == pytest.approx(30 / 6)  # 48 images, batch 8: own epochs count from 0
+        model, meta = load_model(out / "model.safetensors")
+        assert meta.init_from == str(paths[stage]) and meta.init_epoch == 2.0
+        assert meta.epoch == pytest.approx(30 / 6)  # 48 images, batch 8: own epochs count from 0
         first = json.loads((out / "log.jsonl").read_text().splitlines()[0])
         after = validation_loss(out / "model.safetensors", files["train"])["loss"]
         assert after < 0.7 * before, (stage, before, after)
@@ -279,8 +280,8 @@ def test_a_llamagen_checkpoint_converts_to_iar_with_the_same_samples(files, tmp_
     export_llamagen(_random_model(3), pt)
     args = ["--tokenizer", files["tok"], "--clusters", files["bal"], "--grid-size", str(GRID)]
     assert main(["convert", str(pt), "--method", "iar", "--out", str(tmp_path / "iar"), *args]) == 0
-    meta = read_gpt_info(tmp_path / "iar" / "model.safetensors")
-    assert meta["tokenizer"] == str(Path(files["tok"]).resolve()) and meta["init_epoch"] == 0.0
+    meta = read_model_info(tmp_path / "iar" / "model.safetensors")
+    assert meta.tokenizer == str(Path(files["tok"]).resolve()) and meta.init_epoch == 0.0
     original = Pipeline.load(pt, tokenizer=files["tok"], grid_size=GRID)
     converted = Pipeline.load(tmp_path / "iar")
     y = torch.arange(CLASSES)

@@ -17,7 +17,8 @@ from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters, unmap_tokens
 from clusterar.data import to_uint8
-from clusterar.gpt import GPT, export_llamagen, gpt_preset, load_llamagen_gpt, save_gpt
+from clusterar.gpt import GPT, export_llamagen, gpt_preset, load_llamagen_gpt
+from clusterar.model_file import ModelInfo, save_model
 from clusterar.sample import (
     Pipeline,
     SampleSettings,
@@ -99,7 +100,7 @@ def run_info(parts: dict, method: str, key: str | None = None, **kw) -> dict:
 
 def write_run(path: Path, model: GPT, info: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    save_gpt(path / "model.safetensors", model, info)
+    save_model(path / "model.safetensors", model, ModelInfo.from_dict(info))
     return path
 
 

@@ -15,8 +15,8 @@ from clusterar import ClusterarError
 from clusterar.cli import main
 from clusterar.clusters import CodebookClusters
 from clusterar.fileio import load_tensors, read_meta
-from clusterar.gpt import load_gpt, read_gpt_info
 from clusterar.methods import Method, restrict_logits
+from clusterar.model_file import load_model, read_model_info
 from clusterar.tokenizer import VQConfig, VQModel, save_tokenizer
 from clusterar.tokens import write_token_file
 from clusterar.train import TrainConfig, epoch_permutation, lr_at, train
@@ -179,8 +179,8 @@ def test_refiner_learns_a_deterministic_coarse_to_fine_map(files, tmp_path, rest
     )
     out = train(c, tmp_path / "run", progress=False)
     assert out["acc_token"] == 1.0 and out["acc_cluster"] == 1.0 and out["loss"] < 0.05
-    model, info = load_gpt(tmp_path / "run" / "model.safetensors")
-    assert info["restrict_to_cluster"] is restrict and info["id_space"] == "original"
+    model, info = load_model(tmp_path / "run" / "model.safetensors")
+    assert info.restrict_to_cluster is restrict and info.id_space == "original"
     cfgd = model.config
     assert (cfgd.vocab_size, cfgd.input_vocab_size, cfgd.causal) == (K, M, False)
     # the saved model, given the true coarse labels, predicts every fine token
@@ -225,9 +225,9 @@ def test_ctf_coarse_predicts_cluster_labels(files, tmp_path):
     )
     r = records(tmp_path / "run")[0]
     assert r["loss"] == pytest.approx(math.log(M), abs=1e-4) and "acc_token" not in r and "acc_cluster" in r
-    model, info = load_gpt(tmp_path / "run" / "model.safetensors")
+    model, info = load_model(tmp_path / "run" / "model.safetensors")
     assert (model.config.vocab_size, model.config.input_vocab_size, model.config.causal) == (M, M, True)
-    assert info["id_space"] == "coarse" and out["step"] == 2
+    assert info.id_space == "coarse" and out["step"] == 2
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -277,7 +277,7 @@ def test_resume_is_bit_exact(files, tmp_path):
     assert [no_time(r) for r in records(straight)] == [no_time(r) for r in records(parted)]
     # the model file holds the EMA weights
     ema = {k[len("extra.ema.") :]: v for k, v in a.items() if k.startswith("extra.ema.")}
-    model, _ = load_gpt(straight / "model.safetensors")
+    model, _ = load_model(straight / "model.safetensors")
     assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
 
 
@@ -318,12 +318,12 @@ def test_two_processes_follow_one_process(files, tmp_path, fsdp, torchrun):
     one, two = records(tmp_path / "one"), records(tmp_path / "two")
     for key in ("loss", "token_ce", "cluster_ce", "acc_token", "acc_cluster", "grad_norm"):
         assert [r[key] for r in two] == pytest.approx([r[key] for r in one], abs=2e-5), key
-    a, _ = load_gpt(tmp_path / "one" / "model.safetensors")
-    b, info = load_gpt(tmp_path / "two" / "model.safetensors")
+    a, _ = load_model(tmp_path / "one" / "model.safetensors")
+    b, info = load_model(tmp_path / "two" / "model.safetensors")
     for (k, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=k)
     assert read_meta(tmp_path / "two" / "checkpoint.safetensors")["world_size"] == 2
-    assert info["step"] == 4
+    assert info.step == 4
 
 
 # ----------------------------------------------------------------------------- failures
@@ -338,7 +338,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(files, tmp_path):
     assert 1 <= step < 20
     tensors, _ = load_tensors(run / "checkpoint.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
-    assert read_gpt_info(run / "model.safetensors")["step"] == step
+    assert read_model_info(run / "model.safetensors").step == step
 
 
 def test_bad_input_is_a_clear_error(files, tmp_path):
@@ -393,27 +393,22 @@ def test_cli_run_folder_contract(files, tmp_path, capsys):
     ]
     snaps = sorted(p.name for p in (run / "snapshots").iterdir())
     assert snaps == ["model-step0000004.safetensors", "model-step0000008.safetensors"]
-    info = read_gpt_info(run / "model.safetensors")
+    info = read_model_info(run / "model.safetensors")
     bal = CodebookClusters.load(files["bal"])
     tok_fp = read_meta(files["tok"])["fingerprint"]
+    assert info.method == "iar" and info.id_space == "rearranged" and info.restrict_to_cluster is False
+    assert info.tokenizer == str(Path(files["tok"]).resolve()) and info.tokenizer_fingerprint == tok_fp
     assert (
-        info["method"] == "iar" and info["id_space"] == "rearranged" and info["restrict_to_cluster"] is False
+        info.clusters == str(Path(files["bal"]).resolve()) and info.clusters_fingerprint == bal.fingerprint()
     )
-    assert info["tokenizer"] == str(Path(files["tok"]).resolve()) and info["tokenizer_fingerprint"] == tok_fp
-    assert (
-        info["clusters"] == str(Path(files["bal"]).resolve())
-        and info["clusters_fingerprint"] == bal.fingerprint()
-    )
-    assert (info["step"], info["epoch"], info["grid"], info["num_classes"]) == (8, 1.0, [GRID, GRID], CLASSES)
-    assert (
-        info["image_size"] == 2 * GRID and info["dataset"] == "random" and len(info["class_names"]) == CLASSES
-    )
-    assert read_gpt_info(run / "snapshots" / "model-step0000004.safetensors")["epoch"] == 0.5
+    assert (info.step, info.epoch, info.grid, info.num_classes) == (8, 1.0, [GRID, GRID], CLASSES)
+    assert info.image_size == 2 * GRID and info.dataset == "random" and len(info.class_names) == CLASSES
+    assert read_model_info(run / "snapshots" / "model-step0000004.safetensors").epoch == 0.5
     assert [r["step"] for r in records(run)] == [2, 4, 6, 8]
     assert json.loads((run / "config.json").read_text())["total_steps"] == 8
     # baseline with clusters: logged for comparison, ids stay original
     assert main(args[:-1] + [str(tmp_path / "base"), "--method", "baseline"]) == 0
-    assert read_gpt_info(tmp_path / "base" / "model.safetensors")["id_space"] == "original"
+    assert read_model_info(tmp_path / "base" / "model.safetensors").id_space == "original"
     assert "acc_cluster" in records(tmp_path / "base")[-1]
     # errors: one line, exit status 2
     assert main(args[:-1] + [str(tmp_path / "bad"), "--method", "iar", "--clusters", files["km"]]) == 2
@@ -423,7 +418,6 @@ def test_cli_run_folder_contract(files, tmp_path, capsys):
 
 def test_validate_scores_a_model_file_like_training(files, tmp_path):
     """validation_loss() = the training loss and accuracies of view 0 in eval mode, computed independently here."""
-    from clusterar.gpt import load_gpt
     from clusterar.losses import cluster_accuracy, iar_loss, token_accuracy
     from clusterar.tokens import TokenFile
     from clusterar.train import validation_loss
@@ -436,7 +430,7 @@ def test_validate_scores_a_model_file_like_training(files, tmp_path):
     got = validation_loss(
         tmp_path / "r" / "model.safetensors", files["few"], batch_size=3
     )  # 3 + 3 + 2 images
-    model, _ = load_gpt(tmp_path / "r" / "model.safetensors")
+    model, _ = load_model(tmp_path / "r" / "model.safetensors")
     cl = CodebookClusters.load(files["bal"])
     codes, labels = TokenFile.open(files["few"]).batch(np.arange(8))
     ids = cl.perm[codes]
@@ -466,9 +460,9 @@ def test_resume_says_where_it_continues_and_extends_a_finished_run(files, tmp_pa
     assert f"resuming {extended} at step 4 of 6 (the budget was 4 steps)" in err
     assert "stretched" not in err  # constant schedule without warmup: nothing changes
     assert [no_time(r) for r in records(straight)] == [no_time(r) for r in records(extended)]
-    a, _ = load_gpt(straight / "model.safetensors")
-    b, info = load_gpt(extended / "model.safetensors")
-    assert info["step"] == 6
+    a, _ = load_model(straight / "model.safetensors")
+    b, info = load_model(extended / "model.safetensors")
+    assert info.step == 6
     assert all(
         torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     )
@@ -486,4 +480,4 @@ def test_resume_says_where_it_continues_and_extends_a_finished_run(files, tmp_pa
 def test_resume_in_an_empty_folder_says_it_starts_a_new_run(files, tmp_path, capsys):
     train(cfg(files, steps=2), tmp_path / "new", resume=True, progress=False)
     assert "holds no checkpoint yet; starting a new run" in capsys.readouterr().err
-    assert read_gpt_info(tmp_path / "new" / "model.safetensors")["step"] == 2
+    assert read_model_info(tmp_path / "new" / "model.safetensors").step == 2

@@ -175,7 +175,7 @@ def _train_settings(cfg: Any) -> dict:
 def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
     """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint, a
     finished one on a constant schedule trains on when its budget grew (`_extends`)."""
-    from ..gpt import MODEL_FILE
+    from ..model_file import MODEL_FILE
     from ..train import CHECKPOINT, train
 
     record = run_dir / "done.json"
@@ -205,14 +205,14 @@ def stage_convert(
     import shutil
 
     from ..convert import convert
-    from ..gpt import MODEL_FILE, read_gpt_info
+    from ..model_file import MODEL_FILE, read_model_info
 
     source = run_dir(spec, out, run.start, seed) / MODEL_FILE
     folder = run_dir(spec, out, run.name, seed) / "start"
     record = folder / "done.json"
     settings = {
         "source": str(source),
-        "source_step": read_gpt_info(source).get("step"),
+        "source_step": read_model_info(source).step,
         "method": run.method,
         "head": run.start_head,
         "clusters": str(inputs.clusters[run.clusters]) if run.clusters else None,
@@ -258,18 +258,15 @@ def run_dir(spec: ExperimentSpec, out: Path, run: str, seed: int) -> Path:
 
 def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
     """(epoch, step, model file) of every snapshot of a run, the final model when there are none."""
-    from ..gpt import MODEL_FILE, read_gpt_info
+    from ..model_file import MODEL_FILE, read_model_info
     from ..train import SNAPSHOT_DIR
 
     files = sorted((run_dir / SNAPSHOT_DIR).glob("model-step*.safetensors"))
     if not files:
         files = [run_dir / MODEL_FILE]
-    infos = [read_gpt_info(f) for f in files]
+    infos = [read_model_info(f) for f in files]
     # a fine-tuned run counts the epochs of the model it started from (`init_epoch`): one epoch axis for all
-    return [
-        (float(i["epoch"]) + float(i.get("init_epoch") or 0.0), int(i["step"]), f)
-        for i, f in zip(infos, files, strict=True)
-    ]
+    return [(i.total_epoch, int(i.step), f) for i, f in zip(infos, files, strict=True)]
 
 
 @dataclass

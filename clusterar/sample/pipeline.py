@@ -4,8 +4,8 @@ images.
 It loads from a run folder / model file (baseline, IAR), a LlamaGen checkpoint (baseline, with
 --tokenizer), or a pipeline JSON (CTF, written by `write_ctf_pipeline` / `clusterar pipeline ctf`), and
 checks every fingerprint on the way, so a model is never decoded with another tokenizer or clusters than
-those it was trained with. The checks that the parts belong together live in `_check_*` functions, so the
-constructor reads as the data flow.
+those it was trained with (model files and those checks are `clusterar.model_file`'s). The checks that
+the parts belong together live in `_check_*` functions, so the constructor reads as the data flow.
 """
 
 from __future__ import annotations
@@ -22,8 +22,19 @@ from ..checkpoints import PT_SUFFIXES
 from ..clusters import CodebookClusters
 from ..data import to_uint8
 from ..errors import ClusterarError
-from ..fileio import read_json, remedy, write_json
-from ..gpt import GPT, MODEL_FILE, GPTConfig, load_gpt, load_llamagen_gpt, param_breakdown, read_gpt_info
+from ..fileio import read_json, write_json
+from ..gpt import GPT, param_breakdown
+from ..methods import Method
+from ..model_file import (
+    MODEL_FILE,
+    ModelInfo,
+    load_checked_clusters,
+    load_checked_tokenizer,
+    load_llamagen_model,
+    load_model,
+    read_model_info,
+    resolve_model_file,
+)
 from ..tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
 from .generate import SampledTokens, SampleSettings, draw_in_cluster, generate, refine
 
@@ -32,61 +43,6 @@ PIPELINE_VERSION = 1
 LLAMAGEN_SUFFIXES = PT_SUFFIXES
 
 # ----------------------------------------------------------------------------- loading helpers
-
-
-def _model_file(path: str | os.PathLike, what: str) -> Path:
-    """A run folder means its model.safetensors."""
-    p = Path(path)
-    if p.is_dir():
-        if not (p / MODEL_FILE).is_file():
-            raise ClusterarError(
-                f"{what} {p} is a folder without {MODEL_FILE}; pass a finished training run (clusterar train) or "
-                "a model file such as RUN/snapshots/model-stepN.safetensors"
-            )
-        return p / MODEL_FILE
-    if not p.exists():
-        raise ClusterarError(f"{what} not found: {p}; check the path, or {remedy('model file')}")
-    return p
-
-
-def _load_checked_tokenizer(path: str | os.PathLike, expected: str | None, who: str) -> VQModel:
-    if not Path(path).exists():
-        raise ClusterarError(
-            f"the tokenizer of {who}, {path}, is not found; pass --tokenizer with its current path"
-        )
-    p = resolve_tokenizer_path(path)
-    tok = load_tokenizer(p)
-    if expected is not None:
-        fp = tok.fingerprint()
-        if fp != expected:
-            raise ClusterarError(
-                f"{who} was trained on tokens of tokenizer {expected}, but {p} has fingerprint {fp}; pass "
-                "--tokenizer with the tokenizer the model was trained with"
-            )
-    return tok
-
-
-def _load_checked_clusters(
-    path: str | os.PathLike | None, expected: str | None, tokenizer: VQModel, tok_source: str, who: str
-) -> CodebookClusters:
-    if path is None:
-        raise ClusterarError(
-            f"{who} records no clusters file; pass --clusters with the file it was trained with"
-        )
-    if not Path(path).exists():
-        raise ClusterarError(
-            f"clusters file {path} of {who} not found; pass --clusters with its current path"
-        )
-    clusters = CodebookClusters.load(path)
-    if expected is not None and clusters.fingerprint() != expected:
-        raise ClusterarError(
-            f"{who} was trained with clusters {expected}, but {path} holds clusters {clusters.fingerprint()}; "
-            "pass --clusters with the file the model was trained with"
-        )
-    clusters.check_codebook(
-        tokenizer.quantize.embedding.weight.detach().cpu(), f"codebook of tokenizer {tok_source}"
-    )
-    return clusters
 
 
 def _resolve(base: Path, p: str | None) -> str | None:
@@ -104,11 +60,11 @@ def _check(ok: bool, source: str, msg: str) -> None:
         raise ClusterarError(f"{source}: {msg}")
 
 
-def _check_single_model(model: GPT, meta: dict, codes: int, source: str) -> str:
+def _check_single_model(model: GPT, info: ModelInfo, codes: int, source: str) -> str:
     """A baseline or IAR model on its own: causal, predicting the tokenizer's codes. Returns its method."""
-    method = meta.get("method")
+    method = info.method
     c = model.config
-    if method in ("ctf-coarse", "ctf-refiner"):
+    if info.is_ctf_stage:
         raise ClusterarError(
             f"{source} is one stage of CTF ({method}); tie both stages together with `clusterar "
             "pipeline ctf --coarse RUN1 --refiner RUN2 --out pipeline.json` and sample that"
@@ -129,21 +85,21 @@ def _check_single_model(model: GPT, meta: dict, codes: int, source: str) -> str:
 
 def _check_ctf_stages(
     model: GPT,
-    meta: dict,
+    info: ModelInfo,
     refiner: GPT,
-    refiner_meta: dict,
+    refiner_info: ModelInfo,
     clusters: CodebookClusters | None,
     codes: int,
     source: str,
 ) -> None:
     """CTF's two stages fit each other, the clusters and the tokenizer: vocabularies, grids, classes and the
     fingerprints both were trained with."""
-    method = meta.get("method")
+    method = info.method
     c, r = model.config, refiner.config
     _check(
-        method == "ctf-coarse" and refiner_meta.get("method") == "ctf-refiner",
+        method == "ctf-coarse" and refiner_info.method == "ctf-refiner",
         source,
-        f"CTF needs a ctf-coarse and a ctf-refiner model, got {method!r} and {refiner_meta.get('method')!r}",
+        f"CTF needs a ctf-coarse and a ctf-refiner model, got {method!r} and {refiner_info.method!r}",
     )
     _check(c.causal and not r.causal, source, "stage 1 must be causal and the refiner bidirectional")
     _check(clusters is not None, source, "CTF needs the clusters both stages were trained with")
@@ -166,22 +122,24 @@ def _check_ctf_stages(
         f"{r.grid_size}x{r.grid_size} and {r.num_classes}",
     )
     _check(
-        refiner_meta.get("tokenizer_fingerprint") == meta.get("tokenizer_fingerprint")
-        and refiner_meta.get("clusters_fingerprint") == meta.get("clusters_fingerprint"),
+        refiner_info.tokenizer_fingerprint == info.tokenizer_fingerprint
+        and refiner_info.clusters_fingerprint == info.clusters_fingerprint,
         source,
         "the two stages were trained with different tokenizers or clusters",
     )
 
 
-def _check_clusters(clusters: CodebookClusters, codes: int, metas: tuple[dict, ...], source: str) -> None:
+def _check_clusters(
+    clusters: CodebookClusters, codes: int, infos: tuple[ModelInfo, ...], source: str
+) -> None:
     """The clusters cover the tokenizer's codes and are those the models were trained with."""
     _check(
         clusters.num_codes == codes,
         source,
         f"the clusters cover {clusters.num_codes} codes, the tokenizer {codes}",
     )
-    for m in metas:
-        fp = m.get("clusters_fingerprint")
+    for m in infos:
+        fp = m.clusters_fingerprint
         _check(
             fp is None or fp == clusters.fingerprint(), source, "the models were trained with other clusters"
         )
@@ -197,20 +155,7 @@ def _unmap_table(
     return None
 
 
-def _check_restrict_to_cluster(asked: bool | None, refiner_meta: dict, method: str, source: str) -> bool:
-    """Whether stage 2 samples inside each position's cluster: when asked, and always for a refiner trained so."""
-    trained_restricted = bool(refiner_meta.get("restrict_to_cluster"))
-    if asked is False and trained_restricted:
-        raise ClusterarError(
-            f"the refiner of {source} was trained with restrict_to_cluster; it must be sampled with the "
-            "same mask"
-        )
-    if asked and method != "ctf":
-        raise ClusterarError("restrict_to_cluster only applies to CTF pipelines")
-    return bool(asked) or trained_restricted
-
-
-def _code_counts(path: str | None, meta: dict, k: int, source: str, block: int = 4096) -> np.ndarray:
+def _code_counts(path: str | None, info: ModelInfo, k: int, source: str, block: int = 4096) -> np.ndarray:
     """How often each of the k codes occurs in a token file (every image and view), read block by block."""
     from ..tokens import TokenFile
 
@@ -220,10 +165,10 @@ def _code_counts(path: str | None, meta: dict, k: int, source: str, block: int =
             f"as {path!r}: not found; restore that token file, or sample with stage2 = uniform"
         )
     tf = TokenFile.open(path)
-    if tf.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+    if tf.meta.get("tokenizer_fingerprint") != info.tokenizer_fingerprint:
         raise ClusterarError(
             f"{path} was encoded by tokenizer {tf.meta.get('tokenizer_fingerprint')}, not the pipeline's "
-            f"{meta.get('tokenizer_fingerprint')}; it cannot give the codes' frequencies"
+            f"{info.tokenizer_fingerprint}; it cannot give the codes' frequencies"
         )
     counts = np.zeros(k, dtype=np.int64)
     for lo in range(0, len(tf), block):
@@ -246,40 +191,40 @@ class Pipeline:
         self,
         tokenizer: VQModel,
         model: GPT,
-        meta: dict,
+        info: ModelInfo,
         *,
         refiner: GPT | None = None,
-        refiner_meta: dict | None = None,
+        refiner_info: ModelInfo | None = None,
         clusters: CodebookClusters | None = None,
         restrict_to_cluster: bool | None = None,
         source: str | None = None,
     ):
-        self.tokenizer, self.model, self.meta = tokenizer.eval(), model.eval(), dict(meta)
-        self.refiner, self.refiner_meta = refiner, dict(refiner_meta or {})
+        self.tokenizer, self.model, self.info = tokenizer.eval(), model.eval(), info
+        self.refiner, self.refiner_info = refiner, refiner_info or ModelInfo()
         self.clusters = clusters
         self.source = source or "the pipeline"
         self.device = model.tok_embeddings.weight.device
         codes = tokenizer.config.codebook_size
         if refiner is None:
-            self.method = _check_single_model(model, meta, codes, self.source)
+            self.method = _check_single_model(model, info, codes, self.source)
         else:
             self.method = "ctf"
-            _check_ctf_stages(model, meta, refiner, self.refiner_meta, clusters, codes, self.source)
+            _check_ctf_stages(model, info, refiner, self.refiner_info, clusters, codes, self.source)
         if clusters is not None:
-            _check_clusters(clusters, codes, (meta, self.refiner_meta), self.source)
-        self.id_space = meta.get("id_space", "original")
+            _check_clusters(clusters, codes, (info, self.refiner_info), self.source)
+        self.id_space = info.id_space
         self._unmap = _unmap_table(self.method, self.id_space, clusters, self.device, self.source)
         # IAR draws in the tokenizer's id order (see `generate`): a converted model samples its original's images
         self._draw_order = clusters.perm.to(self.device) if self._unmap is not None else None
-        self.restrict_to_cluster = _check_restrict_to_cluster(
-            restrict_to_cluster, self.refiner_meta, self.method, self.source
+        self.restrict_to_cluster = Method.sampling_restricted(
+            restrict_to_cluster, self.refiner_info.restrict_to_cluster, refiner is not None, self.source
         )
         self._cluster_labels = clusters.labels.to(self.device) if self.restrict_to_cluster else None
         self._code_weights: dict[str, torch.Tensor] = {}  # refiner-free stage 2's, made when first asked
         self.grid = model.config.grid_size
         self.image_size = self.grid * tokenizer.config.downsample
         self.num_classes = model.config.num_classes
-        self.class_names = meta.get("class_names")
+        self.class_names = info.class_names
 
     # --------------------------------------------------------------- loading
 
@@ -304,29 +249,29 @@ class Pipeline:
             return cls._from_json(p, device, tokenizer, clusters, restrict_to_cluster)
         if p.suffix in LLAMAGEN_SUFFIXES:
             return cls._from_llamagen(p, device, tokenizer, grid_size)
-        p = _model_file(p, "model")
-        meta = read_gpt_info(p, "model to sample")
+        p = resolve_model_file(p, "model")
+        info = read_model_info(p, "model to sample")
         who = f"model {p}"
-        if meta.get("method") in ("ctf-coarse", "ctf-refiner"):
+        if info.is_ctf_stage:
             raise ClusterarError(
-                f"{p} is one stage of CTF ({meta['method']}); tie both stages together with `clusterar pipeline "
+                f"{p} is one stage of CTF ({info.method}); tie both stages together with `clusterar pipeline "
                 "ctf --coarse RUN1 --refiner RUN2 --out pipeline.json` and sample that"
             )
-        if "method" not in meta:
+        if info.method is None:
             raise ClusterarError(
                 f"{p} records no training method; sample models written by `clusterar train`"
             )
-        tok_path = tokenizer or meta.get("tokenizer")
+        tok_path = tokenizer or info.tokenizer
         if tok_path is None:
             raise ClusterarError(f"{p} records no tokenizer; pass --tokenizer")
-        tok = _load_checked_tokenizer(tok_path, meta.get("tokenizer_fingerprint"), who)
+        tok = load_checked_tokenizer(tok_path, info.tokenizer_fingerprint, who)
         cl = None
-        if meta.get("method") == "iar" and meta.get("id_space") == "rearranged":
-            cl = _load_checked_clusters(
-                clusters or meta.get("clusters"), meta.get("clusters_fingerprint"), tok, str(tok_path), who
+        if info.method == "iar" and info.rearranged:
+            cl = load_checked_clusters(
+                clusters or info.clusters, info.clusters_fingerprint, tok, str(tok_path), who
             )
-        model, meta = load_gpt(p, device)
-        return cls(tok.to(device), model, meta, clusters=cl, source=str(p))
+        model, info = load_model(p, device)
+        return cls(tok.to(device), model, info, clusters=cl, source=str(p))
 
     @classmethod
     def _from_llamagen(cls, p: Path, device, tokenizer, grid_size: int | None) -> Pipeline:
@@ -335,14 +280,8 @@ class Pipeline:
                 f"{p} is a LlamaGen checkpoint, which names no tokenizer; pass --tokenizer (e.g. vq_ds16_c2i.pt)"
             )
         tok = load_tokenizer(resolve_tokenizer_path(tokenizer))
-        model = load_llamagen_gpt(p, grid_size=grid_size or 16, device=device)
-        meta = {
-            "method": "baseline",
-            "id_space": "original",
-            "tokenizer": str(tokenizer),
-            "source": "llamagen",
-        }
-        return cls(tok.to(device), model, meta, source=str(p))
+        model, info = load_llamagen_model(p, tokenizer, grid_size=grid_size or 16, device=device)
+        return cls(tok.to(device), model, info, source=str(p))
 
     @classmethod
     def _from_json(cls, p: Path, device, tokenizer, clusters, restrict_to_cluster) -> Pipeline:
@@ -356,8 +295,8 @@ class Pipeline:
             raise ClusterarError(f"{p} was written by a newer clusterar (version {d['version']}); upgrade")
         base = p.resolve().parent
         try:
-            coarse_p = _model_file(_resolve(base, d["coarse"]), "CTF stage-1 model")
-            refiner_p = _model_file(_resolve(base, d["refiner"]), "CTF refiner")
+            coarse_p = resolve_model_file(_resolve(base, d["coarse"]), "CTF stage-1 model")
+            refiner_p = resolve_model_file(_resolve(base, d["refiner"]), "CTF refiner")
             tok_path = tokenizer or _resolve(base, d["tokenizer"])
             cl_path = clusters or _resolve(base, d["clusters"])
             tok_fp, cl_fp = d["tokenizer_fingerprint"], d["clusters_fingerprint"]
@@ -367,25 +306,25 @@ class Pipeline:
             ) from e
         who = f"pipeline {p}"
         for mp in (coarse_p, refiner_p):
-            m = read_gpt_info(mp)
-            if (m.get("tokenizer_fingerprint"), m.get("clusters_fingerprint")) != (tok_fp, cl_fp):
+            m = read_model_info(mp)
+            if (m.tokenizer_fingerprint, m.clusters_fingerprint) != (tok_fp, cl_fp):
                 raise ClusterarError(
-                    f"{mp} was trained with tokenizer {m.get('tokenizer_fingerprint')} and clusters "
-                    f"{m.get('clusters_fingerprint')}, but {p} ties tokenizer {tok_fp} and clusters {cl_fp}; the "
+                    f"{mp} was trained with tokenizer {m.tokenizer_fingerprint} and clusters "
+                    f"{m.clusters_fingerprint}, but {p} ties tokenizer {tok_fp} and clusters {cl_fp}; the "
                     "model file changed since the pipeline was written: write it again with `clusterar pipeline ctf`"
                 )
-        tok = _load_checked_tokenizer(tok_path, tok_fp, who)
-        cl = _load_checked_clusters(cl_path, cl_fp, tok, str(tok_path), who)
-        coarse, coarse_meta = load_gpt(coarse_p, device)
-        refiner, refiner_meta = load_gpt(refiner_p, device)
+        tok = load_checked_tokenizer(tok_path, tok_fp, who)
+        cl = load_checked_clusters(cl_path, cl_fp, tok, str(tok_path), who)
+        coarse, coarse_info = load_model(coarse_p, device)
+        refiner, refiner_info = load_model(refiner_p, device)
         if restrict_to_cluster is None and d.get("restrict_to_cluster"):
             restrict_to_cluster = True
         return cls(
             tok.to(device),
             coarse,
-            coarse_meta,
+            coarse_info,
             refiner=refiner,
-            refiner_meta=refiner_meta,
+            refiner_info=refiner_info,
             clusters=cl,
             restrict_to_cluster=restrict_to_cluster,
             source=str(p),
@@ -465,7 +404,7 @@ class Pipeline:
             if mode == "uniform":
                 w = torch.ones(k)
             else:
-                w = torch.from_numpy(_code_counts(self.meta.get("tokens"), self.meta, k, self.source))
+                w = torch.from_numpy(_code_counts(self.info.tokens, self.info, k, self.source))
             self._code_weights[mode] = w.to(self.device)
         return self._code_weights[mode]
 
@@ -539,12 +478,12 @@ class Pipeline:
             "grid": self.grid,
             "image_size": self.image_size,
             "num_classes": self.num_classes,
-            "step": self.meta.get("step"),
-            "tokenizer": self.meta.get("tokenizer"),
+            "step": self.info.step,
+            "tokenizer": self.info.tokenizer,
             "params": self.params(),
         }
         if self.method == "ctf":
-            d.update(refiner_step=self.refiner_meta.get("step"), restrict_to_cluster=self.restrict_to_cluster)
+            d.update(refiner_step=self.refiner_info.step, restrict_to_cluster=self.restrict_to_cluster)
         if self.clusters is not None:
             d["clusters"] = self.clusters.source
         return d
@@ -569,41 +508,39 @@ def write_ctf_pipeline(
     stored relative to the JSON's folder, so the tree can move as a whole. Returns the JSON written.
     """
     out = Path(out)
-    coarse_p = _model_file(coarse, "--coarse")
-    refiner_p = _model_file(refiner, "--refiner")
-    cm, rm = read_gpt_info(coarse_p), read_gpt_info(refiner_p)
-    if cm.get("method") != "ctf-coarse":
+    coarse_p = resolve_model_file(coarse, "--coarse")
+    refiner_p = resolve_model_file(refiner, "--refiner")
+    cm, rm = read_model_info(coarse_p), read_model_info(refiner_p)
+    if cm.method != "ctf-coarse":
         raise ClusterarError(
-            f"--coarse {coarse_p} is a {cm.get('method')!r} model; pass a run of --method ctf-coarse"
+            f"--coarse {coarse_p} is a {cm.method!r} model; pass a run of --method ctf-coarse"
         )
-    if rm.get("method") != "ctf-refiner":
+    if rm.method != "ctf-refiner":
         raise ClusterarError(
-            f"--refiner {refiner_p} is a {rm.get('method')!r} model; pass a run of --method ctf-refiner"
+            f"--refiner {refiner_p} is a {rm.method!r} model; pass a run of --method ctf-refiner"
         )
     for key, what in (("tokenizer_fingerprint", "tokenizers"), ("clusters_fingerprint", "clusters")):
-        if cm.get(key) != rm.get(key):
+        if getattr(cm, key) != getattr(rm, key):
             raise ClusterarError(
-                f"the two stages were trained with different {what}: {coarse_p} with {cm.get(key)}, {refiner_p} "
-                f"with {rm.get(key)}; train both on the same tokenizer and clusters file"
+                f"the two stages were trained with different {what}: {coarse_p} with {getattr(cm, key)}, "
+                f"{refiner_p} with {getattr(rm, key)}; train both on the same tokenizer and clusters file"
             )
-    if not (tokenizer or cm.get("tokenizer")):
+    if not (tokenizer or cm.tokenizer):
         raise ClusterarError(f"--coarse {coarse_p} records no tokenizer; pass --tokenizer")
-    tok_path = Path(tokenizer or cm["tokenizer"])
-    tok = _load_checked_tokenizer(tok_path, cm.get("tokenizer_fingerprint"), f"--coarse {coarse_p}")
+    tok_path = Path(tokenizer or cm.tokenizer)
+    tok = load_checked_tokenizer(tok_path, cm.tokenizer_fingerprint, f"--coarse {coarse_p}")
     tok_path = resolve_tokenizer_path(tok_path)
-    cl_path = clusters or cm.get("clusters")
-    cl = _load_checked_clusters(
-        cl_path, cm.get("clusters_fingerprint"), tok, str(tok_path), f"--coarse {coarse_p}"
-    )
+    cl_path = clusters or cm.clusters
+    cl = load_checked_clusters(cl_path, cm.clusters_fingerprint, tok, str(tok_path), f"--coarse {coarse_p}")
     # The architecture checks of the Pipeline constructor, on weightless shells.
     with torch.device("meta"):
-        shells = [GPT(GPTConfig.from_dict(m["gpt_config"])) for m in (cm, rm)]
+        shells = [GPT(m.gpt_config) for m in (cm, rm)]
     Pipeline(
         tok,
         shells[0],
         cm,
         refiner=shells[1],
-        refiner_meta=rm,
+        refiner_info=rm,
         clusters=cl,
         restrict_to_cluster=True if restrict_to_cluster else None,
         source=str(out),
@@ -618,16 +555,16 @@ def write_ctf_pipeline(
         "version": PIPELINE_VERSION,
         "method": "ctf",
         "tokenizer": rel(tok_path),
-        "tokenizer_fingerprint": cm.get("tokenizer_fingerprint"),
+        "tokenizer_fingerprint": cm.tokenizer_fingerprint,
         "clusters": rel(cl_path),
         "clusters_fingerprint": cl.fingerprint(),
         "coarse": rel(coarse_p),
         "refiner": rel(refiner_p),
-        "restrict_to_cluster": bool(restrict_to_cluster or rm.get("restrict_to_cluster")),
-        "grid": cm["gpt_config"]["grid_size"],
-        "num_classes": cm["gpt_config"]["num_classes"],
-        "coarse_step": cm.get("step"),
-        "refiner_step": rm.get("step"),
+        "restrict_to_cluster": bool(restrict_to_cluster or rm.restrict_to_cluster),
+        "grid": cm.gpt_config.grid_size,
+        "num_classes": cm.gpt_config.num_classes,
+        "coarse_step": cm.step,
+        "refiner_step": rm.step,
     }
     write_json(out, d)
     return d

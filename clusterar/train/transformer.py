@@ -21,8 +21,8 @@ parameters re-gathered per block and freed after forward: ZeRO-3 / FULL_SHARD). 
 files. Checkpoints have the same layout whatever the world size or sharding, so a run can resume with
 another setup as long as the global batch stays the same.
 
-The run folder (the sampler's contract): model.safetensors (`gpt.save_gpt`, EMA weights if --ema, with
-the info the sampler needs: method, tokenizer and clusters paths and fingerprints, id space, ...),
+The run folder (the sampler's contract): model.safetensors (`model_file.save_model`, EMA weights if --ema,
+with the `ModelInfo` the sampler needs: method, tokenizer and clusters paths and fingerprints, id space, ...),
 checkpoint.safetensors, log.jsonl, curves.png, config.json, and snapshots/model-stepNNNNNNN.safetensors
 every --snapshot-every epochs.
 """
@@ -46,9 +46,10 @@ from ..checkpoints import _unflatten_optimizer, load_state_strict, save_checkpoi
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
 from ..fileio import load_tensors, write_json
-from ..gpt import GPT, GPT_PRESETS, MODEL_FILE, GPTConfig, load_gpt, read_gpt_info, save_gpt
+from ..gpt import GPT, GPT_PRESETS, GPTConfig
 from ..killpoints import kill_point
 from ..methods import TRAIN_METHODS, Method
+from ..model_file import MODEL_FILE, ModelInfo, load_model, read_model_info, resolve_model_file, save_model
 from ..runtime import autocast, notice, num_params
 from ..tokenizer import load_tokenizer, resolve_tokenizer_path
 from ..tokens import TokenFile
@@ -127,11 +128,7 @@ class TrainConfig:
             raise ClusterarError(
                 f"unknown --model preset {self.model!r}; choose one of {', '.join(GPT_PRESETS)}"
             )
-        if self.method != "baseline" and not self.clusters:
-            raise ClusterarError(
-                f"--method {self.method} needs --clusters FILE (made with `clusterar cluster`; IAR: balanced, "
-                "CTF: k-means)"
-            )
+        Method.check_clusters_given(self.method, bool(self.clusters))
         if (self.epochs is None) == (self.steps is None):
             raise ClusterarError("give the training budget as exactly one of --epochs or --steps")
         if self.epochs is not None and not self.epochs > 0:
@@ -227,34 +224,36 @@ INIT_MUST_MATCH = ("vocab_size", "input_vocab_size", "grid_size", "num_classes",
 DROPOUTS = ("class_dropout", "token_dropout", "resid_dropout", "ffn_dropout", "attn_dropout")
 
 
-def _init_config(path: Path, meta: dict, want: GPTConfig, inputs: TrainData, method: Method) -> GPTConfig:
+def _init_config(
+    path: Path, info: ModelInfo, want: GPTConfig, inputs: TrainData, method: Method
+) -> GPTConfig:
     """The architecture of --init-from's model with the run's dropouts, after refusing a model of another
     method, tokenizer, clusters, id space or data shape (each named with the file to fix)."""
     cfg_name = method.name
-    if meta.get("method") != cfg_name:
+    if info.method != cfg_name:
         raise ClusterarError(
-            f"--init-from {path} is a {meta.get('method')!r} model and --method is {cfg_name}; start from a model "
+            f"--init-from {path} is a {info.method!r} model and --method is {cfg_name}; start from a model "
             f"of the same method (`clusterar convert BASELINE --method {cfg_name.split('-')[0]}` makes one)"
         )
-    if meta.get("tokenizer_fingerprint") != inputs.tokenizer_fingerprint:
+    if info.tokenizer_fingerprint != inputs.tokenizer_fingerprint:
         raise ClusterarError(
-            f"--init-from {path} was made with tokenizer {meta.get('tokenizer_fingerprint')}, but --tokens "
+            f"--init-from {path} was made with tokenizer {info.tokenizer_fingerprint}, but --tokens "
             f"{inputs.tokens.path} were encoded by {inputs.tokenizer_path} ({inputs.tokenizer_fingerprint}); "
             "train on tokens of the tokenizer the model was made with"
         )
     cl = inputs.clusters
-    if cfg_name != "baseline" and meta.get("clusters_fingerprint") != cl.fingerprint():
+    if Method.needs_clusters(cfg_name) and info.clusters_fingerprint != cl.fingerprint():
         raise ClusterarError(
-            f"--init-from {path} was made with clusters {meta.get('clusters_fingerprint')} "
-            f"({meta.get('clusters')}), but --clusters {cl.source} holds {cl.fingerprint()}; pass the clusters "
+            f"--init-from {path} was made with clusters {info.clusters_fingerprint} "
+            f"({info.clusters}), but --clusters {cl.source} holds {cl.fingerprint()}; pass the clusters "
             "file the model was converted with"
         )
-    if meta.get("id_space", "original") != method.id_space:
+    if info.id_space != method.id_space:
         raise ClusterarError(
-            f"--init-from {path} works on {meta.get('id_space')} ids, this run on {method.id_space} ids "
+            f"--init-from {path} works on {info.id_space} ids, this run on {method.id_space} ids "
             "(--no-rearrange keeps the original ids); drop --no-rearrange or convert with the same setting"
         )
-    have = GPTConfig.from_dict(meta["gpt_config"])
+    have = info.gpt_config
     wrong = [
         f"{k} {getattr(have, k)} (run: {getattr(want, k)})"
         for k in INIT_MUST_MATCH
@@ -376,7 +375,6 @@ class Trainer:
         """Take the architecture of --init-from's model (the checkpoint's on resume, so the file may have
         moved since), after checking that it belongs to this run's method, tokenizer, clusters and data."""
         from ..fileio import read_meta
-        from ..sample.pipeline import _model_file
 
         if resuming:
             meta = read_meta(self.ckpt, "checkpoint")
@@ -384,11 +382,11 @@ class Trainer:
             self.init_epoch = float(meta.get("init_epoch", 0.0))
             self.preset = meta.get("preset", self.preset)
             return
-        path = _model_file(self.cfg.init_from, "--init-from model")
-        meta = read_gpt_info(path, "--init-from model")
-        self.model_config = _init_config(path, meta, self.model_config, self.inputs, self.method)
-        self.init_from, self.preset = path, meta.get("preset") or f"from {path}"
-        self.init_epoch = float(meta.get("epoch") or 0.0) + float(meta.get("init_epoch") or 0.0)
+        path = resolve_model_file(self.cfg.init_from, "--init-from model")
+        info = read_model_info(path, "--init-from model")
+        self.model_config = _init_config(path, info, self.model_config, self.inputs, self.method)
+        self.init_from, self.preset = path, info.preset or f"from {path}"
+        self.init_epoch = info.total_epoch
 
     # ------------------------------------------------------------ the run folder and resuming
 
@@ -401,7 +399,7 @@ class Trainer:
         model = self.out / MODEL_FILE
         if self.ckpt.exists() or not model.exists():
             return False
-        step = read_gpt_info(model).get("step")
+        step = read_model_info(model).step
         return step == min(self.cfg.ckpt_every, self.total) and step < self.total
 
     def _check_folder(self, resume: bool) -> None:
@@ -477,31 +475,31 @@ class Trainer:
         """The weights that go into model.safetensors: EMA if --ema, else the raw ones (full, on CPU)."""
         return self._full(self.ema if self.ema is not None else self.params)
 
-    def info(self) -> dict[str, Any]:
-        """The model file's metadata: everything the sampler needs to use it (see the module docstring)."""
+    def info(self) -> ModelInfo:
+        """The model file's info: everything the sampler needs to use it (see the module docstring)."""
         inp, tf, cl = self.inputs, self.inputs.tokens, self.inputs.clusters
-        return {
-            "method": self.cfg.method,
-            "preset": self.preset,
-            "tokenizer": str(inp.tokenizer_path),
-            "tokenizer_fingerprint": inp.tokenizer_fingerprint,
-            "clusters": str(Path(cl.source).resolve()) if cl is not None else None,
-            "clusters_fingerprint": cl.fingerprint() if cl is not None else None,
-            "n_clusters": cl.n_clusters if cl is not None else None,
-            "cluster_weight": self.cfg.cluster_weight,
-            "id_space": self.method.id_space,
-            "restrict_to_cluster": self.cfg.restrict_to_cluster,
-            "step": self.step,
-            "epoch": round(self.step / self.per_epoch, 4),
-            "image_size": tf.meta.get("image_size"),
-            "grid": list(tf.grid),
-            "dataset": tf.meta.get("dataset"),
-            "num_classes": tf.num_classes,
-            "class_names": tf.meta.get("class_names"),
-            "tokens": str(Path(self.cfg.tokens).resolve()),
-            "init_from": str(self.init_from or self.cfg.init_from or "") or None,
-            "init_epoch": self.init_epoch,
-        }
+        return ModelInfo(
+            method=self.cfg.method,
+            preset=self.preset,
+            tokenizer=str(inp.tokenizer_path),
+            tokenizer_fingerprint=inp.tokenizer_fingerprint,
+            clusters=str(Path(cl.source).resolve()) if cl is not None else None,
+            clusters_fingerprint=cl.fingerprint() if cl is not None else None,
+            n_clusters=cl.n_clusters if cl is not None else None,
+            cluster_weight=self.cfg.cluster_weight,
+            id_space=self.method.id_space,
+            restrict_to_cluster=self.cfg.restrict_to_cluster,
+            step=self.step,
+            epoch=round(self.step / self.per_epoch, 4),
+            image_size=tf.meta.get("image_size"),
+            grid=list(tf.grid),
+            dataset=tf.meta.get("dataset"),
+            num_classes=tf.num_classes,
+            class_names=tf.meta.get("class_names"),
+            tokens=str(Path(self.cfg.tokens).resolve()),
+            init_from=str(self.init_from or self.cfg.init_from or "") or None,
+            init_epoch=self.init_epoch,
+        )
 
     def write_model(self, path: Path) -> None:
         state = self.model_state()
@@ -509,7 +507,7 @@ class Trainer:
             with torch.device("meta"):
                 shell = GPT(self.model_config)
             shell.load_state_dict(state, assign=True)
-            save_gpt(path, shell, self.info())
+            save_model(path, shell, self.info())
 
     def weights_finite(self) -> bool:
         """True if every weight is finite (on every rank): a non-finite one must never reach a checkpoint."""
@@ -618,7 +616,7 @@ class Trainer:
                 {
                     "train": asdict(cfg),
                     "model": self.model_config.to_dict(),
-                    "info": {k: v for k, v in self.info().items() if k not in ("step", "epoch")},
+                    "info": {k: v for k, v in self.info().to_dict().items() if k not in ("step", "epoch")},
                     "params": num_params(self.bare),
                     "world_size": di.world,
                     "global_batch": self.global_batch,
@@ -717,22 +715,15 @@ def validation_loss(
     The same `Method` as in training scores it, so the numbers sit on the scale of log.jsonl's: val
     `loss`, `acc_token`, `acc_cluster` (and IAR's `token_ce`, `cluster_ce`), averaged over images.
     """
-    model, meta = load_gpt(model_file, device)
+    model, info = load_model(model_file, device)
     tf = TokenFile.open(tokens)
-    if tf.meta.get("tokenizer_fingerprint") != meta.get("tokenizer_fingerprint"):
+    if tf.meta.get("tokenizer_fingerprint") != info.tokenizer_fingerprint:
         raise ClusterarError(
             f"{tokens} was encoded by another tokenizer than the one {model_file} was trained with; encode the "
             "val split with the model's tokenizer"
         )
-    clusters = CodebookClusters.load(meta["clusters"]) if meta.get("clusters") else None
-    method = Method(
-        meta["method"],
-        tf.codebook_size,
-        clusters,
-        cluster_weight=meta.get("cluster_weight", 1.0),
-        rearrange=meta.get("id_space") == "rearranged",
-        restrict_to_cluster=bool(meta.get("restrict_to_cluster")),
-    ).to(torch.device(device))
+    clusters = CodebookClusters.load(info.clusters) if info.clusters else None
+    method = Method.from_info(info, tf.codebook_size, clusters).to(torch.device(device))
     sums: dict[str, float] = {}
     for lo in range(0, len(tf), batch_size):
         hi = min(len(tf), lo + batch_size)
