@@ -1,9 +1,9 @@
-"""Write the bad-input tables of README.md's "Reliability" section from the real messages.
+"""Write the bad-input tables of docs/reliability.md from the real messages.
 
 Every row is a case of the test suite (tests/test_cli_input.py, tests/test_bad_files.py), run once more
 here in a temporary folder; the tables are what a user gets today, not what someone remembered:
 
-    python docs/make_reliability.py        # rewrites the README section between its markers
+    python docs/make_reliability.py        # rewrites docs/reliability.md between its markers
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ def main() -> None:
         + "\n\n**Files and images** (`tests/test_bad_files.py`; paths relative to the test's folder):\n\n"
         + test_bad_files.reliability_table()
     )
-    readme = ROOT / "README.md"
-    text = readme.read_text()
+    page = ROOT / "docs" / "reliability.md"
+    text = page.read_text()
     block = f"{BEGIN}\n{body.strip()}\n{END}"
     pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
     if not pattern.search(text):
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block")
-    readme.write_text(pattern.sub(lambda _: block, text))
-    print(f"README.md: {body.count(chr(10) + '| ') - 2} rows written")
+        raise SystemExit(f"{page} has no {BEGIN} ... {END} block")
+    page.write_text(pattern.sub(lambda _: block, text))
+    print(f"{page.relative_to(ROOT)}: {body.count(chr(10) + '| ') - 2} rows written")
 
 
 if __name__ == "__main__":

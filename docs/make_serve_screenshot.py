@@ -1,4 +1,4 @@
-"""Take the README's screenshot of `clusterar serve`: the demo's three models side by side in headless
+"""Take the screenshot of `clusterar serve` in docs/serve.md: the demo's three models side by side in headless
 Chromium (Debian packages chromium and chromium-driver, Python package selenium).
 
     python docs/make_serve_screenshot.py                     # the models of `clusterar demo` in runs/demo

@@ -5,7 +5,7 @@ gets: exit status 2, ONE line on stderr that starts with `error: `, names the fi
 to fix it, no traceback, and nothing half-written under the command's output name. The images that are
 accepted (1x1, 16-bit grey, CMYK, RGBA) are checked for their pixel values and their warning lines.
 
-`python tests/test_bad_files.py` prints the same cases as a Markdown table; `python docs/make_reliability.py` puts it in README.md.
+`python tests/test_bad_files.py` prints the same cases as a Markdown table; `python docs/make_reliability.py` puts it in docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -722,7 +722,7 @@ def test_non_rgb_images_are_converted_with_a_warning(odd_images, name, mode, ref
         assert np.array_equal(_codes(odd_images, name), _codes(odd_images, reference))
 
 
-# ----------------------------------------------------------------------------- the table of README.md (docs/make_reliability.py)
+# ------------------------------------------------- the table of docs/reliability.md (docs/make_reliability.py)
 
 
 def reliability_table() -> str:

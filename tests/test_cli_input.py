@@ -370,12 +370,12 @@ def test_the_command_list_and_light_commands_do_not_import_torch():
     assert res.stdout.strip().splitlines()[-1] == "False", res.stdout + res.stderr
 
 
-# ----------------------------------------------------------------------------- the README's table
+# ------------------------------------------------------------------- the table of docs/reliability.md
 
 
 def reliability_table() -> str:
     """Run the cases above once, in a temporary folder, and return the Markdown rows of what users get
-    (`python tests/test_cli_input.py`; the README's reliability section is made from it)."""
+    (`python tests/test_cli_input.py`; docs/reliability.md is made from it)."""
     import io
     import re
     import tempfile

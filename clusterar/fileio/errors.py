@@ -28,7 +28,7 @@ REMEDIES = {
     "numpy.savez(path, images) where images is uint8 [N, H, W, 3]",
     "reference file": "pass an ADM reference batch .npz (arr_0 images and/or mu and sigma), a folder of images, "
     "or a bundled split such as mnist:val",
-    "experiment spec": "write a TOML spec like the shipped clusterar/specs/quick.toml (README: Experiments)",
+    "experiment spec": "write a TOML spec like the shipped clusterar/specs/quick.toml (docs/experiment.md)",
     "pipeline file": "write it with `clusterar pipeline ctf --coarse RUN1 --refiner RUN2 --out pipeline.json`",
     "file": "`clusterar info` reads the .safetensors files clusterar writes (tokenizer, token file, clusters "
     "file, model file, training checkpoint)",
