@@ -1,5 +1,7 @@
 """Comparing runs over seeds: mean and spread of every metric, the rule that says when a difference is
-resolved, the papers' speed-up claims checked per seed, and whether the reference run has converged.
+resolved, the papers' speed-up claims checked per seed, and whether the reference run has converged; the
+experiment report's numbers (its comparison table, verdicts, claims and convergence) are made here, the
+report only renders them.
 
 Evaluation results are dicts (one per evaluated snapshot, see experiment.Evaluator) with an `epoch` and
 metric values. A run repeated with seeds 0, 1, 2 has three such curves; `aggregate` turns them into one
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ClusterarError
+
+if TYPE_CHECKING:
+    from .experiment.spec import RunSpec
 
 # Metrics of an evaluation point; True where lower is better.
 METRICS: dict[str, bool] = {
@@ -179,6 +184,104 @@ def converged(curve: list[dict], last: int = TAIL) -> dict[str, Any]:
     return out
 
 
+def reached_per_seed(
+    per_seed: dict[str, dict[str, list[dict]]], run: str, reference: str
+) -> tuple[list[float | None], list[float | None]]:
+    """Per seed, the first evaluated epoch at which `run` reached the same seed's final FID of `reference`
+    (None: never; the reference itself reaches it at its final epoch), and the reference's epochs divided
+    by it (the speed-up; None where not reached)."""
+    reached, ups = [], []
+    for seed, curve in per_seed[run].items():
+        target = per_seed[reference][seed][-1]
+        e = target["epoch"] if run == reference else first_epoch_reaching(curve, target["fid"])
+        reached.append(e)
+        ups.append(target["epoch"] / e if e else None)
+    return reached, ups
+
+
+def _is_spread_key(k: str) -> bool:
+    stem, _, tail = k.rpartition("_")
+    return tail in ("std", "min", "max", "all") and stem in METRICS
+
+
+def comparison_table(
+    runs: list[RunSpec],
+    reference: str | None,
+    curves: dict[str, list[dict]],
+    per_seed: dict[str, dict[str, list[dict]]],
+    speed: dict,
+) -> list[dict]:
+    """One row per run: parameters, images/s, final metrics (mean and spread over seeds), and per seed the
+    epoch at which the run first reached the same seed's `reference` final FID with the speed-up over the
+    reference's epochs (reached_per_seed), their medians when every seed reached it."""
+    rows = []
+    for run in runs:
+        final = curves[run.name][-1]
+        p = speed[run.name]["params"]
+        row = {
+            "run": run.name,
+            "method": run.method,
+            "clusters": run.clusters,
+            "epochs": final["epoch"],
+            "n_seeds": final["n_seeds"],
+            "params_stage1": p["stage1"]["total"],
+            "params_stage1_tables": p["stage1"]["head_and_embedding"],
+            "params_stage2": p["stage2"]["total"] if "stage2" in p else None,
+            "images_per_s": speed[run.name]["images_per_s"],
+            **{k: v for k, v in final.items() if k in METRICS or _is_spread_key(k)},
+            "reference": run.name == reference,
+            "epochs_to_baseline_fid": None,
+            "epochs_to_baseline_fid_per_seed": None,
+            "speedup_vs_baseline": None,
+            "speedup_per_seed": None,
+        }
+        if reference is not None:
+            reached, ups = reached_per_seed(per_seed, run.name, reference)
+            row["epochs_to_baseline_fid_per_seed"], row["speedup_per_seed"] = reached, ups
+            if all(e is not None for e in reached):
+                row["epochs_to_baseline_fid"] = statistics.median(reached)
+                row["speedup_vs_baseline"] = statistics.median(ups)
+        rows.append(row)
+    return rows
+
+
+def verdict_pairs(
+    runs: list[str], reference: str | None, contrasts: list[list[str]]
+) -> list[tuple[str, str]]:
+    """The (run, against) pairs to judge: every run against the reference, then every contrast not
+    already among them."""
+    pairs = [(r, reference) for r in runs if reference is not None and r != reference]
+    return pairs + [(a, b) for a, b in contrasts if (a, b) not in pairs]
+
+
+def verdicts(pairs: list[tuple[str, str]], curves: dict[str, list[dict]]) -> list[dict]:
+    """Each pair judged on final FID and class accuracy by the range rule (`resolved`): 'better' / 'worse'
+    only when the seeds' min..max ranges do not overlap."""
+    out = []
+    for run, against in pairs:
+        for key in ("fid", "class_accuracy"):
+            a, b = values(curves[run][-1], key), values(curves[against][-1], key)
+            if a is None or b is None:
+                continue
+            out.append(
+                {
+                    "run": run,
+                    "against": against,
+                    "metric": key,
+                    "verdict": resolved(a, b, METRICS[key]),
+                    "run_range": [min(a), max(a)],
+                    "against_range": [min(b), max(b)],
+                    "n_seeds": len(a),
+                }
+            )
+    return out
+
+
+def convergence(reference: str | None, curves: dict[str, list[dict]]) -> dict[str, Any] | None:
+    """Whether the reference run's curve has flattened (`converged`), naming the run; None without one."""
+    return None if reference is None else {"run": reference, **converged(curves[reference])}
+
+
 def fmt_spread(point: dict, key: str, nd: int = 2, pct: bool = False) -> str:
     """'44.68' for one seed, '44.68 ± 1.42 (42.10..46.94)' for several; '-' when missing."""
     if point.get(key) is None:
@@ -201,11 +304,16 @@ __all__ = [
     "TAIL",
     "aggregate",
     "check_claim",
+    "comparison_table",
+    "convergence",
     "converged",
     "first_epoch_reaching",
     "fmt_spread",
+    "reached_per_seed",
     "resolved",
     "speedup_to_level",
     "spread",
     "values",
+    "verdict_pairs",
+    "verdicts",
 ]

@@ -13,13 +13,16 @@ from clusterar.compare import (
     converged,
     first_epoch_reaching,
     fmt_spread,
+    reached_per_seed,
     resolved,
     speedup_to_level,
     values,
+    verdict_pairs,
+    verdicts,
 )
 from clusterar.errors import ClusterarError
 from clusterar.experiment import InvocationClock
-from clusterar.experiment.report import _convergence_line
+from clusterar.experiment.report import convergence_line
 
 
 def curve(fids: list[float], epochs: list[float] | None = None, seed: int = 0, **extra) -> list[dict]:
@@ -97,6 +100,30 @@ def test_speedup_to_the_converged_level_and_claims_per_seed():
     assert c["speedup_median"] is None and c["per_seed"][1]["epoch"] is None
 
 
+def test_verdicts_judge_every_run_against_the_reference_and_the_contrasts():
+    pairs = verdict_pairs(["base", "iar", "ctf"], "base", [["ctf", "iar"], ["iar", "base"]])
+    assert pairs == [("iar", "base"), ("ctf", "base"), ("ctf", "iar")]
+    assert verdict_pairs(["a", "b"], None, [["a", "b"]]) == [("a", "b")]
+    curves = {
+        name: aggregate([curve([f], seed=s, class_accuracy=[a]) for s, (f, a) in enumerate(pts)], name)
+        for name, pts in {"base": [(30.0, 0.5), (31.0, 0.6)], "iar": [(20.0, 0.55), (21.0, 0.58)]}.items()
+    }
+    v = verdicts([("iar", "base")], curves)
+    assert [(x["metric"], x["verdict"]) for x in v] == [("fid", "better"), ("class_accuracy", "unresolved")]
+    assert (
+        v[0]["run_range"] == [20.0, 21.0] and v[0]["against_range"] == [30.0, 31.0] and v[0]["n_seeds"] == 2
+    )
+
+
+def test_reached_per_seed_against_the_same_seeds_reference():
+    per_seed = {
+        "base": {"0": curve([30.0, 20.0]), "1": curve([30.0, 25.0])},
+        "m": {"0": curve([19.0, 18.0]), "1": curve([40.0, 30.0])},
+    }
+    assert reached_per_seed(per_seed, "m", "base") == ([1.0, None], [2.0, None])
+    assert reached_per_seed(per_seed, "base", "base") == ([2.0, 2.0], [1.0, 1.0])
+
+
 def test_converged_by_flat_fid_or_rising_loss():
     # three seeds whose mean FID moves less over the last 3 points than their min..max ranges
     seeds = [
@@ -125,12 +152,12 @@ def test_convergence_line_leads_with_the_test_that_decides():
     seeds = [curve([40.0, 20.0, 30.0, 22.0], seed=s, val_loss=[4.0, 3.0, 3.1, 3.2]) for s in (0, 1)]
     seeds[1][-1]["fid"] = 23.0
     c = converged(aggregate(seeds, "b")) | {"run": "baseline"}
-    line = _convergence_line(c)
+    line = convergence_line(c)
     assert line.startswith("- The baseline `baseline` **has converged**: its val loss is above its minimum")
     assert "; but its mean FID moved by 10.00 over the last 3 evaluations (20.00, 30.00, 22.50)" in line
     falling = [curve([40.0, 30.0, 20.0, 10.0], seed=s, val_loss=[4.0, 3.0, 2.0, 1.0]) for s in (0, 1)]
     falling[1][-1]["fid"] = 10.5
-    line = _convergence_line(converged(aggregate(falling, "b")) | {"run": "baseline"})
+    line = convergence_line(converged(aggregate(falling, "b")) | {"run": "baseline"})
     assert "**has not converged**" in line and "but" not in line and "at its minimum (1.0000 now" in line
 
 

@@ -3,6 +3,7 @@ reuse, and bad specs refused before any work starts."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -12,7 +13,7 @@ import torch
 
 from clusterar.cli import main
 from clusterar.errors import ClusterarError
-from clusterar.experiment import load_spec, parse_spec, run_experiment
+from clusterar.experiment import check_spec, load_spec, parse_spec, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,42 @@ def _with(**changes):
 def test_bad_specs_are_refused_before_any_work(changes, message):
     with pytest.raises(ClusterarError, match=message):
         parse_spec(_with(**changes), "t.toml")
+
+
+EVERY_TABLE = {
+    **BASE,
+    "seeds": [0, 1],
+    "contrasts": [["iar", "ctf"]],
+    "tokenizer": {"preset": "tiny", "steps": 12},
+    "train": {"model": "tiny", "epochs": 1, "lr": 1e-3},
+    "eval": {"every_epochs": 1.0, "samples": 20, "cfg_scale": 1.5},
+    "runs": [
+        {"name": "base", "method": "baseline", "sample": {"top_k": 5}},
+        {"name": "iar", "method": "iar", "clusters": "b", "train": {"lr": 2e-3}},
+        {"name": "ctf", "method": "ctf", "clusters": "k", "refiner": {"restrict_to_cluster": True}},
+        {"name": "ctf-conv", "method": "ctf", "clusters": "k", "start": "base", "start_head": "lsq"},
+    ],
+    "sweeps": [
+        {"param": "cfg_scale", "values": [1.0, 2.0]},
+        {"param": "top_k2", "values": [4], "runs": ["ctf"]},
+    ],
+    "claims": [{"run": "iar", "speedup": 2.0}, {"run": "ctf", "speedup": 1.5, "against": "iar", "text": "t"}],
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["every-table", "ablations", "claims", "convert", "ctf-variants", "demo", "quick"]
+)
+def test_check_spec_reads_the_spec_without_changing_it(name):
+    spec = parse_spec(EVERY_TABLE, "t.toml") if name == "every-table" else load_spec(name)
+    before = copy.deepcopy(spec)
+    check_spec(spec, "t.toml")
+    assert spec == before
+    if name == "every-table":  # parse_spec's one normalisation: a claim's default `against` is spelled out
+        assert [c.against for c in spec.claims] == ["base", "iar"]
+        spec.claims[0].against = ""  # built by hand: the default stays implicit, check_spec fills nothing in
+        check_spec(spec, "t.toml")
+        assert spec.claims[0].against == ""
 
 
 def test_cli_check_and_bad_file(tmp_path, capsys):

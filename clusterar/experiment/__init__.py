@@ -7,9 +7,10 @@ models, and the report holds the analogues of CTF's Tables 1-3 / Fig. 2 and IAR'
 ceiling, the mean and spread over seeds with verdicts by a stated rule (clusterar.compare), the papers'
 speed-up claims checked per seed, and whether the baseline has converged.
 
-- `spec.py`    the spec file: schema, parsing, checks, and the configs it implies
+- `spec.py`    the spec file: schema, parsing, one check per table (`check_spec`), and the configs it implies
 - `runner.py`  running it: each stage once, cached and resumable (`run_experiment`)
-- `report.py`  report.md, report.json's tables, verdicts and pictures
+- `report.py`  report.md and its pictures, rendered from report.json (`render_report`); the numbers in it
+               (comparison table, verdicts, claims, convergence) are clusterar.compare's
 
 See `clusterar/specs/*.toml` for complete examples.
 """

@@ -1,119 +1,23 @@
-"""The experiment report: tables, verdicts over seeds, claims, convergence, curves and sample grids.
+"""The experiment report: report.md and its pictures (curves, sweeps, sample grids).
 
-Everything here reads the `report.json` dict that the runner assembles; nothing is recomputed.
+Everything here renders the `report.json` dict that the runner assembles, whose numbers (the comparison
+table, verdicts, claims, convergence) clusterar.compare makes; nothing is recomputed. `fmt` and `pct` are
+the number formats of the report and of the runner's progress lines.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from pathlib import Path
 
 from ..compare import fmt_spread, values
-from .spec import ExperimentSpec, reference_run
 
 
-def _fmt(x: float | None, nd: int = 2) -> str:
+def fmt(x: float | None, nd: int = 2) -> str:
+    """`x` with `nd` decimals; '-' when missing."""
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{x:.{nd}f}"
-
-
-def comparison_table(
-    spec: ExperimentSpec,
-    curves: dict[str, list[dict]],
-    per_seed: dict[str, dict[str, list[dict]]],
-    speed: dict,
-) -> list[dict]:
-    """One row per run: parameters, images/s, final metrics (mean and spread over seeds), and per seed the
-    epoch at which the run first reached the same seed's baseline final FID (with the speed-up over the
-    baseline's epochs)."""
-    from ..compare import METRICS, first_epoch_reaching
-
-    base = reference_run(spec)
-    rows = []
-    for run in spec.runs:
-        final = curves[run.name][-1]
-        p = speed[run.name]["params"]
-        row = {
-            "run": run.name,
-            "method": run.method,
-            "clusters": run.clusters,
-            "epochs": final["epoch"],
-            "n_seeds": final["n_seeds"],
-            "params_stage1": p["stage1"]["total"],
-            "params_stage1_tables": p["stage1"]["head_and_embedding"],
-            "params_stage2": p["stage2"]["total"] if "stage2" in p else None,
-            "images_per_s": speed[run.name]["images_per_s"],
-            **{k: v for k, v in final.items() if k in METRICS or _is_spread_key(k)},
-            "reference": run.name == base,
-            "epochs_to_baseline_fid": None,
-            "epochs_to_baseline_fid_per_seed": None,
-            "speedup_vs_baseline": None,
-            "speedup_per_seed": None,
-        }
-        if base is not None:
-            reached, ups = [], []
-            for seed, curve in per_seed[run.name].items():
-                target = per_seed[base][seed][-1]
-                e = target["epoch"] if run.name == base else first_epoch_reaching(curve, target["fid"])
-                reached.append(e)
-                ups.append(target["epoch"] / e if e else None)
-            row["epochs_to_baseline_fid_per_seed"], row["speedup_per_seed"] = reached, ups
-            if all(e is not None for e in reached):
-                row["epochs_to_baseline_fid"] = statistics.median(reached)
-                row["speedup_vs_baseline"] = statistics.median(ups)
-        rows.append(row)
-    return rows
-
-
-def _is_spread_key(k: str) -> bool:
-    from ..compare import METRICS
-
-    stem, _, tail = k.rpartition("_")
-    return tail in ("std", "min", "max", "all") and stem in METRICS
-
-
-def verdicts(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> list[dict]:
-    """Every run against the baseline, and every pair of `contrasts`, on final FID and class accuracy by the
-    rule of clusterar.compare: 'better' / 'worse' only when the seeds' min..max ranges do not overlap."""
-    from ..compare import METRICS, resolved
-
-    base = reference_run(spec)
-    pairs = [(r.name, base) for r in spec.runs if base is not None and r.name != base]
-    pairs += [(a, b) for a, b in spec.contrasts if (a, b) not in pairs]
-    out = []
-    for run, against in pairs:
-        for key in ("fid", "class_accuracy"):
-            a, b = values(curves[run][-1], key), values(curves[against][-1], key)
-            if a is None or b is None:
-                continue
-            out.append(
-                {
-                    "run": run,
-                    "against": against,
-                    "metric": key,
-                    "verdict": resolved(a, b, METRICS[key]),
-                    "run_range": [min(a), max(a)],
-                    "against_range": [min(b), max(b)],
-                    "n_seeds": len(a),
-                }
-            )
-    return out
-
-
-def claim_results(spec: ExperimentSpec, per_seed: dict[str, dict[str, list[dict]]]) -> list[dict]:
-    from ..compare import check_claim
-
-    return [check_claim(per_seed, c.run, c.against, c.speedup) | {"text": c.text} for c in spec.claims]
-
-
-def convergence(spec: ExperimentSpec, curves: dict[str, list[dict]]) -> dict | None:
-    """Whether the baseline's curve has flattened (see clusterar.compare.converged)."""
-    from ..compare import converged
-
-    base = reference_run(spec)
-    return None if base is None else {"run": base, **converged(curves[base])}
 
 
 def plot_report(data: dict, out: Path) -> None:
@@ -191,113 +95,159 @@ def _grid_title(run: str, point: dict) -> str:
     fid = values(point, "fid")
     seeds = point.get("seeds") or [None]
     where = f"seed {seeds[0]}, " if len(seeds) > 1 else ""
-    return f"{run} ({where}epoch {point['epoch']:g}, FID {_fmt(fid[0] if fid else None)})"
+    return f"{run} ({where}epoch {point['epoch']:g}, FID {fmt(fid[0] if fid else None)})"
 
 
 def _int(x: int | None) -> str:
     return "-" if x is None else f"{x:,}"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
+    """A share as a percentage with one decimal; '-' when missing."""
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
 def render_report(data: dict, out: Path) -> str:
-    spec, ev = data["spec"], data["spec"]["eval"]
-    tok = data["tokenizer"]
-    name = spec["name"]
-    lines = [
-        f"# Experiment `{name}`",
+    """report.md from report.json's dict; `out` is the experiment's folder (where the pictures are)."""
+    lines = _header(data) + _setup(data) + _runs(data) + _comparison(data) + _verdict_lines(data)
+    lines += _fid_against_epochs(data) + _sweeps(data, out) + _samples(data) + _files()
+    return "\n".join(lines)
+
+
+def _seeds(data: dict) -> list[int]:
+    return data.get("seeds", [data["spec"]["seed"]])
+
+
+def _points(ev: dict) -> str:
+    """When the runs were evaluated, in words."""
+    if ev.get("every_steps"):
+        return f"every {ev['every_steps']} steps"
+    if ev["every_epochs"]:
+        return f"every {ev['every_epochs']:g} epochs"
+    return "of the final models"
+
+
+def _header(data: dict) -> list[str]:
+    t = data["timings"]
+    return [
+        f"# Experiment `{data['spec']['name']}`",
         "",
         f"Written by `clusterar experiment` on {data['date']} ({data['machine']}). Wall time: "
-        f"{data['timings']['total_this_invocation'] / 60:.1f} min for this invocation, "
-        f"{data['timings']['all_invocations'] / 60:.1f} min for all {data['timings']['invocations']} "
+        f"{t['total_this_invocation'] / 60:.1f} min for this invocation, "
+        f"{t['all_invocations'] / 60:.1f} min for all {t['invocations']} "
         "invocations on this folder (finished stages are reused; seconds per stage in `timings.jsonl`). The "
         "spec as run is in `spec.json`.",
         "",
+    ]
+
+
+def _setup(data: dict) -> list[str]:
+    """## Setup: data, tokenizer, clusters, training, evaluation, speed and (over seeds) spread."""
+    spec = data["spec"]
+    lines = [
         "## Setup",
         "",
         f"- **Data**: `{spec['data']}` at {spec['image_size']}x{spec['image_size']}; token files "
         f"`{data['tokens']['train']}` ({_views_words(data.get('train_views'))}) and "
         f"`{data['tokens']['val']}`.",
+        _tokenizer_line(data),
     ]
-    if "config" in tok:
-        c, e = tok["config"], tok.get("eval", {})
-        grid = spec["image_size"] // 2 ** (len(c.get("ch_mult", [1, 1, 1])) - 1)
-        quality = ""
-        if e:
-            quality = f"; val PSNR {e['psnr']:.2f} dB, val codebook usage {_pct(e['usage'])}"
-        lines.append(
-            f"- **Tokenizer**: {c.get('codebook_size')} codes of dimension {c.get('codebook_dim')}, "
-            f"{grid}x{grid} tokens per image{quality}."
-        )
-    else:
-        lines.append(f"- **Tokenizer**: `{tok['path']}`.")
     for cname, c in data["clusters"].items():
         cs = spec["clusters"][cname]
         lines.append(
             f"- **Clusters `{cname}`**: {cs['method']}, {cs['n']} clusters of {c['min_size']}..{c['max_size']} "
             f"codes, objective {c['objective']:.2f}, fitted in {c['seconds']} s."
         )
-    t = spec["train"]
-    budget = f"{t['epochs']} epochs" if "epochs" in t else f"{t.get('steps')} steps"
-    seeds = data.get("seeds", [spec["seed"]])
-    several = len(seeds) > 1
-    seed_words = (
-        f"seeds {', '.join(map(str, seeds))}: every run and every sweep point once per seed, each seed's "
-        "samples drawn with that seed"
-        if several
-        else f"seed {seeds[0]}"
-    )
-    if ev.get("every_steps"):
-        points = f"every {ev['every_steps']} steps"
-    elif ev["every_epochs"]:
-        points = f"every {ev['every_epochs']:g} epochs"
-    else:
-        points = "of the final models"
-    lines += [
-        f"- **Training** (every run, {seed_words}; the tokenizer and token files are shared, seed "
-        f"{spec['seed']}): {budget}, "
-        + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("epochs", "steps"))
-        + "; per-run changes in the table of runs below.",
-        f"- **Evaluation** ({points}): {ev['samples']} class-balanced samples per point, scored "
-        f"against {data['curves'][spec['runs'][0]['name']][-1]['n_reference']} images of "
-        f"`{_reference_name(spec)}` with {_extractor_name(spec, data)}: FID, Inception Score, precision "
-        "and recall (k = 3), and class accuracy (the share of samples that the classifier reads as the class "
-        "they were asked for), with the sampling settings of the table of runs. Val accuracies: "
-        "teacher-forced on every val image (CTF: stage-2 token accuracy given the true coarse labels, "
-        "stage-1 label accuracy); cluster accuracy is with respect to the run's own clusters.",
+    lines += [_training_line(data), _evaluation_line(data)]
+    lines.append(
         "- **Speed**: images/s of the final models (tokens and decoding) at batch 64, median of 3 rounds "
-        "timed in turns, on the same machine.",
-    ]
-    if several:
+        "timed in turns, on the same machine."
+    )
+    seeds = _seeds(data)
+    if len(seeds) > 1:
         lines.append(
             "- **Spread**: every figure is the mean over seeds ± the sample standard deviation (min..max). "
             "A difference counts as resolved only when the min..max ranges do not overlap (two runs that "
             f"do not differ separate this way by chance with probability {_chance(len(seeds))})."
         )
-    lines += [
+    return lines
+
+
+def _tokenizer_line(data: dict) -> str:
+    tok = data["tokenizer"]
+    if "config" not in tok:
+        return f"- **Tokenizer**: `{tok['path']}`."
+    c, e = tok["config"], tok.get("eval", {})
+    grid = data["spec"]["image_size"] // 2 ** (len(c.get("ch_mult", [1, 1, 1])) - 1)
+    quality = f"; val PSNR {e['psnr']:.2f} dB, val codebook usage {pct(e['usage'])}" if e else ""
+    return (
+        f"- **Tokenizer**: {c.get('codebook_size')} codes of dimension {c.get('codebook_dim')}, "
+        f"{grid}x{grid} tokens per image{quality}."
+    )
+
+
+def _training_line(data: dict) -> str:
+    spec, t = data["spec"], data["spec"]["train"]
+    budget = f"{t['epochs']} epochs" if "epochs" in t else f"{t.get('steps')} steps"
+    seeds = _seeds(data)
+    seed_words = (
+        f"seeds {', '.join(map(str, seeds))}: every run and every sweep point once per seed, each seed's "
+        "samples drawn with that seed"
+        if len(seeds) > 1
+        else f"seed {seeds[0]}"
+    )
+    return (
+        f"- **Training** (every run, {seed_words}; the tokenizer and token files are shared, seed "
+        f"{spec['seed']}): {budget}, "
+        + ", ".join(f"{k} {v}" for k, v in t.items() if k not in ("epochs", "steps"))
+        + "; per-run changes in the table of runs below."
+    )
+
+
+def _evaluation_line(data: dict) -> str:
+    spec, ev = data["spec"], data["spec"]["eval"]
+    return (
+        f"- **Evaluation** ({_points(ev)}): {ev['samples']} class-balanced samples per point, scored "
+        f"against {data['curves'][spec['runs'][0]['name']][-1]['n_reference']} images of "
+        f"`{_reference_name(spec)}` with {_extractor_name(spec, data)}: FID, Inception Score, precision "
+        "and recall (k = 3), and class accuracy (the share of samples that the classifier reads as the class "
+        "they were asked for), with the sampling settings of the table of runs. Val accuracies: "
+        "teacher-forced on every val image (CTF: stage-2 token accuracy given the true coarse labels, "
+        "stage-1 label accuracy); cluster accuracy is with respect to the run's own clusters."
+    )
+
+
+def _runs(data: dict) -> list[str]:
+    """## Runs: each run's method, clusters, training overrides and sampling settings."""
+    lines = [
         "",
         "## Runs",
         "",
         "| run | method | clusters | training overrides | sampling |",
         "|---|---|---|---|---|",
     ]
-    for r in spec["runs"]:
+    for r in data["spec"]["runs"]:
         tr = {**r["train"], **{f"refiner.{k}": v for k, v in r["refiner"].items()}}
         lines.append(
             f"| {r['name']} | {r['method']} | {r['clusters'] or '-'} | "
             f"{', '.join(f'{k}={v}' for k, v in tr.items()) or '-'} | "
             f"{_sampling(data['sampling'][r['name']], r['method'])} |"
         )
-    lines += [
+    return lines
+
+
+def _comparison(data: dict) -> list[str]:
+    """## Comparison: the table of final models, the tokenizer's ceiling and real-data rows, and what the
+    class accuracy column can reach."""
+    points = _points(data["spec"]["eval"])
+    lines = [
         "",
         "## Comparison (final models)",
         "",
         "Parameters: stage 1 is the autoregressive transformer (in brackets: its vocabulary-sized input "
         "embedding and output head), stage 2 CTF's refiner. *Epochs to baseline FID*: the first evaluated "
         "epoch at which the run's FID is at or below the baseline's final FID"
-        + (" (each seed against the same seed's baseline)" if several else "")
+        + (" (each seed against the same seed's baseline)" if len(_seeds(data)) > 1 else "")
         + ", and the baseline's epochs divided by it "
         + (
             f"(resolution: evaluations {points})."
@@ -312,21 +262,31 @@ def render_report(data: dict, out: Path) -> str:
         "class acc | val token acc | val cluster acc | epochs to baseline FID |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in data["table"]:
-        lines.append(
-            f"| {row['run']} | {row['method']} | {_int(row['params_stage1'])} "
-            f"({_int(row['params_stage1_tables'])}) | {_int(row['params_stage2'])} | "
-            f"{_fmt(row['images_per_s'], 1)} | {fmt_spread(row, 'fid')} | {fmt_spread(row, 'inception_score')} | "
-            f"{fmt_spread(row, 'precision', 3)} | {fmt_spread(row, 'recall', 3)} | "
-            f"{fmt_spread(row, 'class_accuracy', 1, pct=True)} | {fmt_spread(row, 'val_acc_token', 1, pct=True)} | "
-            f"{fmt_spread(row, 'val_acc_cluster', 1, pct=True)} | {_reach(row, spec, points)} |"
-        )
+    lines += [_table_row(row, points) for row in data["table"]]
+    lines += _ceiling_rows(data)
+    return lines
+
+
+def _table_row(row: dict, points: str) -> str:
+    return (
+        f"| {row['run']} | {row['method']} | {_int(row['params_stage1'])} "
+        f"({_int(row['params_stage1_tables'])}) | {_int(row['params_stage2'])} | "
+        f"{fmt(row['images_per_s'], 1)} | {fmt_spread(row, 'fid')} | {fmt_spread(row, 'inception_score')} | "
+        f"{fmt_spread(row, 'precision', 3)} | {fmt_spread(row, 'recall', 3)} | "
+        f"{fmt_spread(row, 'class_accuracy', 1, pct=True)} | {fmt_spread(row, 'val_acc_token', 1, pct=True)} | "
+        f"{fmt_spread(row, 'val_acc_cluster', 1, pct=True)} | {_reach(row, points)} |"
+    )
+
+
+def _ceiling_rows(data: dict) -> list[str]:
+    """The rows that are not models (tokenizer reconstructions, real images) and the classifier's own
+    accuracy on real val images."""
     names = {"tokenizer": "tokenizer (val reconstructions)", "real": "real train images"}
-    for key, m in data.get("ceiling", {}).items():
-        lines.append(
-            f"| *{names.get(key, key)}* | - | - | - | - | {_fmt(m['fid'])} | {_fmt(m['inception_score'])} | "
-            f"{_fmt(m['precision'], 3)} | {_fmt(m['recall'], 3)} | {_pct(m.get('class_accuracy'))} | - | - | - |"
-        )
+    lines = [
+        f"| *{names.get(key, key)}* | - | - | - | - | {fmt(m['fid'])} | {fmt(m['inception_score'])} | "
+        f"{fmt(m['precision'], 3)} | {fmt(m['recall'], 3)} | {pct(m.get('class_accuracy'))} | - | - | - |"
+        for key, m in data.get("ceiling", {}).items()
+    ]
     ceiling = next(
         (
             c["extractor_val_accuracy"]
@@ -340,10 +300,13 @@ def render_report(data: dict, out: Path) -> str:
         lines += [
             "",
             "class acc: the share of samples that the feature classifier reads as the class they were asked "
-            f"for; the same classifier reads real val images at {_pct(ceiling)}, the ceiling of this column.",
+            f"for; the same classifier reads real val images at {pct(ceiling)}, the ceiling of this column.",
         ]
-    lines += _verdict_lines(data)
-    lines += ["", "![metrics against epochs](curves.png)", "", "### FID against epochs", ""]
+    return lines
+
+
+def _fid_against_epochs(data: dict) -> list[str]:
+    lines = ["", "![metrics against epochs](curves.png)", "", "### FID against epochs", ""]
     epochs = sorted({c["epoch"] for cs in data["curves"].values() for c in cs})
     lines.append("| run | " + " | ".join(f"{e:.4g}" for e in epochs) + " |")
     lines.append("|---|" + "---:|" * len(epochs))
@@ -351,12 +314,18 @@ def render_report(data: dict, out: Path) -> str:
         by_epoch = {c["epoch"]: c for c in cs}
         cells = [fmt_spread(by_epoch[e], "fid") if e in by_epoch else "-" for e in epochs]
         lines.append(f"| {run} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _sweeps(data: dict, out: Path) -> list[str]:
+    """## Sweep: one table (and picture, when numeric) per swept sampling setting."""
+    lines = []
     for param, per_run in data["sweeps"].items():
         swept = [c["value"] for c in next(iter(per_run.values()))] if per_run else []
         lines += [
             "",
             f"## Sweep: {param} (final models, FID / precision / recall / class accuracy"
-            + (", means over seeds with FID's and class accuracy's spread" if several else "")
+            + (", means over seeds with FID's and class accuracy's spread" if len(_seeds(data)) > 1 else "")
             + ")",
             "",
             "| run | " + " | ".join(str(v) for v in swept) + " |",
@@ -364,14 +333,18 @@ def render_report(data: dict, out: Path) -> str:
         ]
         for run, cs in per_run.items():
             cells = [
-                f"{fmt_spread(c, 'fid')} / {_fmt(c['precision'], 2)} / {_fmt(c['recall'], 2)} / "
+                f"{fmt_spread(c, 'fid')} / {fmt(c['precision'], 2)} / {fmt(c['recall'], 2)} / "
                 f"{fmt_spread(c, 'class_accuracy', 1, pct=True)}"
                 for c in cs
             ]
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
         if (out / f"sweep-{param}.png").exists():
             lines += ["", f"![sweep of {param}](sweep-{param}.png)"]
-    lines += [
+    return lines
+
+
+def _samples(data: dict) -> list[str]:
+    lines = [
         "",
         "## Samples (final models, one row per class)",
         "",
@@ -383,7 +356,11 @@ def render_report(data: dict, out: Path) -> str:
     for run, cs in data["curves"].items():
         lines += [f"**{_grid_title(run, cs[-1])}**", ""]
         lines += [f"![{run} samples]({cs[-1]['grid']})", ""]
-    lines += [
+    return lines
+
+
+def _files() -> list[str]:
+    return [
         "## Files",
         "",
         "`report.json` holds every number above; each run folder under `runs/` holds its model, "
@@ -391,7 +368,6 @@ def render_report(data: dict, out: Path) -> str:
         "evaluation with its settings (`eval.json`, `sample.json`).",
         "",
     ]
-    return "\n".join(lines)
 
 
 def _views_words(views: list[str] | None) -> str:
@@ -413,7 +389,7 @@ def _chance(n_seeds: int) -> str:
     return f"{2 / math.comb(2 * n_seeds, n_seeds):.0%}"
 
 
-def _reach(row: dict, spec: dict, points: str) -> str:
+def _reach(row: dict, points: str) -> str:
     per = row.get("epochs_to_baseline_fid_per_seed")
     if per is None:
         return "-"
@@ -471,11 +447,11 @@ def _verdict_lines(data: dict) -> list[str]:
         )
     conv = data.get("convergence")
     if conv:
-        lines.append(_convergence_line(conv))
+        lines.append(convergence_line(conv))
     return lines
 
 
-def _convergence_line(conv: dict) -> str:
+def convergence_line(conv: dict) -> str:
     """Whether the baseline has converged, the test that decides it first and the other one after it."""
     tests = []  # (says converged?, words)
     if "fid_change" in conv:

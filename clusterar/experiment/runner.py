@@ -16,25 +16,18 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..compare import aggregate
+from ..compare import aggregate, check_claim, comparison_table, convergence, verdict_pairs, verdicts
 from ..errors import ClusterarError
 from ..fileio import read_json, write_json, write_text_atomic
 from ..killpoints import kill_point
-from .report import (
-    _fmt,
-    _pct,
-    claim_results,
-    comparison_table,
-    convergence,
-    plot_report,
-    render_report,
-    verdicts,
-)
+from .report import fmt, pct, plot_report, render_report
 from .spec import (
     ExperimentSpec,
     RunSpec,
+    claim_against,
     eval_extractor,
     load_spec,
+    reference_run,
     sample_settings,
     spec_seeds,
     sweep_runs,
@@ -585,10 +578,11 @@ def stage_speed(
 def run_experiment(
     spec: ExperimentSpec | str | Path, out: str | Path | None = None, progress: bool = True
 ) -> Path:
-    """Run (or continue) every stage of a spec into `out` (default runs/NAME); return report.md's path."""
-    from ..runtime import describe_machine, pick_device
-    from ..sample import SampleSettings
+    """Run (or continue) every stage of a spec into `out` (default runs/NAME); return report.md's path.
 
+    The plan (the spec and its folder), then the stages in order, each timed by the clock: the shared
+    inputs (1-3), training (4), evaluation (5), speed and sweeps (6), the tokenizer's ceiling (7); then
+    the report (8)."""
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(spec)
     out = Path(out) if out is not None else Path("runs") / spec.name
@@ -596,29 +590,72 @@ def run_experiment(
     write_json(out / "spec.json", asdict(spec))
     clock = InvocationClock(out)
 
-    def step(i: int, name: str) -> float:
-        print(f"[{i}/8] {name}", flush=True)
-        kill_point("experiment.stage")
-        return time.perf_counter()
+    inputs = _shared_inputs(spec, out, clock, progress)
+    trained = _train_all(spec, inputs, out, clock, progress)
+    t = _step(5, "evaluation")
+    evaluator = Evaluator(spec, inputs, out, progress)
+    points = {(r.name, seed): run_points(spec, r, out, seed) for seed in spec_seeds(spec) for r in spec.runs}
+    per_seed = _evaluate_all(spec, evaluator, points, clock)
+    curves = {run: aggregate(list(by_seed.values()), run) for run, by_seed in per_seed.items()}
+    clock.tick("evaluation", t)
 
-    t = step(1, "tokenizer")
+    t = _step(6, "sampling speed and sweeps")
+    seeds = spec_seeds(spec)
+    finals = {r.name: {seed: points[r.name, seed][-1] for seed in seeds} for r in spec.runs}
+    speed = stage_speed(spec, {run: f[seeds[0]] for run, f in finals.items()}, out)
+    sweeps = _sweep_all(spec, evaluator, finals)
+    clock.tick("speed_and_sweeps", t)
+
+    t = _step(7, "tokenizer ceiling and real-data rows")
+    ceiling = evaluator.ceiling(stage_reconstructions(spec, inputs, out, progress))
+    clock.tick("ceiling", t)
+
+    _step(8, "report")
+    clock.tick()
+    results = dict(
+        training=trained, curves=curves, curves_per_seed=per_seed, ceiling=ceiling, speed=speed, sweeps=sweeps
+    )
+    return _write_report(spec, inputs, out, clock, results)
+
+
+def _step(i: int, name: str) -> float:
+    """Announce stage `i` of 8 (a kill point for the tests) and return its start time."""
+    print(f"[{i}/8] {name}", flush=True)
+    kill_point("experiment.stage")
+    return time.perf_counter()
+
+
+def _seed_name(spec: ExperimentSpec, run: str, seed: int) -> str:
+    """How progress lines name a run: with its seed when there are several."""
+    return run if len(spec_seeds(spec)) == 1 else f"{run} (seed {seed})"
+
+
+def _shared_inputs(spec: ExperimentSpec, out: Path, clock: InvocationClock, progress: bool) -> SharedInputs:
+    """Stages 1-3: the tokenizer, the token files and the clusters every run shares."""
+    t = _step(1, "tokenizer")
     tokenizer = stage_tokenizer(spec, out, progress)
     clock.tick("tokenizer", t)
-    t = step(2, "token files")
+    t = _step(2, "token files")
     tokens = stage_tokens(spec, tokenizer, out, progress)
     clock.tick("tokens", t)
-    t = step(3, "clusters")
+    t = _step(3, "clusters")
     clusters = stage_clusters(spec, tokenizer, out)
     clock.tick("clusters", t)
-    inputs = SharedInputs(tokenizer, tokens, clusters)
+    return SharedInputs(tokenizer, tokens, clusters)
 
+
+def _train_all(
+    spec: ExperimentSpec, inputs: SharedInputs, out: Path, clock: InvocationClock, progress: bool
+) -> dict[str, dict[str, dict[str, dict]]]:
+    """Stage 4: every run's stages, seed by seed (a complete comparison exists as early as possible);
+    {run: {seed: {stage: training result}}}."""
     seeds = spec_seeds(spec)
-    t = step(4, f"training {len(spec.runs)} runs" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else ""))
+    t = _step(4, f"training {len(spec.runs)} runs" + (f" x {len(seeds)} seeds" if len(seeds) > 1 else ""))
     trained: dict[str, dict[str, dict[str, dict]]] = {r.name: {} for r in spec.runs}
-    for seed in seeds:  # seed by seed: a complete comparison exists as early as possible
+    for seed in seeds:
         for run in spec.runs:
             base = run_dir(spec, out, run.name, seed)
-            what = run.name if len(seeds) == 1 else f"{run.name} (seed {seed})"
+            what = _seed_name(spec, run.name, seed)
             configs = train_configs(spec, run, inputs, seed)
             if run.start:
                 starts = stage_convert(spec, run, inputs, out, seed)
@@ -631,36 +668,42 @@ def run_experiment(
             }
             clock.tick()
     clock.tick("training", t)
+    return trained
 
-    t = step(5, "evaluation")
-    evaluator = Evaluator(spec, inputs, out, progress)
-    by_name = {r.name: r for r in spec.runs}
-    points = {(r.name, seed): run_points(spec, r, out, seed) for seed in seeds for r in spec.runs}
-    finals = {r.name: {seed: points[r.name, seed][-1] for seed in seeds} for r in spec.runs}
 
-    def name(run: str, seed: int) -> str:
-        return run if len(seeds) == 1 else f"{run} (seed {seed})"
-
+def _evaluate_all(
+    spec: ExperimentSpec,
+    evaluator: Evaluator,
+    points: dict[tuple[str, int], list[EvalPoint]],
+    clock: InvocationClock,
+) -> dict[str, dict[str, list[dict]]]:
+    """Stage 5: every evaluation point of every run and seed, with a progress line each;
+    {run: {seed: [evaluation per point]}}."""
     per_seed: dict[str, dict[str, list[dict]]] = {r.name: {} for r in spec.runs}
-    for seed in seeds:
+    for seed in spec_seeds(spec):
         for run in spec.runs:
+            name = _seed_name(spec, run.name, seed)
             per_seed[run.name][str(seed)] = []
             for p in points[run.name, seed]:
                 r = evaluator.evaluate(
-                    p, sample_settings(spec, run), f"evaluation of {name(run.name, seed)} at epoch {p.epoch}"
+                    p, sample_settings(spec, run), f"evaluation of {name} at epoch {p.epoch}"
                 )
                 per_seed[run.name][str(seed)].append(r)
                 clock.tick()
                 print(
-                    f"  {name(run.name, seed):<16} epoch {p.epoch:.4g}: FID {_fmt(r['fid'])}  "
-                    f"IS {_fmt(r['inception_score'])}  P {_fmt(r['precision'], 3)}  R {_fmt(r['recall'], 3)}  "
-                    f"class acc {_pct(r['class_accuracy'])}"
+                    f"  {name:<16} epoch {p.epoch:.4g}: FID {fmt(r['fid'])}  "
+                    f"IS {fmt(r['inception_score'])}  P {fmt(r['precision'], 3)}  R {fmt(r['recall'], 3)}  "
+                    f"class acc {pct(r['class_accuracy'])}"
                 )
-    curves = {run: aggregate(list(by_seed.values()), run) for run, by_seed in per_seed.items()}
-    clock.tick("evaluation", t)
+    return per_seed
 
-    t = step(6, "sampling speed and sweeps")
-    speed = stage_speed(spec, {run: f[seeds[0]] for run, f in finals.items()}, out)
+
+def _sweep_all(
+    spec: ExperimentSpec, evaluator: Evaluator, finals: dict[str, dict[int, EvalPoint]]
+) -> dict[str, dict[str, list[dict]]]:
+    """Stage 6's sweeps: each swept value on each run's final models, aggregated over seeds;
+    {param: {run: [aggregated point with its `value`]}}."""
+    by_name = {r.name: r for r in spec.runs}
     sweeps: dict[str, dict[str, list[dict]]] = {}
     for s in spec.sweeps:
         sweeps[s.param] = {}
@@ -670,24 +713,26 @@ def run_experiment(
                     evaluator.evaluate(
                         finals[run][seed],
                         sample_settings(spec, by_name[run], **{s.param: v}),
-                        f"{s.param}={v} sweep of {name(run, seed)}",
+                        f"{s.param}={v} sweep of {_seed_name(spec, run, seed)}",
                     )
                     for v in s.values
                 ]
-                for seed in seeds
+                for seed in spec_seeds(spec)
             ]
             sweeps[s.param][run] = [
                 a | {"value": v}
                 for a, v in zip(aggregate(replicas, f"sweep {s.param} of {run}"), s.values, strict=True)
             ]
-    clock.tick("speed_and_sweeps", t)
+    return sweeps
 
-    t = step(7, "tokenizer ceiling and real-data rows")
-    ceiling = evaluator.ceiling(stage_reconstructions(spec, inputs, out, progress))
-    clock.tick("ceiling", t)
 
-    step(8, "report")
-    clock.tick()
+def _write_report(
+    spec: ExperimentSpec, inputs: SharedInputs, out: Path, clock: InvocationClock, results: dict
+) -> Path:
+    """Stage 8: report.json (the setup, `results` and the comparison's numbers), its pictures and report.md."""
+    from ..runtime import describe_machine, pick_device
+    from ..sample import SampleSettings
+
     history = clock.history()
     timings = {k: v for k, v in history[-1].items() if k not in ("date", "invocation")}
     timings["all_invocations"] = round(sum(h["total_this_invocation"] for h in history), 1)
@@ -696,34 +741,48 @@ def run_experiment(
         "spec": asdict(spec),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": describe_machine(pick_device(spec.device)),
-        "tokenizer": tokenizer_summary(tokenizer),
-        "tokens": {k: str(v.relative_to(out)) for k, v in tokens.items()},
-        "train_views": _token_views(tokens["train"]),
+        "tokenizer": tokenizer_summary(inputs.tokenizer),
+        "tokens": {k: str(v.relative_to(out)) for k, v in inputs.tokens.items()},
+        "train_views": _token_views(inputs.tokens["train"]),
         "sampling": {
             r.name: asdict(SampleSettings.for_method(r.method, **sample_settings(spec, r))) for r in spec.runs
         },
         "clusters": {
-            k: read_json(v.with_suffix(".json"), "clusters record")["result"] for k, v in clusters.items()
+            k: read_json(v.with_suffix(".json"), "clusters record")["result"]
+            for k, v in inputs.clusters.items()
         },
-        "seeds": seeds,
-        "training": trained,
-        "curves": curves,
-        "curves_per_seed": per_seed,
-        "ceiling": ceiling,
-        "speed": speed,
-        "sweeps": sweeps,
+        "seeds": spec_seeds(spec),
+        **results,
         "timings": timings,
     }
-    data["table"] = comparison_table(spec, curves, per_seed, speed)
-    data["verdicts"] = verdicts(spec, curves)
-    data["claims"] = claim_results(spec, per_seed)
-    data["convergence"] = convergence(spec, curves)
+    data |= _comparison(spec, data["curves"], data["curves_per_seed"], data["speed"])
     write_json(out / "report.json", data)
     plot_report(data, out)
     report = out / "report.md"
     write_text_atomic(report, render_report(data, out))
     print(f"report: {report}")
     return report
+
+
+def _comparison(
+    spec: ExperimentSpec,
+    curves: dict[str, list[dict]],
+    per_seed: dict[str, dict[str, list[dict]]],
+    speed: dict,
+) -> dict[str, Any]:
+    """The report's numbers, made by clusterar.compare against the spec's reference run: the comparison
+    table, the verdicts (every run against the reference, and the contrasts), the claims and convergence."""
+    base = reference_run(spec)
+    pairs = verdict_pairs([r.name for r in spec.runs], base, spec.contrasts)
+    return {
+        "table": comparison_table(spec.runs, base, curves, per_seed, speed),
+        "verdicts": verdicts(pairs, curves),
+        "claims": [
+            check_claim(per_seed, c.run, claim_against(spec, c), c.speedup) | {"text": c.text}
+            for c in spec.claims
+        ],
+        "convergence": convergence(base, curves),
+    }
 
 
 def tokenizer_summary(path: Path) -> dict:

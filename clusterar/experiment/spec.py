@@ -12,12 +12,13 @@ import copy
 import re
 import sys
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from ..errors import ClusterarError
 from ..fileio import check_file, file_error
+from ..methods import Method
 
 if typing.TYPE_CHECKING:
     from .runner import SharedInputs
@@ -204,7 +205,10 @@ def _eval_table(d: Any, where: str) -> EvalSpec:
 
 
 def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
-    """Build and validate a spec from a parsed TOML dict; every mistake is reported before any work starts."""
+    """Build and validate a spec from a parsed TOML dict; every mistake is reported before any work starts.
+
+    Building makes one normalisation, so that the spec as run (spec.json) is explicit: a claim without
+    `against` is checked against the reference run, and says so (claim_against)."""
     d = copy.deepcopy(d)
     d.setdefault("name", Path(source).stem)
     tables = ("tokenizer", "clusters", "eval", "runs", "sweeps", "claims")
@@ -219,9 +223,11 @@ def parse_spec(d: dict, source: str = "spec") -> ExperimentSpec:
     spec.sweeps = [
         _build(SweepSpec, s, f"{source} [[sweeps]] #{i + 1}") for i, s in enumerate(d.get("sweeps", []))
     ]
-    spec.claims = [
+    claims = [
         _build(ClaimSpec, c, f"{source} [[claims]] #{i + 1}") for i, c in enumerate(d.get("claims", []))
     ]
+    # the one normalisation: a claim's default `against` is spelled out, so spec.json names the run
+    spec.claims = [replace(c, against=claim_against(spec, c) or "") for c in claims]
     check_spec(spec, source)
     return spec
 
@@ -252,158 +258,48 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 
 
 def check_spec(spec: ExperimentSpec, source: str) -> None:
-    from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
+    """Check a built spec table by table, in the order a reader meets them; the first mistake is raised,
+    naming its table and key. It only reads the spec (parse_spec does the one normalisation)."""
+    _check_data(spec, source)
+    _check_tokenizer(spec, source)
+    _check_eval(spec, source)
+    _check_clusters(spec, source)
+    _check_runs(spec, source)
+    _check_sweeps(spec, source)
+    _check_seeds(spec, source)
+    _check_contrasts(spec, source)
+    _check_claims(spec, source)
+
+
+def _check_data(spec: ExperimentSpec, source: str) -> None:
+    """`data`: a known dataset, or a folder that exists."""
     from ..data import check_dataset_name
-    from ..gpt import GPT_PRESETS
-    from ..sample import STAGE2_SETTINGS, SampleSettings
-    from ..tokenizer import VQ_PRESETS
-    from ..train import TrainConfig
 
     try:
         check_dataset_name(spec.data)
     except ClusterarError as e:
         raise ClusterarError(f"{source}: data = {spec.data!r}: {e}") from e
+
+
+def _check_tokenizer(spec: ExperimentSpec, source: str) -> None:
+    """[tokenizer]: a tokenizer to train has a known preset and settings TokenizerTrainConfig accepts."""
+    from ..tokenizer import VQ_PRESETS
+
+    if spec.tokenizer.path is not None:
+        return
     preset = tokenizer_config(spec).preset
-    if spec.tokenizer.path is None and preset not in VQ_PRESETS:
+    if preset not in VQ_PRESETS:
         raise ClusterarError(
             f"{source}: unknown tokenizer preset {preset!r}; choose one of {', '.join(VQ_PRESETS)}"
         )
-    if spec.tokenizer.path is None:
-        try:
-            tokenizer_config(spec).check()
-        except ClusterarError as e:
-            raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
-    _validate_eval(spec, source)
-    k = codebook_size(spec)
-    for name, c in spec.clusters.items():
-        if c.method not in CLUSTER_METHODS:
-            raise ClusterarError(
-                f"{source} [clusters.{name}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
-            )
-        if k is not None:
-            try:
-                check_n_clusters(k, c.n, balanced=c.method not in UNEQUAL_METHODS)
-            except ClusterarError as e:
-                raise ClusterarError(f"{source} [clusters.{name}]: n = {c.n}: {e}") from None
-    if not spec.runs:
-        raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
-    train_fields = {f.name for f in fields(TrainConfig)}
-    sampling = [f.name for f in fields(SampleSettings)]
-    reserved = {"method", "clusters", "tokens", "tokenizer", "seed", "device", "init_from"}
-    names = set()
-    for r in spec.runs:
-        where = f"{source} run {r.name!r}"
-        if r.name in names:
-            raise ClusterarError(f"{where}: two runs share this name")
-        _check_start(spec, r, names, where)
-        names.add(r.name)
-        if r.method not in RUN_METHODS:
-            raise ClusterarError(
-                f"{where}: unknown method {r.method!r}; choose one of {', '.join(RUN_METHODS)}"
-            )
-        if r.method in ("iar", "ctf") and r.clusters is None:
-            raise ClusterarError(
-                f"{where}: method {r.method} needs `clusters = NAME` (a [clusters.NAME] table)"
-            )
-        if r.clusters is not None and r.clusters not in spec.clusters:
-            raise ClusterarError(
-                f"{where}: clusters {r.clusters!r} is not defined; defined: {sorted(spec.clusters) or 'none'}"
-            )
-        if r.method == "iar" and r.clusters and spec.clusters[r.clusters].method in UNEQUAL_METHODS:
-            iar = r.train.get("rearrange", spec.train.get("rearrange", True))
-            if iar:
-                raise ClusterarError(
-                    f"{where}: IAR's rearranged ids need equal-size clusters; use balanced or random clusters, "
-                    "or set rearrange = false in the run's train table to use the segment cluster loss"
-                )
-        if r.refiner and r.method != "ctf":
-            raise ClusterarError(f"{where}: a [refiner] table only applies to method ctf")
-        for what, table in (("train", spec.train), ("run train", r.train), ("refiner", r.refiner)):
-            bad = sorted(set(table) - train_fields)
-            if bad:
-                raise ClusterarError(
-                    f"{where}: unknown {what} setting(s) {bad}; known: {sorted(train_fields)}"
-                )
-            check_types(
-                TrainConfig, table, f"{source} [train]" if what == "train" else f"{where} {what} table"
-            )
-            clash = sorted(set(table) & reserved)
-            if clash:
-                raise ClusterarError(f"{where}: {clash} are set by the experiment, not in a train table")
-            model = table.get("model")
-            if model is not None and model not in GPT_PRESETS:
-                raise ClusterarError(
-                    f"{where}: unknown model preset {model!r}; choose one of {', '.join(GPT_PRESETS)}"
-                )
-        bad = sorted(set(r.sample) - set(sampling))
-        if bad:
-            raise ClusterarError(f"{where}: unknown sample setting(s) {bad}; known: {sampling}")
-        if r.method != "ctf" and set(STAGE2_SETTINGS) & set(r.sample):
-            raise ClusterarError(f"{where}: {', '.join(STAGE2_SETTINGS)} are CTF stage-2 settings")
-        try:
-            SampleSettings.for_method(r.method, **sample_settings(spec, r))
-        except ClusterarError as e:
-            raise ClusterarError(f"{where}: {e}") from e
-        try:
-            configs = train_configs(spec, r)
-        except ClusterarError as e:
-            raise ClusterarError(f"{source} {e}") from None
-        for stage, cfg in configs.items():
-            if cfg.restrict_to_cluster and cfg.method != "ctf-refiner":
-                raise ClusterarError(
-                    f"{where} ({stage}): restrict_to_cluster only applies to CTF's refiner (its [refiner] table)"
-                )
-    for s in spec.sweeps:
-        if s.param not in sampling:
-            raise ClusterarError(
-                f"{source} sweep {s.param!r}: sampling sweeps vary one of {sampling}; training "
-                "settings (clusters, lambda, stage-2 size...) are swept by adding [[runs]]"
-            )
-        unknown = sorted(set(s.runs) - names)
-        if unknown:
-            raise ClusterarError(f"{source} sweep {s.param!r}: unknown run(s) {unknown}")
-        if not s.values:
-            raise ClusterarError(f"{source} sweep {s.param!r}: no values")
-        not_ctf = [r.name for r in spec.runs if r.name in s.runs and r.method != "ctf"]
-        if s.param in STAGE2_SETTINGS and not_ctf:
-            raise ClusterarError(
-                f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
-            )
-    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in spec.seeds):
-        raise ClusterarError(f"{source}: seeds must be a list of whole numbers >= 0, got {spec.seeds}")
-    if len(set(spec.seeds)) != len(spec.seeds):
-        raise ClusterarError(f"{source}: seeds {spec.seeds} repeat a seed; list each seed once")
-    for pair in spec.contrasts:
-        if (
-            len(pair) != 2
-            or any(not isinstance(x, str) or x not in names for x in pair)
-            or pair[0] == pair[1]
-        ):
-            raise ClusterarError(
-                f"{source}: contrasts holds [run, against] pairs of two different runs of {sorted(names)}, "
-                f"got {pair!r}"
-            )
-    for c in spec.claims:
-        if not c.against:
-            c.against = reference_run(spec) or ""
-            if not c.against:
-                raise ClusterarError(
-                    f"{source} [[claims]] {c.run}: no baseline run to compare against; add one, or name the "
-                    "run with against = NAME"
-                )
-        for what, name in (("run", c.run), ("against", c.against)):
-            if name not in names:
-                raise ClusterarError(
-                    f"{source} [[claims]]: {what} = {name!r} is not one of the runs {sorted(names)}"
-                )
-        if not c.speedup > 0:
-            raise ClusterarError(
-                f"{source} [[claims]] {c.run}: speedup must be a number > 0, got {c.speedup}"
-            )
+    try:
+        tokenizer_config(spec).check()
+    except ClusterarError as e:
+        raise ClusterarError(f"{source} [tokenizer]: {as_spec_keys(str(e))}") from None
 
 
-def _validate_eval(spec: ExperimentSpec, source: str) -> None:
-    """The [eval] table (checked first: its settings shape every run's snapshots)."""
+def _check_eval(spec: ExperimentSpec, source: str) -> None:
+    """[eval] (checked before the runs: its settings shape every run's snapshots)."""
     ev = spec.eval
     if ev.every_steps < 0 or (ev.every_steps and ev.every_epochs):
         raise ClusterarError(
@@ -430,6 +326,200 @@ def _validate_eval(spec: ExperimentSpec, source: str) -> None:
         )
     if not spec.data.startswith("folder:") and ev.reference not in ("train", "val", "all"):
         raise ClusterarError(f"{source} [eval]: reference is a split of {spec.data}: train, val or all")
+
+
+def _check_clusters(spec: ExperimentSpec, source: str) -> None:
+    """Each [clusters.NAME]: a known method, and a number of clusters the codebook can be split into
+    (when the codebook's size is known before any work)."""
+    from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
+
+    k = codebook_size(spec)
+    for name, c in spec.clusters.items():
+        if c.method not in CLUSTER_METHODS:
+            raise ClusterarError(
+                f"{source} [clusters.{name}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
+            )
+        if k is not None:
+            try:
+                check_n_clusters(k, c.n, balanced=c.method not in UNEQUAL_METHODS)
+            except ClusterarError as e:
+                raise ClusterarError(f"{source} [clusters.{name}]: n = {c.n}: {e}") from None
+
+
+def _check_runs(spec: ExperimentSpec, source: str) -> None:
+    """[[runs]]: at least one, names unique, each run checked against the runs listed before it."""
+    if not spec.runs:
+        raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
+    names: set[str] = set()
+    for r in spec.runs:
+        where = f"{source} run {r.name!r}"
+        if r.name in names:
+            raise ClusterarError(f"{where}: two runs share this name")
+        _check_start(spec, r, names, where)
+        names.add(r.name)
+        _check_run(spec, r, source, where)
+
+
+def _check_run(spec: ExperimentSpec, r: RunSpec, source: str, where: str) -> None:
+    """One run: its method and clusters, its train, refiner and sample tables, and the TrainConfig of each
+    of its stages."""
+    if r.method not in RUN_METHODS:
+        raise ClusterarError(f"{where}: unknown method {r.method!r}; choose one of {', '.join(RUN_METHODS)}")
+    if r.clusters is not None and r.clusters not in spec.clusters:
+        raise ClusterarError(
+            f"{where}: clusters {r.clusters!r} is not defined; defined: {sorted(spec.clusters) or 'none'}"
+        )
+    _check_run_method(spec, r, where)
+    if r.refiner and r.method != "ctf":
+        raise ClusterarError(f"{where}: a [refiner] table only applies to method ctf")
+    for what, table in (("train", spec.train), ("run train", r.train), ("refiner", r.refiner)):
+        _check_train_table(table, what, where, source)
+    _check_run_sample(spec, r, where)
+    try:
+        train_configs(spec, r)
+    except ClusterarError as e:
+        raise ClusterarError(f"{source} {e}") from None
+
+
+def _check_run_method(spec: ExperimentSpec, r: RunSpec, where: str) -> None:
+    """The per-method rules of a run (`Method`'s, worded for spec keys): IAR and CTF need clusters, IAR's
+    rearranged ids equal-size ones, and restrict_to_cluster is for CTF's refiner only."""
+    try:
+        Method.check_clusters_given(
+            r.method,
+            r.clusters is not None,
+            method_key="method",
+            clusters_key="`clusters = NAME` (a [clusters.NAME] table)",
+        )
+        if r.clusters:
+            rearrange = r.train.get("rearrange", spec.train.get("rearrange", True))
+            Method.check_equal_size(
+                r.method,
+                spec.clusters[r.clusters].method,
+                rearrange,
+                no_rearrange="set rearrange = false in the run's train table",
+            )
+    except ClusterarError as e:
+        raise ClusterarError(f"{where}: {e}") from None
+    for stage, (method, table) in run_stages(spec, r).items():
+        try:
+            Method.check_restrict_to_cluster(
+                method,
+                bool(table.get("restrict_to_cluster")),
+                key="restrict_to_cluster",
+                refiner="CTF's refiner (its [refiner] table)",
+            )
+        except ClusterarError as e:
+            raise ClusterarError(f"{where} ({stage}): {e}") from None
+
+
+# TrainConfig fields a run's stage gets from the experiment, never from a train table
+_SET_BY_EXPERIMENT = ("method", "clusters", "tokens", "tokenizer", "seed", "device", "init_from")
+
+
+def _check_train_table(table: dict, what: str, where: str, source: str) -> None:
+    """A train table (`what`: [train], a run's train or refiner table, seen from run `where`): TrainConfig
+    fields of the right type, none that the experiment sets, a known model preset."""
+    from ..gpt import GPT_PRESETS
+    from ..train import TrainConfig
+
+    train_fields = {f.name for f in fields(TrainConfig)}
+    bad = sorted(set(table) - train_fields)
+    if bad:
+        raise ClusterarError(f"{where}: unknown {what} setting(s) {bad}; known: {sorted(train_fields)}")
+    check_types(TrainConfig, table, f"{source} [train]" if what == "train" else f"{where} {what} table")
+    clash = sorted(set(table) & set(_SET_BY_EXPERIMENT))
+    if clash:
+        raise ClusterarError(f"{where}: {clash} are set by the experiment, not in a train table")
+    model = table.get("model")
+    if model is not None and model not in GPT_PRESETS:
+        raise ClusterarError(
+            f"{where}: unknown model preset {model!r}; choose one of {', '.join(GPT_PRESETS)}"
+        )
+
+
+def _check_run_sample(spec: ExperimentSpec, r: RunSpec, where: str) -> None:
+    """A run's sample table: SampleSettings fields, stage-2 ones only for CTF, valid over [eval]'s."""
+    from ..sample import STAGE2_SETTINGS, SampleSettings
+
+    sampling = [f.name for f in fields(SampleSettings)]
+    bad = sorted(set(r.sample) - set(sampling))
+    if bad:
+        raise ClusterarError(f"{where}: unknown sample setting(s) {bad}; known: {sampling}")
+    if r.method != "ctf" and set(STAGE2_SETTINGS) & set(r.sample):
+        raise ClusterarError(f"{where}: {', '.join(STAGE2_SETTINGS)} are CTF stage-2 settings")
+    try:
+        SampleSettings.for_method(r.method, **sample_settings(spec, r))
+    except ClusterarError as e:
+        raise ClusterarError(f"{where}: {e}") from e
+
+
+def _check_sweeps(spec: ExperimentSpec, source: str) -> None:
+    """[[sweeps]]: a sampling setting, over named runs, with values; stage-2 settings over CTF runs only."""
+    from ..sample import STAGE2_SETTINGS, SampleSettings
+
+    sampling = [f.name for f in fields(SampleSettings)]
+    names = {r.name for r in spec.runs}
+    for s in spec.sweeps:
+        if s.param not in sampling:
+            raise ClusterarError(
+                f"{source} sweep {s.param!r}: sampling sweeps vary one of {sampling}; training "
+                "settings (clusters, lambda, stage-2 size...) are swept by adding [[runs]]"
+            )
+        unknown = sorted(set(s.runs) - names)
+        if unknown:
+            raise ClusterarError(f"{source} sweep {s.param!r}: unknown run(s) {unknown}")
+        if not s.values:
+            raise ClusterarError(f"{source} sweep {s.param!r}: no values")
+        not_ctf = [r.name for r in spec.runs if r.name in s.runs and r.method != "ctf"]
+        if s.param in STAGE2_SETTINGS and not_ctf:
+            raise ClusterarError(
+                f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
+            )
+
+
+def _check_seeds(spec: ExperimentSpec, source: str) -> None:
+    """`seeds`: distinct whole numbers >= 0."""
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in spec.seeds):
+        raise ClusterarError(f"{source}: seeds must be a list of whole numbers >= 0, got {spec.seeds}")
+    if len(set(spec.seeds)) != len(spec.seeds):
+        raise ClusterarError(f"{source}: seeds {spec.seeds} repeat a seed; list each seed once")
+
+
+def _check_contrasts(spec: ExperimentSpec, source: str) -> None:
+    """`contrasts`: [run, against] pairs of two different runs."""
+    names = {r.name for r in spec.runs}
+    for pair in spec.contrasts:
+        if (
+            len(pair) != 2
+            or any(not isinstance(x, str) or x not in names for x in pair)
+            or pair[0] == pair[1]
+        ):
+            raise ClusterarError(
+                f"{source}: contrasts holds [run, against] pairs of two different runs of {sorted(names)}, "
+                f"got {pair!r}"
+            )
+
+
+def _check_claims(spec: ExperimentSpec, source: str) -> None:
+    """[[claims]]: a run and the run it is checked against (by default the reference run), a speed-up > 0."""
+    names = {r.name for r in spec.runs}
+    for c in spec.claims:
+        against = claim_against(spec, c)
+        if not against:
+            raise ClusterarError(
+                f"{source} [[claims]] {c.run}: no baseline run to compare against; add one, or name the "
+                "run with against = NAME"
+            )
+        for what, name in (("run", c.run), ("against", against)):
+            if name not in names:
+                raise ClusterarError(
+                    f"{source} [[claims]]: {what} = {name!r} is not one of the runs {sorted(names)}"
+                )
+        if not c.speedup > 0:
+            raise ClusterarError(
+                f"{source} [[claims]] {c.run}: speedup must be a number > 0, got {c.speedup}"
+            )
 
 
 def eval_extractor(spec: ExperimentSpec) -> str:
@@ -512,15 +602,8 @@ def train_configs(
         common["snapshot_every"] = spec.eval.every_epochs
     if spec.eval.every_steps > 0:
         common["snapshot_steps"] = spec.eval.every_steps
-    if run.method != "ctf":
-        stages = {"model": (run.method, {**spec.train, **run.train})}
-    else:
-        stages = {
-            "coarse": ("ctf-coarse", {**spec.train, **run.train}),
-            "refiner": ("ctf-refiner", {**spec.train, **run.refiner}),
-        }
     out = {}
-    for stage, (method, table) in stages.items():
+    for stage, (method, table) in run_stages(spec, run).items():
         try:
             cfg = TrainConfig(**{**table, **common, "method": method})
         except TypeError as e:
@@ -531,6 +614,17 @@ def train_configs(
             raise ClusterarError(f"run {run.name!r} ({stage}): {as_spec_keys(str(e))}") from None
         out[stage] = cfg
     return out
+
+
+def run_stages(spec: ExperimentSpec, run: RunSpec) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The training stages of `run` as {stage: (TrainConfig method, its train table over [train])}: one
+    "model" stage, or CTF's "coarse" (the run's train table) and "refiner" (its refiner table)."""
+    if run.method != "ctf":
+        return {"model": (run.method, {**spec.train, **run.train})}
+    return {
+        "coarse": ("ctf-coarse", {**spec.train, **run.train}),
+        "refiner": ("ctf-refiner", {**spec.train, **run.refiner}),
+    }
 
 
 def sample_settings(spec: ExperimentSpec, run: RunSpec, **overrides: Any) -> dict[str, Any]:
@@ -554,3 +648,8 @@ def sweep_runs(spec: ExperimentSpec, s: SweepSpec) -> list[str]:
 def reference_run(spec: ExperimentSpec) -> str | None:
     """The first baseline run: what every comparison is against."""
     return next((r.name for r in spec.runs if r.method == "baseline"), None)
+
+
+def claim_against(spec: ExperimentSpec, claim: ClaimSpec) -> str | None:
+    """The run a claim is checked against: the one it names, else the reference run (None: neither)."""
+    return claim.against or reference_run(spec)
