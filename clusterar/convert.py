@@ -43,7 +43,9 @@ from .model_file import (
     resolve_model_file,
     save_model,
 )
+from .sample import write_ctf_pipeline
 from .tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
+from .tokens import TokenFile
 
 CONVERT_METHODS = ("iar", "ctf", "baseline")
 HEAD_INITS = ("mean", "lsq")
@@ -220,8 +222,6 @@ def _sequences(
     tokens: str | os.PathLike, tokenizer_fp: str, n: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` random train sequences (first view) and labels of a token file made by the tokenizer."""
-    from .tokens import TokenFile
-
     tf = TokenFile.open(tokens)
     if tf.meta.get("tokenizer_fingerprint") != tokenizer_fp:
         raise ClusterarError(
@@ -318,7 +318,6 @@ def convert(
     ):
         paths[net].parent.mkdir(exist_ok=True)
         save_model(paths[net], stage, dataclasses.replace(info, method=name, id_space=space))
-    from .sample import write_ctf_pipeline
 
     paths["pipeline"] = out / "pipeline.json"
     write_ctf_pipeline(paths["coarse"], paths["refiner"], paths["pipeline"])

@@ -31,6 +31,8 @@ import torch
 
 from .errors import ClusterarError
 from .model_file import MODEL_FILE
+from .sample import STAGE2_SETTINGS, Pipeline, SampleSettings
+from .viz import image_grid
 
 PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_IMAGES = 64  # per request: a grid a person looks at, not a dataset
@@ -67,8 +69,6 @@ def coarse_map(coarse: torch.Tensor, n_clusters: int, side: int) -> np.ndarray:
 
 
 def _grid(images: np.ndarray | torch.Tensor, scale: int) -> Any:
-    from .viz import image_grid
-
     t = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2)
     return image_grid(t, nrow=math.ceil(math.sqrt(t.shape[0])), scale=scale)
 
@@ -77,8 +77,6 @@ class SampleServer:
     """The models and the one lock that sampling goes through; `sample` turns a request into PNGs."""
 
     def __init__(self, sources: list[str | Path], device: str | torch.device = "cpu", **load_kw: Any):
-        from .sample import Pipeline
-
         if not sources:
             raise ClusterarError("serve needs at least one model: a run folder, model file or pipeline JSON")
         self.models: dict[str, Any] = {}
@@ -102,8 +100,6 @@ class SampleServer:
 
     def sample(self, request: dict) -> dict:
         """Check every parameter (a ClusterarError names the bad one), then sample under the lock."""
-        from .sample import SampleSettings
-
         if not isinstance(request, dict):
             raise ClusterarError("the request must be a JSON object")
         name = request.get("model")
@@ -122,8 +118,6 @@ class SampleServer:
                 raise ClusterarError(f"unknown parameter {key!r}")
             overrides[key] = _setting(key, value)
         if pipe.method != "ctf":
-            from .sample import STAGE2_SETTINGS
-
             overrides = {k: v for k, v in overrides.items() if k not in STAGE2_SETTINGS}
         settings = pipe.settings(**overrides)  # checks the values: "temperature must be > 0, got 0.0", ...
         with self.lock:

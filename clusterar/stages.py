@@ -16,7 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .clusters import CodebookClusters
 from .errors import ClusterarError
+from .runtime import pick_device
+from .sample import Pipeline, SampleSettings, describe_settings, make_labels, sample_to_folder
+from .tokenizer import load_tokenizer, tokenizer_fingerprint
+from .tokens import VIEW_NAMES, TokenFile, encode_dataset, resolve_views
 
 
 def encode_splits(
@@ -42,10 +47,6 @@ def encode_splits(
     always encodes, continuing an interrupted file from its partial save). rank / world: this process of a
     torchrun job (torch.distributed initialised); the processes share every split and write one file.
     """
-    from .runtime import pick_device
-    from .tokenizer import load_tokenizer, tokenizer_fingerprint
-    from .tokens import VIEW_NAMES, TokenFile, encode_dataset, resolve_views
-
     model = None
     fp = tokenizer_fingerprint(tokenizer) if reuse else None  # once: a LlamaGen .pt is loaded to hash it
     paths: dict[str, Path] = {}
@@ -97,10 +98,6 @@ def fit_clusters(
     """Cluster a tokenizer's codebook into `n` clusters (kmeans, balanced or random), or import IAR's
     permutation file (`from_iar`, blocks of K / n ids). Returns the CodebookClusters and a record:
     objective, smallest and largest cluster, seconds, and the solver's own figures (`info`)."""
-    from .clusters import CodebookClusters
-    from .runtime import pick_device
-    from .tokenizer import load_tokenizer
-
     if restarts is not None and method not in ("kmeans", "balanced"):
         raise ClusterarError("--restarts applies to --method kmeans and balanced only")
     codebook = load_tokenizer(tokenizer).quantize.embedding.weight.detach()
@@ -160,9 +157,6 @@ def sample_model(
     method whose defaults apply when it is known beforehand (the runner), else the source's own.
     rank / world: this process of a torchrun job; the processes share the batches (sample_to_folder).
     """
-    from .runtime import pick_device
-    from .sample import Pipeline, SampleSettings, describe_settings, make_labels, sample_to_folder
-
     pipe = Pipeline.load(
         source,
         device=pick_device(device),

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from ..compare import fmt_spread, values
+from ..viz import image_grid, plot_image_panels, plot_series
 
 
 def fmt(x: float | None, nd: int = 2) -> str:
@@ -21,8 +25,6 @@ def fmt(x: float | None, nd: int = 2) -> str:
 
 
 def plot_report(data: dict, out: Path) -> None:
-    from ..viz import plot_series
-
     curves = data["curves"]
 
     def pts(cs: list[dict], key: str) -> list[tuple]:  # (x, mean, min, max): a band over seeds
@@ -74,11 +76,6 @@ def plot_report(data: dict, out: Path) -> None:
 def plot_samples(data: dict, out: Path, per_class: int = 6) -> None:
     """samples.png: the first `per_class` samples of every class (one row each) of every run's final model,
     side by side, with its FID."""
-    import numpy as np
-    import torch
-
-    from ..viz import image_grid, plot_image_panels
-
     panels = {}
     for run, cs in data["curves"].items():
         final = cs[-1]

@@ -16,9 +16,17 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
+from ..convert import HEAD_INITS
+from ..data import check_dataset_name
 from ..errors import ClusterarError
-from ..fileio import check_file, file_error
+from ..fileio import check_file, file_error, read_meta
+from ..gpt import GPT_PRESETS
 from ..methods import Method
+from ..sample import STAGE2_SETTINGS, SampleSettings
+from ..tokenizer import VQ_PRESETS, resolve_tokenizer_path, vq_preset
+from ..train import TrainConfig
+from ..train.tokenizer import TokenizerTrainConfig
 
 if typing.TYPE_CHECKING:
     from .runner import SharedInputs
@@ -171,8 +179,6 @@ def _build(cls, d: Any, where: str):
 def _tokenizer_table(d: Any, where: str) -> TokenizerSpec:
     """[tokenizer]: `path`, or TokenizerTrainConfig fields (checked by name and type here, by value in
     check_spec)."""
-    from ..train.tokenizer import TokenizerTrainConfig
-
     if not isinstance(d, dict):
         raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
     d = dict(d)
@@ -193,8 +199,6 @@ def _tokenizer_table(d: Any, where: str) -> TokenizerSpec:
 
 def _eval_table(d: Any, where: str) -> EvalSpec:
     """[eval]: EvalSpec keys, and SampleSettings fields gathered into `sample`."""
-    from ..sample import SampleSettings
-
     if not isinstance(d, dict):
         raise ClusterarError(f"{where} must be a table, got {type(d).__name__}")
     sampling = {f.name for f in fields(SampleSettings)}
@@ -273,8 +277,6 @@ def check_spec(spec: ExperimentSpec, source: str) -> None:
 
 def _check_data(spec: ExperimentSpec, source: str) -> None:
     """`data`: a known dataset, or a folder that exists."""
-    from ..data import check_dataset_name
-
     try:
         check_dataset_name(spec.data)
     except ClusterarError as e:
@@ -283,8 +285,6 @@ def _check_data(spec: ExperimentSpec, source: str) -> None:
 
 def _check_tokenizer(spec: ExperimentSpec, source: str) -> None:
     """[tokenizer]: a tokenizer to train has a known preset and settings TokenizerTrainConfig accepts."""
-    from ..tokenizer import VQ_PRESETS
-
     if spec.tokenizer.path is not None:
         return
     preset = tokenizer_config(spec).preset
@@ -331,8 +331,6 @@ def _check_eval(spec: ExperimentSpec, source: str) -> None:
 def _check_clusters(spec: ExperimentSpec, source: str) -> None:
     """Each [clusters.NAME]: a known method, and a number of clusters the codebook can be split into
     (when the codebook's size is known before any work)."""
-    from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
-
     k = codebook_size(spec)
     for name, c in spec.clusters.items():
         if c.method not in CLUSTER_METHODS:
@@ -420,9 +418,6 @@ _SET_BY_EXPERIMENT = ("method", "clusters", "tokens", "tokenizer", "seed", "devi
 def _check_train_table(table: dict, what: str, where: str, source: str) -> None:
     """A train table (`what`: [train], a run's train or refiner table, seen from run `where`): TrainConfig
     fields of the right type, none that the experiment sets, a known model preset."""
-    from ..gpt import GPT_PRESETS
-    from ..train import TrainConfig
-
     train_fields = {f.name for f in fields(TrainConfig)}
     bad = sorted(set(table) - train_fields)
     if bad:
@@ -440,8 +435,6 @@ def _check_train_table(table: dict, what: str, where: str, source: str) -> None:
 
 def _check_run_sample(spec: ExperimentSpec, r: RunSpec, where: str) -> None:
     """A run's sample table: SampleSettings fields, stage-2 ones only for CTF, valid over [eval]'s."""
-    from ..sample import STAGE2_SETTINGS, SampleSettings
-
     sampling = [f.name for f in fields(SampleSettings)]
     bad = sorted(set(r.sample) - set(sampling))
     if bad:
@@ -456,8 +449,6 @@ def _check_run_sample(spec: ExperimentSpec, r: RunSpec, where: str) -> None:
 
 def _check_sweeps(spec: ExperimentSpec, source: str) -> None:
     """[[sweeps]]: a sampling setting, over named runs, with values; stage-2 settings over CTF runs only."""
-    from ..sample import STAGE2_SETTINGS, SampleSettings
-
     sampling = [f.name for f in fields(SampleSettings)]
     names = {r.name for r in spec.runs}
     for s in spec.sweeps:
@@ -531,8 +522,6 @@ def eval_extractor(spec: ExperimentSpec) -> str:
 def tokenizer_config(spec: ExperimentSpec):
     """The TokenizerTrainConfig of the spec's [tokenizer] table, with the experiment's data, image size,
     seed and device."""
-    from ..train.tokenizer import TokenizerTrainConfig
-
     own = dict(data=spec.data, image_size=spec.image_size, seed=spec.seed, device=spec.device)
     return TokenizerTrainConfig(**{**spec.tokenizer.train, **own, "eval_every": 10**9})
 
@@ -540,9 +529,6 @@ def tokenizer_config(spec: ExperimentSpec):
 def codebook_size(spec: ExperimentSpec) -> int | None:
     """K of the spec's tokenizer, known before any work: the preset's, or the given file's (None if that
     file does not exist yet)."""
-    from ..fileio import read_meta
-    from ..tokenizer import resolve_tokenizer_path, vq_preset
-
     t = spec.tokenizer
     if t.path is None:
         cfg = tokenizer_config(spec)
@@ -558,8 +544,6 @@ def codebook_size(spec: ExperimentSpec) -> int | None:
 
 def _check_start(spec: ExperimentSpec, r: RunSpec, earlier: set[str], where: str) -> None:
     """`start` names an earlier baseline run, and `start_head` a head initialisation of `clusterar.convert`."""
-    from ..convert import HEAD_INITS
-
     if r.start_head not in HEAD_INITS:
         raise ClusterarError(
             f"{where}: start_head must be one of {', '.join(HEAD_INITS)}, got {r.start_head!r}"
@@ -589,8 +573,6 @@ def train_configs(
     Without `inputs` the paths are placeholders: `check_spec` builds the configs this way to check every
     setting before any work starts.
     """
-    from ..train import TrainConfig
-
     tokenizer = str(inputs.tokenizer) if inputs else "<tokenizer>"
     tokens = str(inputs.tokens["train"]) if inputs else "<tokens>"
     clusters = None
@@ -630,16 +612,12 @@ def run_stages(spec: ExperimentSpec, run: RunSpec) -> dict[str, tuple[str, dict[
 def sample_settings(spec: ExperimentSpec, run: RunSpec, **overrides: Any) -> dict[str, Any]:
     """The run's sampling settings over its method's defaults: [eval]'s, then the run's `sample` table,
     then `overrides` (a sweep point); CTF's stage-2 settings only for CTF runs."""
-    from ..sample import STAGE2_SETTINGS
-
     d = {**spec.eval.sample, **run.sample, **overrides}
     return {k: v for k, v in d.items() if run.method == "ctf" or k not in STAGE2_SETTINGS}
 
 
 def sweep_runs(spec: ExperimentSpec, s: SweepSpec) -> list[str]:
     """The runs a sweep applies to: those named, else every run the parameter means something for."""
-    from ..sample import STAGE2_SETTINGS
-
     if s.runs:
         return list(s.runs)
     return [r.name for r in spec.runs if r.method == "ctf" or s.param not in STAGE2_SETTINGS]

@@ -36,6 +36,7 @@ from ..model_file import (
     resolve_model_file,
 )
 from ..tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
+from ..tokens import TokenFile
 from .generate import SampledTokens, SampleSettings, draw_in_cluster, generate, refine
 
 PIPELINE_KIND = "clusterar.pipeline"
@@ -157,8 +158,6 @@ def _unmap_table(
 
 def _code_counts(path: str | None, info: ModelInfo, k: int, source: str, block: int = 4096) -> np.ndarray:
     """How often each of the k codes occurs in a token file (every image and view), read block by block."""
-    from ..tokens import TokenFile
-
     if not path or not Path(path).exists():
         raise ClusterarError(
             f"stage2 = frequency draws codes by their frequency in the training tokens, which {source} records "
