@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import load_state_strict, load_torch_weights
-from .errors import ClusterarError
+from .errors import ClusterarError, config_from_dict
 from .fileio import atomic_path
 from .runtime import num_params
 
@@ -93,11 +93,7 @@ class GPTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> GPTConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ClusterarError(f"unknown GPT config fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "GPT")
 
 
 def _llamagen(dim: int, n_layer: int, n_head: int) -> GPTConfig:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import PT_SUFFIXES, load_state_strict, load_torch_weights
-from .errors import ClusterarError
+from .errors import ClusterarError, config_from_dict
 from .fileio import check_file, expect_kind, file_error, fingerprint, load_tensors, read_meta, save_tensors
 
 
@@ -61,11 +61,7 @@ class VQConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VQConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ClusterarError(f"unknown tokenizer config fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "tokenizer")
 
 
 VQ_PRESETS: dict[str, VQConfig] = {
