@@ -20,7 +20,7 @@ from clusterar.model_file import ModelInfo, load_model, read_model_info, save_mo
 from clusterar.sample import Pipeline
 from clusterar.tokenizer import save_tokenizer
 from clusterar.train import TrainConfig, train, validation_loss
-from tests.test_train import CLASSES, GRID, K, M, seeded_tokenizer, token_file
+from tests.test_train import CLASSES, GRID, K, M, seeded_tokenizer, token_file, tokenizers_and_clusters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,15 +36,7 @@ def _random_model(seed: int = 0, **kw) -> GPT:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("convert")
-    tok, other = seeded_tokenizer(0), seeded_tokenizer(1)
-    save_tokenizer(tok, d / "tok.safetensors")
-    save_tokenizer(other, d / "other.safetensors")
-    w = tok.quantize.embedding.weight.detach()
-    CodebookClusters.fit(w, "balanced", M).save(d / "bal.safetensors")
-    CodebookClusters.fit(w, "kmeans", M).save(d / "km.safetensors")
-    CodebookClusters.fit(other.quantize.embedding.weight.detach(), "kmeans", M).save(
-        d / "other-km.safetensors"
-    )
+    tok, _ = tokenizers_and_clusters(d, other_clusters="kmeans")
     rng = np.random.default_rng(0)
     # tokens with structure to learn: each class repeats its own 4 codes
     labels = rng.integers(0, CLASSES, 48)

@@ -59,21 +59,29 @@ def token_file(path: Path, tok: VQModel, codes: np.ndarray, labels: np.ndarray) 
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("train-data")
+def tokenizers_and_clusters(d: Path, other_clusters: str) -> tuple[VQModel, CodebookClusters]:
+    """Into folder d: tok.safetensors and other.safetensors (two seeded tokenizers), bal.safetensors and
+    km.safetensors (balanced and k-means clusters of tok's codebook), other-bal/other-km.safetensors
+    (`other_clusters` clusters of the other tokenizer's). Returns tok and its k-means clusters."""
     tok, other = seeded_tokenizer(0), seeded_tokenizer(1)
     save_tokenizer(tok, d / "tok.safetensors")
     save_tokenizer(other, d / "other.safetensors")
     w = tok.quantize.embedding.weight.detach()
-    bal = CodebookClusters.fit(w, "balanced", M)
     km = CodebookClusters.fit(w, "kmeans", M)
-    assert not km.is_balanced  # the segment cluster loss and CTF must cope with unequal sizes
-    bal.save(d / "bal.safetensors")
+    CodebookClusters.fit(w, "balanced", M).save(d / "bal.safetensors")
     km.save(d / "km.safetensors")
-    CodebookClusters.fit(other.quantize.embedding.weight.detach(), "balanced", M).save(
-        d / "other-bal.safetensors"
+    suffix = "bal" if other_clusters == "balanced" else "km"
+    CodebookClusters.fit(other.quantize.embedding.weight.detach(), other_clusters, M).save(
+        d / f"other-{suffix}.safetensors"
     )
+    return tok, km
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("train-data")
+    tok, km = tokenizers_and_clusters(d, other_clusters="balanced")
+    assert not km.is_balanced  # the segment cluster loss and CTF must cope with unequal sizes
     rng = np.random.default_rng(0)
     # 64 images, two views, random tokens
     token_file(
@@ -86,7 +94,12 @@ def files(tmp_path_factory) -> dict[str, str]:
     coarse = rng.integers(0, M, (64, 2, GRID * GRID))
     token_file(d / "ctf.safetensors", tok, fine_of[coarse], rng.integers(0, CLASSES, 64))
     # encoded by another tokenizer
-    token_file(d / "other-tokens.safetensors", other, rng.integers(0, K, (16, 1, GRID * GRID)), np.zeros(16))
+    token_file(
+        d / "other-tokens.safetensors",
+        seeded_tokenizer(1),
+        rng.integers(0, K, (16, 1, GRID * GRID)),
+        np.zeros(16),
+    )
     return {
         "tok": str(d / "tok.safetensors"),
         "other": str(d / "other.safetensors"),
