@@ -116,6 +116,12 @@ class TrainConfig:
 
     def check(self) -> None:
         """Check every setting before any file is read, with the flag to fix in the message."""
+        self._check_inputs()
+        self._check_budget()
+        self._check_optimizer()
+        self._check_saves()
+
+    def _check_inputs(self) -> None:
         if not self.tokens:
             raise ClusterarError("--tokens is required: the train token file written by `clusterar encode`")
         if not self.tokenizer:
@@ -129,6 +135,8 @@ class TrainConfig:
                 f"unknown --model preset {self.model!r}; choose one of {', '.join(GPT_PRESETS)}"
             )
         Method.check_clusters_given(self.method, bool(self.clusters))
+
+    def _check_budget(self) -> None:
         if (self.epochs is None) == (self.steps is None):
             raise ClusterarError("give the training budget as exactly one of --epochs or --steps")
         if self.epochs is not None and not self.epochs > 0:
@@ -140,6 +148,8 @@ class TrainConfig:
                 raise ClusterarError(
                     f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
                 )
+
+    def _check_optimizer(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ClusterarError(
                 f"unknown --schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
@@ -156,6 +166,8 @@ class TrainConfig:
                 raise ClusterarError(f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise ClusterarError(f"--ema is a decay in (0, 1), e.g. 0.9999; got {self.ema}")
+
+    def _check_saves(self) -> None:
         if self.snapshot_every is not None and not self.snapshot_every > 0:
             raise ClusterarError(
                 f"--snapshot-every is a positive number of epochs, got {self.snapshot_every}"
