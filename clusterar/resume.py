@@ -28,6 +28,7 @@ from typing import Any
 
 from .errors import ClusterarError
 from .fileio import read_json, write_json
+from .runtime import notice
 
 __all__ = ["Record", "SettingsDiffer", "check_settings", "differences"]
 
@@ -96,8 +97,8 @@ class Record:
     ) -> dict[str, Any] | None:
         """The stored record when it was made with the settings `now`; None when there is none, or when
         the settings differ and the caller starts over (`restart`: True, or the names of the settings
-        whose change is a request to start over), after removing it; otherwise refuse (`SettingsDiffer`,
-        naming `where`, the record's path by default)."""
+        whose change is a request to start over), after saying so and removing it; otherwise refuse
+        (`SettingsDiffer`, naming `where`, the record's path by default)."""
         content = self.read()
         if content is None:
             return None
@@ -105,7 +106,8 @@ class Record:
         if not diff:
             return content
         if restart is True or (restart and set(diff) <= set(restart)):
-            self.path.unlink()
+            notice(f"{self.path}: {', '.join(diff)} changed; starting {self.what} over")
+            self.path.unlink(missing_ok=True)
             return None
         raise SettingsDiffer(where if where is not None else self.path, self.what, diff, self.todo)
 

@@ -14,7 +14,8 @@ V is the number of views per image: 1 (none), 2 (original + horizontal flip, the
 Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json` (every `save_every`
 seconds, 30 by default), and the final file is written by atomic rename only when every image is done. A
 job that stops (an unreadable image, Ctrl-C) before any image is encoded leaves no partial files; one that
-stops later saves its progress and says so, and the same command continues. Images smaller than the image
+stops later saves its progress and says so, and the same command continues; progress saved with other
+settings is refused, naming them (`clusterar.resume`'s policy; `encode_dataset(restart=True)` discards it). Images smaller than the image
 size are upscaled (as ADM and LlamaGen do) and counted in one warning at the end and in the metadata
 (`upscaled`).
 """

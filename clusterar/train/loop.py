@@ -9,8 +9,8 @@ config.json and the trained model file. The rules:
   continues it, and `--resume` in a folder without a checkpoint starts a new run (job scripts can always
   pass it);
 - a resumed run must have the saved run's settings, except the session-only ones and the budget, which
-  may grow to extend a finished run but not fall below the step reached (`check_resumed_settings`,
-  `announce_resume`);
+  may grow to extend a finished run but not fall below the step reached (`check_resumed_settings`, on
+  `clusterar.resume`'s policy, with the checkpoint's config as the record; `announce_resume`);
 - log.jsonl gets one JSON record per logged step, appended and flushed at once; a resumed run first cuts
   it back to the checkpoint's step, so that each step is logged exactly once (`JsonlLog`).
 
