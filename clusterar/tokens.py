@@ -177,7 +177,7 @@ def _check_partial_world(out: Path, world: int) -> None:
         try:
             was = int(json.loads(f.read_text()).get("world", 1))
         except (OSError, ValueError, AttributeError):
-            continue  # unreadable: _read_progress discards it
+            continue  # unreadable: _saved_progress discards it
         if was != world:
             raise ClusterarError(
                 f"{f} holds the progress of an encoding run by {was} process(es), and this one has {world}; "
