@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,16 @@ import torch
 from torch import nn
 
 from .errors import ClusterarError
-from .fileio import check_file, file_error, first_line, load_tensors, save_tensors
+from .fileio import (
+    FileError,
+    check_file,
+    expect_kind,
+    file_error,
+    first_line,
+    load_tensors,
+    read_meta,
+    save_tensors,
+)
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -63,24 +73,44 @@ def save_checkpoint(
     save_tensors(path, tensors, meta)
 
 
+@dataclass
+class Checkpoint:
+    """What a checkpoint restores besides the model weights, which are loaded as it is read."""
+
+    meta: dict[str, Any]  # step, the run's config, ...
+    optimizer: dict[str, Any] | None  # `Optimizer.state_dict` form (parameters by index); None if not kept
+    extra: dict[str, torch.Tensor]  # the run's other tensors (RNG states, EMA weights, code counts)
+
+
+def read_checkpoint(path: str | os.PathLike, model: nn.Module, need_optimizer: bool = True) -> Checkpoint:
+    """THE checkpoint reader: load `save_checkpoint`'s weights into `model` (strictly), return the rest.
+
+    The optimizer state is returned, not loaded, so that a sharded trainer can place it; with
+    `need_optimizer` a checkpoint without one is refused (a run cannot resume from it).
+    """
+    tensors, meta = load_tensors(path, "checkpoint")
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    load_state_strict(model, weights, source=str(path))
+    optimizer = None
+    if "optimizer" in meta:
+        opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        optimizer = _unflatten_optimizer(opt, meta["optimizer"])
+    elif need_optimizer:
+        raise ClusterarError(f"checkpoint {path} has no optimizer state, so the run cannot resume from it")
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return Checkpoint(meta, optimizer, extra)
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Restore model (and optimizer) in place from `save_checkpoint`'s file; return (meta, extra tensors)."""
-    tensors, meta = load_tensors(path, "checkpoint")
-    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-    load_state_strict(model, weights, source=str(path))
+    ckpt = read_checkpoint(path, model, need_optimizer=optimizer is not None)
     if optimizer is not None:
-        if "optimizer" not in meta:
-            raise ClusterarError(
-                f"checkpoint {path} has no optimizer state, so the run cannot resume from it"
-            )
-        opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        optimizer.load_state_dict(_unflatten_optimizer(opt, meta["optimizer"]))
-    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return meta, extra
+        optimizer.load_state_dict(ckpt.optimizer)
+    return ckpt.meta, ckpt.extra
 
 
 def run_checkpoint(
@@ -94,8 +124,6 @@ def run_checkpoint(
     or another kind of file. --resume in a folder without a run starts one, so a job script can always
     pass it.
     """
-    from .fileio import FileError, expect_kind, read_meta
-
     ckpt = Path(ckpt)
     run = ckpt.parent
     if not ckpt.exists() and not ckpt.is_symlink():

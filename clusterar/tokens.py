@@ -14,7 +14,8 @@ V is the number of views per image: 1 (none), 2 (original + horizontal flip, the
 Encoding is resumable: progress goes to `<out>.partial.npy` + `<out>.partial.json` (every `save_every`
 seconds, 30 by default), and the final file is written by atomic rename only when every image is done. A
 job that stops (an unreadable image, Ctrl-C) before any image is encoded leaves no partial files; one that
-stops later saves its progress and says so, and the same command continues. Images smaller than the image
+stops later saves its progress and says so, and the same command continues; progress saved with other
+settings is refused, naming them (`clusterar.resume`'s policy; `encode_dataset(restart=True)` discards it). Images smaller than the image
 size are upscaled (as ADM and LlamaGen do) and counted in one warning at the end and in the metadata
 (`upscaled`).
 """
@@ -25,7 +26,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,9 @@ from .data import (
     view_load_size,
 )
 from .errors import ClusterarError
-from .fileio import expect_kind, mmap_tensor, read_meta, save_tensors, write_json
+from .fileio import FileError, expect_kind, mmap_tensor, read_meta, save_tensors, write_json
 from .killpoints import kill_point
+from .resume import Record, SettingsDiffer
 from .runtime import autocast, notice
 from .tokenizer import VQModel
 
@@ -152,23 +154,6 @@ def write_token_file(
     )
 
 
-def _read_progress(part_state: Path, part_codes: Path) -> dict | None:
-    """The saved state of an interrupted encoding, or None (none, or unreadable: then it starts over)."""
-    if not (part_state.exists() and part_codes.exists()):
-        return None
-    try:
-        state = json.loads(part_state.read_text())
-        np.lib.format.open_memmap(part_codes, mode="r")
-        return (
-            state
-            if isinstance(state, dict) and {"settings", "shape", "done", "skipped"} <= set(state)
-            else None
-        )
-    except (OSError, ValueError) as e:
-        log.warning("discarding partial encoding %s: it cannot be read (%s)", part_codes, e)
-        return None
-
-
 def shard_rows(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
     """Rows [lo, hi) that process `rank` of `world` encodes: a contiguous block of whole batches of the
     one-process order, so that every image is encoded in the very batch one process would use (the same
@@ -193,7 +178,7 @@ def _check_partial_world(out: Path, world: int) -> None:
         try:
             was = int(json.loads(f.read_text()).get("world", 1))
         except (OSError, ValueError, AttributeError):
-            continue  # unreadable: _read_progress discards it
+            continue  # unreadable: _saved_progress discards it
         if was != world:
             raise ClusterarError(
                 f"{f} holds the progress of an encoding run by {was} process(es), and this one has {world}; "
@@ -223,6 +208,87 @@ def resolve_views(data: str, views: str) -> str:
     return views
 
 
+class PartialEncoding(Record):
+    """The state file of an interrupted encoding (`<out>.partial.json`, one per torchrun process): the
+    settings, the shape of the codes file and this process's rows, compared as one record, beside the
+    progress (done, skipped, upscaled)."""
+
+    def settings(self, content: dict[str, Any]) -> dict[str, Any]:
+        shape = content.get("shape") or [0]
+        rows = content.get("rows", [0, shape[0]])  # a state file of before torchrun encodings: all rows
+        return {**(content.get("settings") or {}), "shape": shape, "rows": rows}
+
+
+@dataclass
+class Encoding:
+    """The plan of one process's encoding: what it writes, its rows [lo, hi), and its progress."""
+
+    out: Path
+    settings: dict[str, Any]
+    shape: tuple[int, int, int]  # [N, V, L] of the whole split
+    lo: int
+    hi: int
+    rank: int
+    world: int
+    done: int = 0  # the next row to encode
+    skipped: list[int] = field(default_factory=list)
+    upscaled: dict[int, tuple] = field(default_factory=dict)
+
+    @property
+    def part_codes(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial.npy")
+
+    @property
+    def record(self) -> PartialEncoding:
+        return PartialEncoding(
+            _state_file(self.out, self.rank, self.world),
+            "an interrupted encoding",
+            f"Delete {self.out.name}.partial.* in {self.out.parent} to start over, or encode into another file",
+        )
+
+    def now(self) -> dict[str, Any]:
+        return {**self.settings, "shape": list(self.shape), "rows": [self.lo, self.hi]}
+
+    def save(self, codes: np.ndarray) -> None:
+        """Flush the codes, then the state that vouches for them."""
+        codes.flush()
+        state = {
+            "settings": self.settings,
+            "shape": list(self.shape),
+            "done": self.done,
+            "skipped": self.skipped,
+        }
+        state.update(rows=[self.lo, self.hi], world=self.world)
+        write_json(
+            self.record.path, dict(state, upscaled={str(i): list(s) for i, s in self.upscaled.items()})
+        )
+
+
+def _saved_progress(plan: Encoding, restart: bool) -> tuple[dict | None, str | None]:
+    """This process's saved state when it continues with these settings (`Record.check`); else None, and
+    the refusal's message when the settings differ and `restart` is not given."""
+    record = plan.record
+    if not plan.part_codes.exists() or not record.path.exists():
+        return None, None
+    try:
+        np.lib.format.open_memmap(plan.part_codes, mode="r")
+        state = record.read()
+        if not (isinstance(state, dict) and {"settings", "shape", "done", "skipped"} <= set(state)):
+            return None, None
+        return record.check(plan.now()), None
+    except SettingsDiffer as e:
+        if restart:
+            if plan.rank == 0:
+                log.warning(
+                    "discarding partial encoding %s: it was made with other settings", plan.part_codes
+                )
+            return None, None
+        return None, str(e)
+    except (OSError, ValueError, FileError) as e:
+        log.warning("discarding partial encoding %s: it cannot be read (%s)", plan.part_codes, e)
+        return None, None
+
+
 @torch.no_grad()
 def encode_dataset(
     tokenizer: VQModel,
@@ -238,13 +304,15 @@ def encode_dataset(
     save_every: float = 30.0,
     rank: int = 0,
     world: int = 1,
+    restart: bool = False,
 ) -> TokenFile:
     """Encode one split of a dataset into one token file (resumable; see the module docstring).
 
     views "auto": data.default_views (flips for image folders, none for the bundled digits).
 
     Progress is saved after the first batch that ends `save_every` seconds after the last save (0: after
-    every batch); an interrupted run loses at most that much work.
+    every batch); an interrupted run loses at most that much work. Progress saved with other settings is
+    refused (`clusterar.resume`'s policy), or discarded with a warning given `restart`.
 
     Under torchrun (`world` processes, torch.distributed initialised), process `rank` encodes its block of
     whole batches (`shard_rows`) into the one shared partial file, with a state file of its own; rank 0
@@ -256,9 +324,58 @@ def encode_dataset(
             f"--batch-size and --image-size must be at least 1 and --num-workers >= 0, got {batch_size}, "
             f"{image_size} and {num_workers}"
         )
-    out = Path(out)
-    device = next(tokenizer.parameters()).device
     dataset = load_dataset(data, split, view_load_size(image_size, views), on_error=on_error)
+    plan = _plan_encoding(
+        tokenizer, dataset, data, split, Path(out), image_size, views, batch_size, rank, world
+    )
+    codes = _open_codes(plan, tokenizer, restart)
+    loader = torch.utils.data.DataLoader(
+        WithSourceSizes(dataset, plan.done, plan.hi),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_with_sizes,
+    )
+    tokenizer.eval()
+    bar = tqdm(
+        total=plan.hi - plan.lo,
+        initial=plan.done - plan.lo,
+        desc=f"encode {split}" + (f" (process 0 of {world})" if world > 1 else ""),
+        unit="img",
+        disable=not progress or rank != 0,
+        dynamic_ncols=True,
+    )
+    last_save = time.monotonic()
+    try:
+        with logging_redirect_tqdm():  # warnings (e.g. a converted CMYK file) go above the bar
+            for images, _, ok, sizes in loader:
+                _encode_batch(plan, codes, tokenizer, dataset, images, ok, sizes, views, image_size)
+                bar.update(len(ok))
+                if time.monotonic() - last_save >= save_every:
+                    plan.save(codes)
+                    last_save = time.monotonic()
+                kill_point("encode.batch")
+    except BaseException as e:
+        bar.close()  # ends the bar's line, so the error is printed on a line of its own
+        _stopped(plan, codes, split, e)
+    bar.close()
+    plan.save(codes)
+    return _finish_encoding(plan, codes, dataset, data)
+
+
+def _plan_encoding(
+    tokenizer: VQModel,
+    dataset: Any,
+    data: str,
+    split: str,
+    out: Path,
+    image_size: int,
+    views: str,
+    batch_size: int,
+    rank: int,
+    world: int,
+) -> Encoding:
+    """The settings and the rows of this process (no file read or written yet)."""
     f = tokenizer.config.downsample
     if image_size % f:
         raise ClusterarError(
@@ -266,7 +383,6 @@ def encode_dataset(
         )
     grid = (image_size // f, image_size // f)
     n, v, seq = len(dataset), len(VIEW_NAMES[views]), grid[0] * grid[1]
-    dtype = smallest_dtype(tokenizer.config.codebook_size)
     settings = {
         "tokenizer_fingerprint": tokenizer.fingerprint(),
         "codebook_fingerprint": tokenizer.codebook_fingerprint(),
@@ -280,30 +396,30 @@ def encode_dataset(
         "class_names": dataset.class_names,
         "permutation": None,
     }
-    part_codes = out.with_name(out.name + ".partial.npy")
-    part_state = _state_file(out, rank, world)
-    _check_partial_world(out, world)
     lo, hi = shard_rows(n, batch_size, rank, world)
-    done, skipped, upscaled = lo, [], {}
-    state = _read_progress(part_state, part_codes)
-    resume = (
-        state is not None
-        and state["settings"] == settings
-        and state["shape"] == [n, v, seq]
-        and state.get("rows", [0, n]) == [lo, hi]
-    )
-    if state is not None and not resume and rank == 0:
-        log.warning("discarding partial encoding %s: it was made with other settings", part_codes)
+    return Encoding(out, settings, (n, v, seq), lo, hi, rank, world, done=lo)
+
+
+def _open_codes(plan: Encoding, tokenizer: VQModel, restart: bool) -> np.ndarray:
+    """The partial codes file, continued when every process's saved state matches, else started over
+    (refused when the settings differ and `restart` is not given); memory-mapped for writing."""
+    out, rank, world = plan.out, plan.rank, plan.world
+    _check_partial_world(out, world)
+    state, refused = _saved_progress(plan, restart)
+    resume = state is not None
     if world > 1:  # all resume, or all start over: one stale shard must not leave holes in the file
-        votes: list[bool] = [False] * world
-        dist.all_gather_object(votes, resume)
-        resume = all(votes)
+        votes: list[Any] = [None] * world
+        dist.all_gather_object(votes, (resume, refused))
+        resume = all(r for r, _ in votes)
+        refused = refused or next((f"process {i}: {m}" for i, (_, m) in enumerate(votes) if m), None)
+    if refused:
+        raise ClusterarError(refused)
     if resume:
-        done, skipped = state["done"], state["skipped"]
-        upscaled = {int(i): tuple(size) for i, size in state.get("upscaled", {}).items()}
+        plan.done, plan.skipped = state["done"], state["skipped"]
+        plan.upscaled = {int(i): tuple(size) for i, size in state.get("upscaled", {}).items()}
         if rank == 0:
             notice(
-                f"resuming {out} at image {done - lo} of {hi - lo}"
+                f"resuming {out} at image {plan.done - plan.lo} of {plan.hi - plan.lo}"
                 + (f" (process 0 of {world})" if world > 1 else "")
             )
     elif rank == 0:
@@ -312,81 +428,71 @@ def encode_dataset(
         for f in _state_files(out):
             f.unlink(missing_ok=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(part_codes, mode="w+", dtype=dtype, shape=(n, v, seq)).flush()
+        dtype = smallest_dtype(tokenizer.config.codebook_size)
+        np.lib.format.open_memmap(plan.part_codes, mode="w+", dtype=dtype, shape=plan.shape).flush()
     if world > 1:
         dist.barrier()  # the codes file exists before any other process opens it
-    codes = np.lib.format.open_memmap(part_codes, mode="r+")
+    return np.lib.format.open_memmap(plan.part_codes, mode="r+")
 
-    def save_progress(codes: np.ndarray) -> None:
-        codes.flush()
-        state = {"settings": settings, "shape": [n, v, seq], "done": done, "skipped": skipped}
-        state.update(rows=[lo, hi], world=world)
-        write_json(part_state, dict(state, upscaled={str(i): list(s) for i, s in upscaled.items()}))
 
-    loader = torch.utils.data.DataLoader(
-        WithSourceSizes(dataset, done, hi),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_with_sizes,
-    )
-    tokenizer.eval()
-    last_save = time.monotonic()
-    bar = tqdm(
-        total=hi - lo,
-        initial=done - lo,
-        desc=f"encode {split}" + (f" (process 0 of {world})" if world > 1 else ""),
-        unit="img",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
-    try:
-        # warnings (e.g. a converted CMYK file) go above the bar, each on its own line
-        with logging_redirect_tqdm():
-            for images, _, ok, sizes in loader:
-                rows = np.arange(done, done + len(ok))
-                skipped += [int(r) for r in rows[~ok.numpy()]]
-                side = sizes.min(dim=1).values  # 0: a bundled image, resized by design
-                small = ok & (side > 0) & (side < dataset.image_size)
-                upscaled.update(
-                    {int(rows[j]): tuple(sizes[j].tolist()) for j in torch.nonzero(small).flatten()}
-                )
-                if len(images):
-                    x = make_views(images, views, image_size).flatten(0, 1).to(device)
-                    with autocast(device):
-                        ids = tokenizer.encode(to_float(x))
-                    codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(dtype)
-                done += len(ok)
-                bar.update(len(ok))
-                if time.monotonic() - last_save >= save_every:
-                    save_progress(codes)
-                    last_save = time.monotonic()
-                kill_point("encode.batch")
-    except BaseException as e:
-        bar.close()  # ends the bar's line, so the error is printed on a line of its own
-        if done == lo and world == 1:  # nothing to continue from: leave no partial files behind
-            del codes
-            part_codes.unlink(missing_ok=True)
-            part_state.unlink(missing_ok=True)
-            raise
-        save_progress(codes)
-        if isinstance(e, ClusterarError):
-            raise ClusterarError(
-                f"{e}. The {done - lo} images of {split} encoded before it are kept in {part_codes.name} and "
-                f"{part_state.name}: the same command continues from there (delete both to start over)"
-            ) from e
-        raise
-    bar.close()
-    save_progress(codes)
+def _encode_batch(
+    plan: Encoding,
+    codes: np.ndarray,
+    tokenizer: VQModel,
+    dataset: Any,
+    images: torch.Tensor,
+    ok: torch.Tensor,
+    sizes: torch.Tensor,
+    views: str,
+    image_size: int,
+) -> None:
+    """Encode one batch into its rows of `codes`; note the unreadable and the upscaled images."""
+    _, v, seq = plan.shape
+    rows = np.arange(plan.done, plan.done + len(ok))
+    plan.skipped += [int(r) for r in rows[~ok.numpy()]]
+    side = sizes.min(dim=1).values  # 0: a bundled image, resized by design
+    small = ok & (side > 0) & (side < dataset.image_size)
+    plan.upscaled.update({int(rows[j]): tuple(sizes[j].tolist()) for j in torch.nonzero(small).flatten()})
+    if len(images):
+        device = next(tokenizer.parameters()).device
+        x = make_views(images, views, image_size).flatten(0, 1).to(device)
+        with autocast(device):
+            ids = tokenizer.encode(to_float(x))
+        codes[rows[ok.numpy()]] = ids.reshape(len(images), v, seq).cpu().numpy().astype(codes.dtype)
+    plan.done += len(ok)
+
+
+def _stopped(plan: Encoding, codes: np.ndarray, split: str, e: BaseException) -> None:
+    """An encoding that stops: nothing to continue from leaves no partial files; otherwise its progress
+    is saved and an error says so. Always raises."""
+    if plan.done == plan.lo and plan.world == 1:
+        del codes
+        plan.part_codes.unlink(missing_ok=True)
+        plan.record.path.unlink(missing_ok=True)
+        raise e
+    plan.save(codes)
+    if isinstance(e, ClusterarError):
+        raise ClusterarError(
+            f"{e}. The {plan.done - plan.lo} images of {split} encoded before it are kept in "
+            f"{plan.part_codes.name} and {plan.record.path.name}: the same command continues from there "
+            "(delete both to start over)"
+        ) from e
+    raise e
+
+
+def _finish_encoding(plan: Encoding, codes: np.ndarray, dataset: Any, data: str) -> TokenFile:
+    """Rank 0 writes the token file from every process's rows, then removes the partial files."""
+    out, world = plan.out, plan.world
+    skipped, upscaled = plan.skipped, plan.upscaled
     if world > 1:
         dist.barrier()  # every shard is on disk
-        if rank != 0:
+        if plan.rank != 0:
             del codes
             dist.barrier()  # rank 0 has written the token file
             return TokenFile.open(out)
         skipped, upscaled = _merge_shards(out, world)
-    keep = np.setdiff1d(np.arange(n), np.asarray(skipped, dtype=np.int64))
-    meta = dict(settings, skipped=[dataset.path(i) for i in skipped], upscaled=len(upscaled))
+    keep = np.setdiff1d(np.arange(plan.shape[0]), np.asarray(skipped, dtype=np.int64))
+    meta = dict(plan.settings, skipped=[dataset.path(i) for i in skipped], upscaled=len(upscaled))
     if skipped:
         log.warning(
             "skipped %d unreadable images of %s (listed in the token file's metadata)", len(skipped), data
@@ -398,7 +504,7 @@ def encode_dataset(
     for f in _state_files(out):  # first: a codes file without its state files is never trusted
         f.unlink()
     kill_point("encode.cleanup")
-    part_codes.unlink()
+    plan.part_codes.unlink()
     if world > 1:
         dist.barrier()
     return TokenFile.open(out)

@@ -91,6 +91,34 @@ def test_encode_resumes_from_partial_state(tokenizer, tmp_path):
     assert np.array_equal(np.asarray(again.codes), np.asarray(full.codes))
 
 
+def test_encode_refuses_progress_with_other_settings(tokenizer, tmp_path, caplog):
+    """clusterar.resume's policy: progress saved with other settings is refused, naming them, and
+    discarded (with a warning) only given restart=True."""
+    out = tmp_path / "val.safetensors"
+    full = encode_dataset(tokenizer, "digits", "val", out, image_size=16, views="none", progress=False)
+    np.lib.format.open_memmap(
+        out.with_name(out.name + ".partial.npy"), mode="w+", dtype=full.codes.dtype, shape=full.codes.shape
+    ).flush()
+    settings = {k: v for k, v in full.meta.items() if k not in ("kind", "skipped", "upscaled")}
+    state = {
+        "settings": {**settings, "split": "train"},
+        "shape": list(full.codes.shape),
+        "done": 8,
+        "skipped": [],
+    }
+    out.with_name(out.name + ".partial.json").write_text(json.dumps(state))
+    out.unlink()
+    with pytest.raises(
+        ClusterarError, match=r"other settings.*split: saved 'train', now 'val'.*to start over"
+    ):
+        encode_dataset(tokenizer, "digits", "val", out, image_size=16, views="none", progress=False)
+    again = encode_dataset(
+        tokenizer, "digits", "val", out, image_size=16, views="none", progress=False, restart=True
+    )
+    assert "discarding partial encoding" in caplog.text
+    assert np.array_equal(np.asarray(again.codes), np.asarray(full.codes))
+
+
 def test_ten_crop_views_and_skip_policy(tokenizer, tmp_path):
     root = tmp_path / "imgs"
     for cls in ("cat", "dog"):

@@ -1,7 +1,9 @@
 """Running a spec: each stage once, cached on disk, resumable.
 
-Every stage writes its result atomically and is skipped when the result exists and was produced with the
-same settings; a changed setting is an error naming the stage, never a silent reuse of stale results. The
+Every stage writes its result atomically with its settings (`stage_record`, a `clusterar.resume.Record`)
+and is skipped when the result exists and was produced with the same settings; a changed setting is an
+error naming the stage and the settings, never a silent reuse of stale results (the speed measurement
+alone starts over, saying so, when the final models it measured changed). The
 stages themselves (fit clusters, encode splits, sample a model, score a folder) are `clusterar.stages`, the
 same functions the command line calls; this module adds the caching and the order.
 """
@@ -12,6 +14,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from ..compare import aggregate, check_claim, comparison_table, convergence, ver
 from ..errors import ClusterarError
 from ..fileio import read_json, write_json, write_text_atomic
 from ..killpoints import kill_point
+from ..resume import Record
 from .report import fmt, pct, plot_report, render_report
 from .spec import (
     ExperimentSpec,
@@ -36,21 +40,24 @@ from .spec import (
 )
 
 
-def _stage_done(path: Path, settings: dict, what: str) -> Any | None:
-    """The stored result of a finished stage, None if not finished; refuse results made with other settings."""
-    if not path.exists():
-        return None
-    done = read_json(path, f"{what} record")
-    if done.get("settings") != json.loads(json.dumps(settings)):
-        raise ClusterarError(
-            f"{path} holds the {what} made with other settings than the spec now asks for; delete "
-            f"{path.parent} to redo it, or write the experiment to another --out"
-        )
-    return done["result"]
+def stage_record(path: Path, what: str) -> Record:
+    """The record of a stage's result ({"settings": ..., "result": ...}), refused when the spec now asks
+    for other settings (`clusterar.resume`'s policy)."""
+    todo = f"Delete {path.parent} to redo it, or write the experiment to another --out"
+    return Record(path, f"the {what}", todo)
 
 
-def _stage_save(path: Path, settings: dict, result: Any) -> None:
-    write_json(path, {"settings": settings, "result": result})
+def stage_result(
+    path: Path, settings: dict, what: str, restart: bool | Collection[str] = False
+) -> Any | None:
+    """The stored result of a finished stage, None if not finished; results made with other settings are
+    refused (or, given `restart`, started over)."""
+    done = stage_record(path, what).check(settings, restart)
+    return None if done is None else done["result"]
+
+
+def save_stage(path: Path, settings: dict, result: Any) -> None:
+    stage_record(path, "").write(settings, result=result)
 
 
 def elapsed(t0: float) -> float:
@@ -92,12 +99,9 @@ def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> P
         return resolve_tokenizer_path(spec.tokenizer.path)
     cfg = tokenizer_config(spec)
     tok_dir = out / "tokenizer"
-    saved = tok_dir / "config.json"
-    if saved.exists() and read_json(saved, "tokenizer config")["train"] != asdict(cfg):
-        raise ClusterarError(
-            f"{tok_dir} holds a tokenizer trained with other settings than the spec's [tokenizer]; delete it "
-            "or write the experiment to another --out"
-        )
+    # the tokenizer run's own config.json is its record; a training run in progress resumes on its own rules
+    todo = "Delete it or write the experiment to another --out"
+    Record(tok_dir / "config.json", "a tokenizer", todo, key="train").check(asdict(cfg), where=tok_dir)
     if (tok_dir / TOKENIZER_FILE).exists():
         print(f"tokenizer: reusing {tok_dir / TOKENIZER_FILE}")
     else:
@@ -137,13 +141,16 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
         path = out / "clusters" / f"{name}.safetensors"
         paths[name] = path
         settings = {**asdict(c), "tokenizer": fp}
-        if _stage_done(path.with_suffix(".json"), settings, f"clusters {name}") is not None and path.exists():
+        if (
+            stage_result(path.with_suffix(".json"), settings, f"clusters {name}") is not None
+            and path.exists()
+        ):
             print(f"clusters: reusing {path}")
             continue
         clusters, record = fit_clusters(tokenizer_path, c.method, c.n, seed=c.seed)
         clusters.save(path)
         result = {k: record[k] for k in ("objective", "min_size", "max_size", "seconds")}
-        _stage_save(path.with_suffix(".json"), settings, result)
+        save_stage(path.with_suffix(".json"), settings, result)
         print(
             f"clusters: {name} ({c.method}, {c.n}) objective {clusters.objective:.2f} in {result['seconds']} s"
         )
@@ -173,10 +180,11 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
 
     record = run_dir / "done.json"
     settings = _train_settings(cfg)
-    if record.exists() and _extends(read_json(record, f"{what} record")["settings"], settings):
+    saved = stage_record(record, what).read()
+    if saved is not None and _extends(saved["settings"], settings):
         print(f"train: extending {what} to {cfg.epochs or cfg.steps} {'epochs' if cfg.epochs else 'steps'}")
     else:
-        done = _stage_done(record, settings, what)  # changed settings are refused here
+        done = stage_result(record, settings, what)  # changed settings are refused here
         if done is not None and (run_dir / MODEL_FILE).exists():
             print(f"train: reusing {what} ({run_dir})", flush=True)
             return done
@@ -186,7 +194,7 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
         flush=True,
     )
     summary = train(cfg, run_dir, resume=resume, progress=progress)
-    _stage_save(record, settings, summary)
+    save_stage(record, settings, summary)
     return summary
 
 
@@ -210,7 +218,7 @@ def stage_convert(
         "head": run.start_head,
         "clusters": str(inputs.clusters[run.clusters]) if run.clusters else None,
     }
-    done = _stage_done(record, settings, f"conversion of {run.start} for {run.name}")
+    done = stage_result(record, settings, f"conversion of {run.start} for {run.name}")
     if done is None:
         if folder.exists():  # a conversion killed before its record: redo it
             shutil.rmtree(folder)
@@ -225,7 +233,7 @@ def stage_convert(
             seed=seed,
         )
         done = {k: str(v.relative_to(folder)) for k, v in paths.items()}
-        _stage_save(record, settings, done)
+        save_stage(record, settings, done)
     return {k: folder / v for k, v in done.items() if k != "pipeline"}
 
 
@@ -382,7 +390,7 @@ class Evaluator:
         ev = self.spec.eval
         key, folder = self._where(point, settings)
         record = folder / "eval.json"
-        done = _stage_done(record, key, what)
+        done = stage_result(record, key, what)
         if done is not None:
             return done
         t0 = time.perf_counter()
@@ -432,7 +440,7 @@ class Evaluator:
             "n_reference": metrics["n_reference"],
             "seconds": elapsed(t0),
         }
-        _stage_save(record, key, result)
+        save_stage(record, key, result)
         return result
 
     def ceiling(self, images: dict[str, Path]) -> dict[str, dict]:
@@ -444,7 +452,7 @@ class Evaluator:
         for name, path in images.items():
             key = {"images": str(path), "reference": self.reference, "extractor": self.extractor.fingerprint}
             record = path.with_suffix(".eval.json")
-            done = _stage_done(record, key, f"{name} ceiling evaluation")
+            done = stage_result(record, key, f"{name} ceiling evaluation")
             if done is None:
                 m = evaluate_images(
                     path,
@@ -456,7 +464,7 @@ class Evaluator:
                 )
                 done = {k: m[k] for k in ("fid", "inception_score", "precision", "recall", "class_accuracy")}
                 done["n_samples"] = m["n_samples"]
-                _stage_save(record, key, done)
+                save_stage(record, key, done)
             out[name] = done
         return out
 
@@ -490,7 +498,7 @@ def stage_reconstructions(
         "image_size": spec.image_size,
     }
     record = folder / "images.json"
-    if _stage_done(record, settings, "ceiling images") is not None and all(
+    if stage_result(record, settings, "ceiling images") is not None and all(
         p.exists() for p in paths.values()
     ):
         return paths
@@ -515,7 +523,7 @@ def stage_reconstructions(
     ):
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=np.asarray(lab, dtype=np.int64))
-    _stage_save(record, settings, {k: str(v) for k, v in paths.items()})
+    save_stage(record, settings, {k: str(v) for k, v in paths.items()})
     return paths
 
 
@@ -547,10 +555,11 @@ def stage_speed(
         "device": spec.device,
     }
     record = out / "speed.json"
-    if record.exists():  # a measurement of the current final models: redone when they changed
-        done = read_json(record, "sampling speed record")
-        if done.get("settings") == json.loads(json.dumps(settings)):
-            return done["result"]
+    # a measurement of the final models: measured again, said so, when they changed (runs added, trained
+    # on, or on another device); other settings of the measurement are refused
+    done = stage_result(record, settings, "sampling speed", restart=("runs", "steps", "device"))
+    if done is not None:
+        return done
     device = pick_device(spec.device)
     pipes = {name: Pipeline.load(p.source, device=device) for name, p in points.items()}
     rates: dict[str, list[float]] = {name: [] for name in pipes}
@@ -568,7 +577,7 @@ def stage_speed(
         }
         for name in pipes
     }
-    _stage_save(out / "speed.json", settings, result)
+    save_stage(record, settings, result)
     return result
 
 

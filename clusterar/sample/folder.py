@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..errors import ClusterarError
 from ..fileio import atomic_path, read_json, write_json
 from ..killpoints import kill_point
+from ..resume import Record
 from ..runtime import notice
 from .generate import SampleSettings
 from .pipeline import Pipeline
@@ -121,8 +122,9 @@ def sample_to_folder(
 
     Batch b is drawn with its own seed derived from (seed, b), so every image depends only on the settings:
     finished batches are kept in out/parts/ and an interrupted run continues where it stopped when run
-    again with the same settings; other settings in a non-empty folder are refused. The parts are removed
-    once the .npz is written.
+    again with the same settings; other settings in a non-empty folder are refused (`clusterar.resume`'s
+    policy, with parts/run.json and then sample.json as the record). The parts are removed once the .npz
+    is written.
 
     Under torchrun (`world` processes, torch.distributed initialised) process `rank` draws batches rank,
     rank + world, ...: the same batches with the same seeds, so the samples are the ones one process
@@ -132,7 +134,6 @@ def sample_to_folder(
 
     out = Path(out)
     labels = np.asarray(labels, dtype=np.int64)
-    n = len(labels)
     if batch_size < 1:
         raise ClusterarError(f"--batch-size must be positive, got {batch_size}")
     run = {
@@ -141,80 +142,129 @@ def sample_to_folder(
         "settings": asdict(settings),
         "seed": int(seed),
         "batch_size": int(batch_size),
-        "n": n,
+        "n": len(labels),
         "labels_sha": hashlib.sha256(labels.tobytes()).hexdigest()[:16],
         "device": pipeline.device.type,
         "compile": compile,  # bf16 numerics of a compiled step differ slightly: other draws, same distribution
     }
-    summary_path, parts = out / "sample.json", out / "parts"
+    done = _check_folder(out, run, rank, world)
+    if done is not None:
+        return done
+    timed, reused = [], 0  # (images, seconds) of the batches generated in this session; batches kept
+    for b in tqdm(
+        range(rank, math.ceil(len(labels) / batch_size), world),
+        desc="sampling",
+        unit="batch",
+        disable=not progress or rank != 0,
+    ):
+        lo, hi = b * batch_size, min(len(labels), (b + 1) * batch_size)
+        seconds = _draw_batch(pipeline, labels[lo:hi], b, lo, out, settings, seed, compile, write_images)
+        if seconds is None:
+            reused += 1
+        else:
+            timed.append((hi - lo, seconds))
+    _together(world)  # every batch is on disk
+    timing = _job_timing(timed, reused, rank, world)
+    if timing is None:
+        _together(world)  # rank 0 has written the npz and sample.json
+        return read_json(out / "sample.json", "sample record")
+    _write_samples(out, pipeline.image_size, labels, batch_size, per_class)
+    summary = _summary(run, pipeline, labels, *timing, info=info, write_images=write_images, world=world)
+    write_json(out / "sample.json", summary)
+    kill_point("sample.finish")
+    shutil.rmtree(out / "parts")
+    _together(world)
+    return summary
 
-    def together() -> None:  # every process reaches this point before any goes on
-        if world > 1:
-            dist.barrier()
 
-    for path in (summary_path, parts / "run.json"):
-        if path.exists():
-            old = read_json(path, "sample record")
-            old = old.get("run", old)
-            if old != run:
-                diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
-                raise ClusterarError(
-                    f"{out} holds samples made with other settings (differing: {', '.join(diff)}); delete it or "
-                    "choose another --out"
-                )
-            if path == summary_path:
-                notice(f"{out} is already complete ({n} images with these settings); nothing to do")
-                if parts.exists():  # a run killed between sample.json and removing its parts
-                    shutil.rmtree(parts)
-                return {**read_json(summary_path), "already_complete": True}
-    together()  # every process has read the records before rank 0 writes one
+def _draw_batch(
+    pipeline: Pipeline,
+    labels: np.ndarray,
+    b: int,
+    lo: int,
+    out: Path,
+    settings: SampleSettings,
+    seed: int,
+    compile: bool | str,
+    write_images: bool,
+) -> float | None:
+    """Draw batch `b` (images `lo`...) into parts/ (and images/); return its seconds, None if it was kept."""
+    part = out / "parts" / f"batch-{b:06d}.npy"
+    if part.exists():
+        return None
+    pipeline._sync()
+    t0 = time.perf_counter()
+    images = pipeline.sample(labels, _batch_seed(seed, b), settings=settings, compile=compile).numpy()
+    pipeline._sync()
+    seconds = time.perf_counter() - t0
+    if write_images:
+        for i, img in enumerate(images):
+            _save_png(img, out / "images" / f"{lo + i:06d}.png")
+    with atomic_path(part) as tmp, open(tmp, "wb") as f:
+        np.save(f, images)
+    kill_point("sample.batch")
+    return seconds
+
+
+def _together(world: int) -> None:
+    """Every process reaches this point before any goes on."""
+    if world > 1:
+        dist.barrier()
+
+
+def _records(out: Path) -> tuple[Record, Record]:
+    """A sample folder's records of its settings: sample.json (complete) and parts/run.json (in progress)."""
+    todo = "Delete it or choose another --out"
+    return Record(out / "sample.json", "samples", todo, key="run"), Record(
+        out / "parts" / "run.json", "samples", todo, key=None
+    )
+
+
+def _check_folder(out: Path, run: dict, rank: int, world: int) -> dict | None:
+    """Refuse a folder of samples made with other settings; the summary of one already complete (None
+    otherwise, and then parts/run.json holds this run's settings)."""
+    complete, started = _records(out)
+    for record in (complete, started):
+        if record.check(run, where=out) is not None and record is complete:
+            notice(f"{out} is already complete ({run['n']} images with these settings); nothing to do")
+            if (out / "parts").exists():  # a run killed between sample.json and removing its parts
+                shutil.rmtree(out / "parts")
+            return {**read_json(complete.path), "already_complete": True}
+    _together(world)  # every process has read the records before rank 0 writes one
     if rank == 0:
-        parts.mkdir(parents=True, exist_ok=True)
-        write_json(parts / "run.json", run)
-    together()
-    n_batches = math.ceil(n / batch_size)
-    kept = sum((parts / f"batch-{b:06d}.npy").exists() for b in range(n_batches))
+        started.write(run)
+    _together(world)
+    n_batches = math.ceil(run["n"] / run["batch_size"])
+    kept = sum((out / "parts" / f"batch-{b:06d}.npy").exists() for b in range(n_batches))
     if kept and rank == 0:
         notice(f"resuming {out}: {kept} of {n_batches} batches are already drawn")
-    timed: list[tuple[int, float]] = []  # (images, seconds) of the batches generated in this session
-    reused = 0
-    mine = range(rank, n_batches, world)
-    bar = tqdm(mine, desc="sampling", unit="batch", disable=not progress or rank != 0)
-    for b in bar:
-        part = parts / f"batch-{b:06d}.npy"
-        if part.exists():
-            reused += 1
-            continue
-        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        pipeline._sync()
-        t0 = time.perf_counter()
-        images = pipeline.sample(
-            labels[lo:hi], _batch_seed(seed, b), settings=settings, compile=compile
-        ).numpy()
-        pipeline._sync()
-        timed.append((hi - lo, time.perf_counter() - t0))
-        if write_images:
-            for i, img in enumerate(images):
-                _save_png(img, out / "images" / f"{lo + i:06d}.png")
-        with atomic_path(part) as tmp, open(tmp, "wb") as f:
-            np.save(f, images)
-        kill_point("sample.batch")
-    together()  # every batch is on disk
-    if world > 1:  # this session's figures of every process: throughput of the whole job
-        every: list[Any] = [None] * world
-        dist.all_gather_object(every, (timed, reused))
-        if rank != 0:
-            together()  # rank 0 has written the npz and sample.json
-            return read_json(summary_path, "sample record")
-        # images/s of the job: all images over the slowest process's time
-        seconds_each = [sum(t for _, t in tm) for tm, _ in every]
-        timed = [(sum(k for tm, _ in every for k, _ in tm), max(seconds_each))] if any(seconds_each) else []
-        reused = sum(r for _, r in every)
-    h = w = pipeline.image_size
+    return None
+
+
+def _job_timing(
+    timed: list[tuple[int, float]], reused: int, rank: int, world: int
+) -> tuple[list[tuple[int, float]], int] | None:
+    """This session's (images, seconds) and reused batches of the whole job, on rank 0 (None elsewhere):
+    under torchrun, all images over the slowest process's time."""
+    if world == 1:
+        return timed, reused
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, (timed, reused))
+    if rank != 0:
+        return None
+    seconds_each = [sum(t for _, t in tm) for tm, _ in every]
+    timed = [(sum(k for tm, _ in every for k, _ in tm), max(seconds_each))] if any(seconds_each) else []
+    return timed, sum(r for _, r in every)
+
+
+def _write_samples(out: Path, side: int, labels: np.ndarray, batch_size: int, per_class: bool) -> None:
+    """samples.npz and grid.png from the parts (stacked through a memory-mapped file)."""
+    parts, n = out / "parts", len(labels)
     with atomic_path(out / "samples.npz") as tmp:
-        stack = parts / "all.npy"
-        arr = np.lib.format.open_memmap(stack, mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
-        for b in range(n_batches):
+        arr = np.lib.format.open_memmap(
+            parts / "all.npy", mode="w+", dtype=np.uint8, shape=(n, side, side, 3)
+        )
+        for b in range(math.ceil(n / batch_size)):
             arr[b * batch_size : min(n, (b + 1) * batch_size)] = np.load(parts / f"batch-{b:06d}.npy")
         arr.flush()
         with open(tmp, "wb") as f:
@@ -222,6 +272,21 @@ def sample_to_folder(
         select, nrow = _grid_selection(labels, per_class)
         save_sample_grid(arr, select, nrow, out / "grid.png")
         del arr
+
+
+def _summary(
+    run: dict,
+    pipeline: Pipeline,
+    labels: np.ndarray,
+    timed: list[tuple[int, float]],
+    reused: int,
+    *,
+    info: dict | None,
+    write_images: bool,
+    world: int,
+) -> dict:
+    """sample.json: the run's settings, the pipeline, what was drawn, and this session's speed."""
+    h = w = pipeline.image_size
     seconds = sum(t for _, t in timed)
     done_images = sum(k for k, _ in timed)
     later = timed[1:]  # without the first batch: compilation, CUDA graph capture, allocator warm-up
@@ -229,7 +294,7 @@ def sample_to_folder(
         "run": run,
         **(info or {}),
         "pipeline": pipeline.describe(),
-        "images": n,
+        "images": len(labels),
         "image_shape": [h, w, 3],
         "label_counts": np.bincount(labels, minlength=pipeline.num_classes).tolist(),
         "batches_generated": len(timed),
@@ -244,8 +309,4 @@ def sample_to_folder(
     }
     if world > 1:
         summary["processes"] = world
-    write_json(summary_path, summary)
-    kill_point("sample.finish")
-    shutil.rmtree(parts)
-    together()
     return summary

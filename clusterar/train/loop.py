@@ -9,8 +9,8 @@ config.json and the trained model file. The rules:
   continues it, and `--resume` in a folder without a checkpoint starts a new run (job scripts can always
   pass it);
 - a resumed run must have the saved run's settings, except the session-only ones and the budget, which
-  may grow to extend a finished run but not fall below the step reached (`check_resumed_settings`,
-  `announce_resume`);
+  may grow to extend a finished run but not fall below the step reached (`check_resumed_settings`, on
+  `clusterar.resume`'s policy, with the checkpoint's config as the record; `announce_resume`);
 - log.jsonl gets one JSON record per logged step, appended and flushed at once; a resumed run first cuts
   it back to the checkpoint's step, so that each step is logged exactly once (`JsonlLog`).
 
@@ -34,6 +34,7 @@ import torch
 from ..checkpoints import run_checkpoint
 from ..errors import ClusterarError
 from ..fileio import write_text_atomic
+from ..resume import check_settings
 from ..runtime import notice
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -68,16 +69,14 @@ def check_resumed_settings(
     budget: Sequence[str] = (),
 ) -> None:
     """Refuse to resume with settings other than the saved run's (`saved`: the checkpoint's config;
-    `now`: this session's). Only the `session` fields (how a session runs, not what it computes) and the
-    `budget` fields (to extend a run) may differ."""
-    free = set(session) | set(budget)
-    diff = {k: (saved.get(k), v) for k, v in now.items() if k not in free and saved.get(k) != v}
-    if diff:
-        may = _flags(session) + ([f"{' or '.join(_flags(budget))} (to extend a run)"] if budget else [])
-        raise ClusterarError(
-            f"cannot resume {ckpt}: settings differ from the saved run (saved, now): {diff}. Only "
-            f"{', '.join(may) or 'nothing'} may change; start a new run folder (--out) for other settings"
-        )
+    `now`: this session's), under `clusterar.resume`'s policy. Only the `session` fields (how a session
+    runs, not what it computes) and the `budget` fields (to extend a run) may differ."""
+    may = _flags(session) + ([f"{' or '.join(_flags(budget))} (to extend a run)"] if budget else [])
+    todo = (
+        f"Only {', '.join(may) or 'nothing'} may change when resuming; start a new run folder (--out) for "
+        "other settings"
+    )
+    check_settings(ckpt, "a run", saved, now, todo, free=(*session, *budget))
 
 
 def announce_resume(

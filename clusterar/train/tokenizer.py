@@ -184,6 +184,103 @@ def reconstruction_grid(
     save_grid(torch.cat(rows).cpu(), path, nrow=per_row, scale=max(1, 128 // x8.shape[-1]))
 
 
+class TokenizerRun:
+    """One session of a tokenizer run: the plan (`__init__`: folder rules, data, model, optimizer, the
+    checkpoint's state on resume), one optimizer step (`step_once`), the checkpoint (`save`)."""
+
+    def __init__(self, cfg: TokenizerTrainConfig, out: Path, resume: bool):
+        self.cfg, self.out, self.ckpt = cfg, out, out / CHECKPOINT
+        self.device = device = pick_device(cfg.device)
+        check_run_folder(self.ckpt, CHECKPOINT_KIND, resume, TOKENIZER_FILE, "tokenizer run")
+        self.train = load_dataset(cfg.data, "train", cfg.image_size, on_error=cfg.on_error)
+        self.val = load_dataset(cfg.data, "val", cfg.image_size, on_error=cfg.on_error)
+        if len(self.train) < cfg.batch_size:
+            raise ClusterarError(
+                f"--batch-size {cfg.batch_size} is larger than the train split ({len(self.train)} images)"
+            )
+        self.model_cfg = model_cfg = vq_preset(cfg.preset, codebook_size=cfg.codebook_size)
+        if cfg.image_size % model_cfg.downsample:
+            raise ClusterarError(
+                f"--image-size {cfg.image_size} is not a multiple of the preset's downsampling factor "
+                f"{model_cfg.downsample}"
+            )
+        torch.manual_seed(cfg.seed)
+        self.model = VQModel(model_cfg).to(device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+        self.schedule = cfg.lr_schedule()
+        self.step = 0
+        self.counts = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)
+        if resume and self.ckpt.exists():
+            self._resume()
+        elif resume:
+            say_new_run(out)
+        self.order = BatchOrder(len(self.train), cfg.batch_size, cfg.seed, stride=DATA_STRIDE)
+        self.last_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (images, reconstructions)
+
+    def _resume(self) -> None:
+        """The checkpoint's weights, optimizer, step and code counts, once its settings are checked."""
+        cfg, ckpt = self.cfg, self.ckpt
+        meta, extra = load_checkpoint(ckpt, self.model, self.opt)
+        saved = meta["train_config"]
+        check_resumed_settings(ckpt, saved, asdict(cfg), budget=("steps",))
+        self.step, self.counts = meta["step"], extra["code_counts"].to(self.device)
+        announce_resume(self.out, ckpt, self.step, cfg.steps, saved.get("steps"), self.schedule, ("steps",))
+
+    def step_once(self) -> dict:
+        """One optimizer step, then the dead-code restart when a window ends; return its log record
+        (without the batch's PSNR, `batch_psnr`, computed only for the records written)."""
+        cfg, model, opt, step = self.cfg, self.model, self.opt, self.step
+        epoch, idx = step // self.order.per_epoch, self.order(step)
+        model.train()
+        lr = self.schedule.at(step, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = to_float(fetch(self.train, idx).to(self.device))
+        with autocast(self.device):
+            latents = model.latents(x)
+            z_q, ids, q_losses = model.quantize(latents)
+            recon = model.decoder(model.post_quant_conv(z_q))
+        parts = vq_loss(x, recon, q_losses)
+        if not torch.isfinite(parts["loss"]):
+            raise ClusterarError(
+                f"tokenizer loss became {parts['loss'].item()} at step {step}; the last good checkpoint is "
+                f"kept in {self.ckpt}. Lower --lr and resume with --resume."
+            )
+        opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        parts = {k: v.detach() for k, v in parts.items()}
+        opt.step()
+        self.counts += torch.bincount(ids.flatten(), minlength=self.counts.numel())
+        self.step += 1
+        rec = {"step": self.step, "epoch": epoch, "lr": lr, **self._restart(latents)}
+        rec.update({k: round(v.item(), 6) for k, v in parts.items()})
+        rec["images"] = len(idx)
+        self.last_batch = (x, recon.detach())
+        return rec
+
+    def batch_psnr(self) -> float:
+        """The PSNR of the last step's reconstructions of its batch (for the log)."""
+        x, recon = self.last_batch
+        return round(float(psnr(to_uint8(recon.float()), to_uint8(x)).mean()), 3)
+
+    def _restart(self, latents: torch.Tensor) -> dict:
+        """At the end of a restart window: re-seed the dead codes (until `restart_until`); say how many."""
+        cfg, step = self.cfg, self.step
+        if not (cfg.restart_every and step % cfg.restart_every == 0):
+            return {}
+        window_usage = float((self.counts > 0).float().mean())
+        restarted = 0
+        if step < cfg.restart_until * cfg.steps:
+            gen = torch.Generator().manual_seed(linear_seed(cfg.seed, RESTART_STRIDE, step))
+            restarted = restart_dead_codes(self.model, self.opt, self.counts, latents.detach(), gen)
+        self.counts.zero_()
+        return {"window_usage": round(window_usage, 4), "restarted": restarted}
+
+    def save(self) -> None:
+        meta = {"kind": CHECKPOINT_KIND, "step": self.step, "train_config": asdict(self.cfg)}
+        save_checkpoint(self.ckpt, self.model, self.opt, meta, extra={"code_counts": self.counts})
+
+
 def train_tokenizer(
     cfg: TokenizerTrainConfig,
     out: str | Path,
@@ -198,103 +295,36 @@ def train_tokenizer(
     """
     cfg.check()
     out = Path(out)
-    device = pick_device(cfg.device)
-    ckpt = out / CHECKPOINT
-    check_run_folder(ckpt, CHECKPOINT_KIND, resume, TOKENIZER_FILE, "tokenizer run")
-    train = load_dataset(cfg.data, "train", cfg.image_size, on_error=cfg.on_error)
-    val = load_dataset(cfg.data, "val", cfg.image_size, on_error=cfg.on_error)
-    if len(train) < cfg.batch_size:
-        raise ClusterarError(
-            f"--batch-size {cfg.batch_size} is larger than the train split ({len(train)} images)"
-        )
-    model_cfg = vq_preset(cfg.preset, codebook_size=cfg.codebook_size)
-    if cfg.image_size % model_cfg.downsample:
-        raise ClusterarError(
-            f"--image-size {cfg.image_size} is not a multiple of the preset's downsampling factor {model_cfg.downsample}"
-        )
-    torch.manual_seed(cfg.seed)
-    model = VQModel(model_cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-    schedule = cfg.lr_schedule()
-    step = 0
-    counts = torch.zeros(model_cfg.codebook_size, dtype=torch.long, device=device)
-    if resume and ckpt.exists():
-        meta, extra = load_checkpoint(ckpt, model, opt)
-        saved = meta["train_config"]
-        check_resumed_settings(ckpt, saved, asdict(cfg), budget=("steps",))
-        step, counts = meta["step"], extra["code_counts"].to(device)
-        announce_resume(out, ckpt, step, cfg.steps, saved.get("steps"), schedule, budget=("steps",))
-    elif resume:
-        say_new_run(out)
+    run = TokenizerRun(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"train": asdict(cfg), "model": model_cfg.to_dict()})
-    log = JsonlLog(out / LOG_FILE, step)
-    order = BatchOrder(len(train), cfg.batch_size, cfg.seed, stride=DATA_STRIDE)
-    bar = tqdm(total=cfg.steps, initial=step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
+    write_json(out / "config.json", {"train": asdict(cfg), "model": run.model_cfg.to_dict()})
+    log = JsonlLog(out / LOG_FILE, run.step)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
     tic, seen = time.perf_counter(), 0
-    stopping = step < cfg.steps and stop_at is not None  # a session that may end at stop_at
+    stopping = run.step < cfg.steps and stop_at is not None  # a session that may end at stop_at
     try:
-        while step < cfg.steps and step != stop_at:
-            epoch, idx = step // order.per_epoch, order(step)
-            model.train()
-            lr = schedule.at(step, cfg.steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = to_float(fetch(train, idx).to(device))
-            with autocast(device):
-                latents = model.latents(x)
-                z_q, ids, q_losses = model.quantize(latents)
-                recon = model.decoder(model.post_quant_conv(z_q))
-            parts = vq_loss(x, recon, q_losses)
-            if not torch.isfinite(parts["loss"]):
-                raise ClusterarError(
-                    f"tokenizer loss became {parts['loss'].item()} at step {step}; the last good checkpoint is "
-                    f"kept in {ckpt}. Lower --lr and resume with --resume."
-                )
-            opt.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            parts = {k: v.detach() for k, v in parts.items()}
-            opt.step()
-            counts += torch.bincount(ids.flatten(), minlength=counts.numel())
-            step += 1
-            seen += len(idx)
-            restarted, window_usage = 0, None
-            if cfg.restart_every and step % cfg.restart_every == 0:
-                window_usage = float((counts > 0).float().mean())
-                if step < cfg.restart_until * cfg.steps:
-                    gen = torch.Generator().manual_seed(linear_seed(cfg.seed, RESTART_STRIDE, step))
-                    restarted = restart_dead_codes(model, opt, counts, latents.detach(), gen)
-                counts.zero_()
-            if step % cfg.log_every == 0 or step == cfg.steps or window_usage is not None:
-                rec = {"step": step, "epoch": epoch, "lr": lr}
-                if window_usage is not None:
-                    rec.update(window_usage=round(window_usage, 4), restarted=restarted)
-                rec.update({k: round(v.item(), 6) for k, v in parts.items()})
-                rec["batch_psnr"] = round(
-                    float(psnr(to_uint8(recon.detach().float()), to_uint8(x)).mean()), 3
-                )
+        while run.step < cfg.steps and run.step != stop_at:
+            rec = run.step_once()
+            step, seen = run.step, seen + rec.pop("images")
+            if step % cfg.log_every == 0 or step == cfg.steps or "window_usage" in rec:
+                rec["batch_psnr"] = run.batch_psnr()
                 rec["img_per_s"] = round(seen / (time.perf_counter() - tic), 1)
                 rec["elapsed_s"] = round(time.perf_counter() - tic, 1)
                 log.write(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['batch_psnr']:.1f}")
             if step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = evaluate_tokenizer(model, val, device)
+                ev = evaluate_tokenizer(run.model, run.val, run.device)
                 log.write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
             kill_point("tokenizer.step")
             if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
-                meta = {
-                    "kind": CHECKPOINT_KIND,
-                    "step": step,
-                    "train_config": asdict(cfg),
-                }
-                save_checkpoint(ckpt, model, opt, meta, extra={"code_counts": counts})
+                run.save()
             bar.update(1)
     finally:
         bar.close()
         log.close()
-    if stopping and step == stop_at:
+    if stopping and run.step == stop_at:
         return None
-    return finalize(model, cfg, out, train, val, device, train_seconds=time.perf_counter() - tic)
+    return finalize(run.model, cfg, out, run.train, run.val, run.device, time.perf_counter() - tic)
 
 
 def finalize(

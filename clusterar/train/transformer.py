@@ -35,14 +35,13 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ..checkpoints import _unflatten_optimizer, load_state_strict, save_checkpoint
+from ..checkpoints import Checkpoint, load_state_strict, read_checkpoint, save_checkpoint
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
 from ..fileio import load_tensors, write_json
@@ -290,15 +289,6 @@ def _normalised(cfg: TrainConfig) -> dict:
 # ----------------------------------------------------------------------------- the run
 
 
-@dataclass
-class Resumed:
-    """What a checkpoint restores besides the weights, which are loaded into the model as it is read."""
-
-    meta: dict[str, Any]  # step, elapsed time, the run's config, ...
-    optimizer: dict[str, Any]  # `Optimizer.state_dict` form, keyed by index in `Trainer.opt_names` order
-    extra: dict[str, torch.Tensor]  # the EMA weights ("ema.NAME"), if the run keeps them
-
-
 class Trainer:
     """One training session. The constructor sets everything up (inputs, sizes, model, optimizer and EMA,
     restored from the checkpoint on resume); `fit` runs the loop. `train` below is the entry point."""
@@ -342,7 +332,7 @@ class Trainer:
         decay = [n for n, p in bare.named_parameters() if p.dim() >= 2]
         nodecay = [n for n, p in bare.named_parameters() if p.dim() < 2]
         self.opt_names = decay + nodecay  # the optimizer's index order
-        saved = self._read_checkpoint(bare) if resume and self.ckpt.exists() else None
+        saved = read_checkpoint(self.ckpt, bare) if resume and self.ckpt.exists() else None
         if saved is None and self.init_from is not None:
             tensors, _ = load_tensors(self.init_from, "--init-from model")
             load_state_strict(bare, tensors, str(self.init_from))
@@ -357,19 +347,13 @@ class Trainer:
         self.opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=BETAS, fused=self.par.fused_optimizer or None)
         self.step, self.elapsed_before = 0, 0.0
         self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
-        if saved is not None:
-            self.par.load_optimizer(self.opt, saved.optimizer, self.opt_names)
-            self._check_resume(saved.meta)
-            self.step = self.saved_step = int(saved.meta["step"])
-            self.elapsed_before = float(saved.meta.get("elapsed", 0.0))
-            self._say_resumed(saved.meta)
-        elif resume and di.main:
-            say_new_run(out)
         self.ema: list[torch.Tensor] | None = None
         if cfg.ema is not None:
             self.ema = [p.detach().clone() for p in self.params]
-            if saved is not None and saved.extra:
-                self._load_ema(saved.extra)
+        if saved is not None:
+            self._resume_from(saved)
+        elif resume and di.main:
+            say_new_run(out)
         self.model, self.loss_fn = self.par.wrap(bare), self.method.loss
         if cfg.compile:
             # Static shapes (they never change in a run), and a fresh cache: a process that trains several
@@ -424,19 +408,15 @@ class Trainer:
             self.par.barrier()
         check_run_folder(self.ckpt, CHECKPOINT_KIND, resume, MODEL_FILE, "training run")
 
-    def _read_checkpoint(self, bare: GPT) -> Resumed:
-        """Load the checkpoint's weights into the unplaced model; return the rest."""
-        tensors, meta = load_tensors(self.ckpt, "checkpoint")
-        load_state_strict(
-            bare, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, str(self.ckpt)
-        )
-        if "optimizer" not in meta:
-            raise ClusterarError(
-                f"checkpoint {self.ckpt} has no optimizer state, so the run cannot resume from it"
-            )
-        optim = {k: v for k, v in tensors.items() if k.startswith("optim.")}
-        extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return Resumed(meta, _unflatten_optimizer(optim, meta["optimizer"]), extra)
+    def _resume_from(self, saved: Checkpoint) -> None:
+        """Continue the checkpoint's run: its settings checked, its optimizer, step, time and EMA taken."""
+        self.par.load_optimizer(self.opt, saved.optimizer, self.opt_names)
+        self._check_resume(saved.meta)
+        self.step = self.saved_step = int(saved.meta["step"])
+        self.elapsed_before = float(saved.meta.get("elapsed", 0.0))
+        self._say_resumed(saved.meta)
+        if self.ema is not None and saved.extra:
+            self._load_ema(saved.extra)
 
     def _check_resume(self, meta: dict) -> None:
         check_resumed_settings(
@@ -619,27 +599,8 @@ class Trainer:
 
     def fit(self, stop_at: int | None, progress: bool) -> dict:
         """Train from `self.step` to the budget (or to `stop_at`, with a checkpoint); return the summary."""
-        cfg, di, out = self.cfg, self.di, self.out
-        log = None
-        if di.main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(
-                out / "config.json",
-                {
-                    "train": asdict(cfg),
-                    "model": self.model_config.to_dict(),
-                    "info": {k: v for k, v in self.info().to_dict().items() if k not in ("step", "epoch")},
-                    "params": num_params(self.bare),
-                    "world_size": di.world,
-                    "global_batch": self.global_batch,
-                    "steps_per_epoch": self.per_epoch,
-                    "total_steps": self.total,
-                },
-            )
-            log = JsonlLog(out / LOG_FILE, self.step)
-        snap_every = cfg.snapshot_steps
-        if cfg.snapshot_every is not None:
-            snap_every = max(1, round(cfg.snapshot_every * self.per_epoch))
+        cfg, di = self.cfg, self.di
+        log = self._start_folder()
         end = min(self.total, stop_at) if stop_at is not None else self.total
         bar = tqdm(
             total=self.total,
@@ -649,44 +610,86 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.tic, self.paused = time.perf_counter(), 0.0
-        start_step, window_tic, window_start = self.step, self.tic, self.step
+        start_step, window = self.step, [self.tic, self.step]  # the tokens/s window: (start time, step)
         last: dict[str, float] = {}
         try:
             while self.step < end:
-                nxt = self.step + 1
-                want = nxt % cfg.log_every == 0 or nxt == end
+                want = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == end
                 rec = self.train_step(self.order(self.step), want)
                 bar.update(1)
                 if want:
-                    now = time.perf_counter()
-                    rate = (self.step - window_start) * self.tokens_per_step / max(now - window_tic, 1e-9)
-                    window_tic, window_start = now, self.step
-                    last = {"step": self.step, "epoch": round(self.step / self.per_epoch, 4)}
-                    last.update({k: round(v, 6) for k, v in rec.items() if k != "lr"})
-                    last.update(lr=rec["lr"], tokens_per_s=round(rate, 1), elapsed=self.elapsed())
-                    if log is not None:
-                        log.write(last)
+                    last = self._log_step(rec, window, log)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}")
                 kill_point("train.step")
-                snap = snap_every is not None and (self.step % snap_every == 0 or self.step == self.total)
-                ckpt = self.step % cfg.ckpt_every == 0 or self.step == end
-                if ckpt or snap:
-                    t0 = time.perf_counter()
-                    self.check_finite()
-                    # The snapshot before the checkpoint: a run resumed from a checkpoint has every
-                    # snapshot up to it (a kill in between repeats steps that rewrite the same file).
-                    if snap:
-                        path = out / SNAPSHOT_DIR / f"model-step{self.step:07d}.safetensors"
-                        self.write_model(path)
-                    if ckpt:
-                        self.save()
-                        self.saved_step = self.step
-                    self.paused += time.perf_counter() - t0
-                    window_tic += time.perf_counter() - t0
+                window[0] += self._save_due(end)
         finally:
             bar.close()
             if log is not None:
                 log.close()
+        return self._finish(start_step, last)
+
+    def _start_folder(self) -> JsonlLog | None:
+        """config.json and the session's log (rank 0; None elsewhere)."""
+        cfg, di, out = self.cfg, self.di, self.out
+        if not di.main:
+            return None
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(
+            out / "config.json",
+            {
+                "train": asdict(cfg),
+                "model": self.model_config.to_dict(),
+                "info": {k: v for k, v in self.info().to_dict().items() if k not in ("step", "epoch")},
+                "params": num_params(self.bare),
+                "world_size": di.world,
+                "global_batch": self.global_batch,
+                "steps_per_epoch": self.per_epoch,
+                "total_steps": self.total,
+            },
+        )
+        return JsonlLog(out / LOG_FILE, self.step)
+
+    def _log_step(self, rec: dict[str, float], window: list[float], log: JsonlLog | None) -> dict[str, float]:
+        """The log record of the step just taken (tokens/s over the `window` since the last one)."""
+        now = time.perf_counter()
+        rate = (self.step - window[1]) * self.tokens_per_step / max(now - window[0], 1e-9)
+        window[:] = [now, self.step]
+        last = {"step": self.step, "epoch": round(self.step / self.per_epoch, 4)}
+        last.update({k: round(v, 6) for k, v in rec.items() if k != "lr"})
+        last.update(lr=rec["lr"], tokens_per_s=round(rate, 1), elapsed=self.elapsed())
+        if log is not None:
+            log.write(last)
+        return last
+
+    def _snapshot_every(self) -> int | None:
+        """Steps between snapshots (--snapshot-every in epochs, or --snapshot-steps), None for none."""
+        if self.cfg.snapshot_every is not None:
+            return max(1, round(self.cfg.snapshot_every * self.per_epoch))
+        return self.cfg.snapshot_steps
+
+    def _save_due(self, end: int) -> float:
+        """The snapshot and checkpoint due at this step, if any; return the seconds they took."""
+        every = self._snapshot_every()
+        snap = every is not None and (self.step % every == 0 or self.step == self.total)
+        ckpt = self.step % self.cfg.ckpt_every == 0 or self.step == end
+        if not (ckpt or snap):
+            return 0.0
+        t0 = time.perf_counter()
+        self.check_finite()
+        # The snapshot before the checkpoint: a run resumed from a checkpoint has every snapshot up to it
+        # (a kill in between repeats steps that rewrite the same file).
+        if snap:
+            self.write_model(self.out / SNAPSHOT_DIR / f"model-step{self.step:07d}.safetensors")
+        if ckpt:
+            self.save()
+            self.saved_step = self.step
+        took = time.perf_counter() - t0
+        self.paused += took
+        return took
+
+    def _finish(self, start_step: int, last: dict[str, float]) -> dict:
+        """Curves (rank 0) and the session's summary."""
+        cfg, di, out = self.cfg, self.di, self.out
         train_s = time.perf_counter() - self.tic - self.paused
         if di.main:
             records = read_log(out / LOG_FILE)
