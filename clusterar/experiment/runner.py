@@ -10,8 +10,10 @@ same functions the command line calls; this module adds the caching and the orde
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Collection
@@ -19,11 +21,25 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm.auto import tqdm
+
 from ..compare import aggregate, check_claim, comparison_table, convergence, verdict_pairs, verdicts
+from ..convert import convert
+from ..data import load_dataset, to_uint8
 from ..errors import ClusterarError
-from ..fileio import read_json, write_json, write_text_atomic
+from ..fileio import atomic_path, read_json, read_meta, write_json, write_text_atomic
 from ..killpoints import kill_point
+from ..metrics import evaluate_images, make_extractor, open_images
+from ..model_file import MODEL_FILE, read_model_info
 from ..resume import Record
+from ..runtime import describe_machine, pick_device
+from ..sample import Pipeline, SampleSettings, make_labels, write_ctf_pipeline
+from ..stages import encode_splits, fit_clusters, sample_model
+from ..tokenizer import TOKENIZER_FILE, load_tokenizer, resolve_tokenizer_path, tokenizer_fingerprint
+from ..tokens import TokenFile
+from ..train import BUDGET_FIELDS, CHECKPOINT, SESSION_FIELDS, SNAPSHOT_DIR, train, validation_loss
+from ..train.tokenizer import train_tokenizer
 from .report import fmt, pct, plot_report, render_report
 from .spec import (
     ExperimentSpec,
@@ -92,9 +108,6 @@ class InvocationClock:
 
 def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> Path:
     """Train the spec's tokenizer (or take the given one); return the path of tokenizer.safetensors."""
-    from ..tokenizer import TOKENIZER_FILE, resolve_tokenizer_path
-    from ..train.tokenizer import CHECKPOINT, train_tokenizer
-
     if spec.tokenizer.path is not None:
         return resolve_tokenizer_path(spec.tokenizer.path)
     cfg = tokenizer_config(spec)
@@ -115,8 +128,6 @@ def stage_tokens(
 ) -> dict[str, Path]:
     """One token file per split (train with the data's default views, val without), reused when made by
     this tokenizer with those views."""
-    from ..stages import encode_splits
-
     views = {"train": "auto", "val": "none"}
     return encode_splits(
         tokenizer_path,
@@ -132,9 +143,6 @@ def stage_tokens(
 
 def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dict[str, Path]:
     """Fit every [clusters.NAME] table on the tokenizer's codebook, once."""
-    from ..stages import fit_clusters
-    from ..tokenizer import tokenizer_fingerprint
-
     paths: dict[str, Path] = {}
     fp = tokenizer_fingerprint(tokenizer_path)
     for name, c in spec.clusters.items():
@@ -167,17 +175,12 @@ class SharedInputs:
 
 
 def _train_settings(cfg: Any) -> dict:
-    from ..train import SESSION_FIELDS
-
     return {k: v for k, v in asdict(cfg).items() if k not in SESSION_FIELDS}
 
 
 def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
     """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint, a
     finished one on a constant schedule trains on when its budget grew (`_extends`)."""
-    from ..model_file import MODEL_FILE
-    from ..train import CHECKPOINT, train
-
     record = run_dir / "done.json"
     settings = _train_settings(cfg)
     saved = stage_record(record, what).read()
@@ -203,11 +206,6 @@ def stage_convert(
 ) -> dict[str, Path]:
     """The starting point of a run with `start`: the start run's final model (same seed) converted to the
     run's method (`clusterar.convert`), written once into RUN/start; returns {stage: model file}."""
-    import shutil
-
-    from ..convert import convert
-    from ..model_file import MODEL_FILE, read_model_info
-
     source = run_dir(spec, out, run.start, seed) / MODEL_FILE
     folder = run_dir(spec, out, run.name, seed) / "start"
     record = folder / "done.json"
@@ -242,8 +240,6 @@ def _extends(saved: dict, now: dict) -> bool:
     its checkpoint computes what a straight run to the new budget would (the trainer's extension rule, once
     the warm-up is over), and every snapshot evaluated so far stays valid: an experiment whose baseline has
     not converged can be given more epochs."""
-    from ..train import BUDGET_FIELDS
-
     others = {k for k in set(saved) | set(now) if k not in BUDGET_FIELDS}
     if any(saved.get(k) != now.get(k) for k in others) or now.get("schedule") != "constant":
         return False
@@ -259,9 +255,6 @@ def run_dir(spec: ExperimentSpec, out: Path, run: str, seed: int) -> Path:
 
 def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:
     """(epoch, step, model file) of every snapshot of a run, the final model when there are none."""
-    from ..model_file import MODEL_FILE, read_model_info
-    from ..train import SNAPSHOT_DIR
-
     files = sorted((run_dir / SNAPSHOT_DIR).glob("model-step*.safetensors"))
     if not files:
         files = [run_dir / MODEL_FILE]
@@ -287,8 +280,6 @@ class EvalPoint:
 def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list[EvalPoint]:
     """The models of a trained run to evaluate, in epoch order (CTF: stage-1 and stage-2 snapshots paired
     in order, with a pipeline file per pair)."""
-    from ..sample import write_ctf_pipeline
-
     base = run_dir(spec, out, run.name, seed)
     start = base / "start"
     if run.method != "ctf":
@@ -327,8 +318,6 @@ def run_points(spec: ExperimentSpec, run: RunSpec, out: Path, seed: int) -> list
 
 
 def _key(d: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -349,9 +338,6 @@ class Evaluator:
     """
 
     def __init__(self, spec: ExperimentSpec, inputs: SharedInputs, out: Path, progress: bool = True):
-        from ..metrics import make_extractor, open_images
-        from ..runtime import pick_device
-
         self.spec, self.inputs, self.out, self.progress = spec, inputs, out, progress
         self.device = pick_device(spec.device)
         ev = spec.eval
@@ -368,8 +354,6 @@ class Evaluator:
 
     def _where(self, point: EvalPoint, settings: dict[str, Any]) -> tuple[dict, Path]:
         """The settings that identify an evaluation, and its folder (named by their hash)."""
-        from ..sample import SampleSettings
-
         key = {
             "models": {k: str(v) for k, v in point.models.items()},
             "steps": point.steps,
@@ -383,10 +367,6 @@ class Evaluator:
         return key, point.folder / "evals" / _key(key)
 
     def evaluate(self, point: EvalPoint, settings: dict[str, Any], what: str) -> dict:
-        from ..metrics import evaluate_images
-        from ..stages import sample_model
-        from ..train import validation_loss
-
         ev = self.spec.eval
         key, folder = self._where(point, settings)
         record = folder / "eval.json"
@@ -446,8 +426,6 @@ class Evaluator:
     def ceiling(self, images: dict[str, Path]) -> dict[str, dict]:
         """The metrics of the tokenizer's val reconstructions and of real train images (see
         stage_reconstructions) against the same reference with the same extractor as every run."""
-        from ..metrics import evaluate_images
-
         out = {}
         for name, path in images.items():
             key = {"images": str(path), "reference": self.reference, "extractor": self.extractor.fingerprint}
@@ -479,16 +457,6 @@ def stage_reconstructions(
     - `real`: real train images, class-balanced, as many as an evaluation has samples: what real data
       scores against the reference at this sample size (FID is biased upwards for small sets).
     """
-    import numpy as np
-    from tqdm.auto import tqdm
-
-    from ..data import load_dataset, to_uint8
-    from ..fileio import atomic_path
-    from ..runtime import pick_device
-    from ..sample import make_labels
-    from ..tokenizer import load_tokenizer, tokenizer_fingerprint
-    from ..tokens import TokenFile
-
     folder = out / "ceiling"
     paths = {"tokenizer": folder / "tokenizer-val.npz", "real": folder / "real-train.npz"}
     settings = {
@@ -543,9 +511,6 @@ def stage_speed(
     Runs are timed in turns, `rounds` times each, and the median kept: on a shared machine, side by side
     is the only fair comparison. Stored in speed.json and reused.
     """
-
-    from ..runtime import pick_device
-    from ..sample import Pipeline
 
     settings = {
         "runs": {name: str(p.source) for name, p in points.items()},
@@ -739,9 +704,6 @@ def _write_report(
     spec: ExperimentSpec, inputs: SharedInputs, out: Path, clock: InvocationClock, results: dict
 ) -> Path:
     """Stage 8: report.json (the setup, `results` and the comparison's numbers), its pictures and report.md."""
-    from ..runtime import describe_machine, pick_device
-    from ..sample import SampleSettings
-
     history = clock.history()
     timings = {k: v for k, v in history[-1].items() if k not in ("date", "invocation")}
     timings["all_invocations"] = round(sum(h["total_this_invocation"] for h in history), 1)
@@ -795,8 +757,6 @@ def _comparison(
 
 
 def tokenizer_summary(path: Path) -> dict:
-    from ..fileio import read_meta
-
     if Path(path).suffix != ".safetensors":
         return {"path": str(path)}
     meta = read_meta(path, "tokenizer")
@@ -805,6 +765,4 @@ def tokenizer_summary(path: Path) -> dict:
 
 
 def _token_views(path: Path) -> list[str]:
-    from ..tokens import TokenFile
-
     return list(TokenFile.open(path).meta["views"])

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..checkpoints import Checkpoint, load_state_strict, read_checkpoint, save_checkpoint
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
-from ..fileio import load_tensors, write_json
+from ..fileio import load_tensors, read_meta, write_json
 from ..gpt import GPT, GPT_PRESETS, GPTConfig
 from ..killpoints import kill_point
 from ..methods import TRAIN_METHODS, Method
@@ -370,8 +370,6 @@ class Trainer:
     def _set_init(self, resuming: bool) -> None:
         """Take the architecture of --init-from's model (the checkpoint's on resume, so the file may have
         moved since), after checking that it belongs to this run's method, tokenizer, clusters and data."""
-        from ..fileio import read_meta
-
         if resuming:
             meta = read_meta(self.ckpt, "checkpoint")
             self.model_config = GPTConfig.from_dict(meta["gpt_config"])
