@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
+from tqdm.auto import tqdm
 
 from ..errors import ClusterarError
 from ..fileio import atomic_path, read_json, write_json
 from ..killpoints import kill_point
 from ..resume import Record
 from ..runtime import notice
+from ..viz import save_grid
 from .generate import SampleSettings
 from .pipeline import Pipeline
 
@@ -85,8 +88,6 @@ def _grid_selection(labels: np.ndarray, per_class: bool, max_side: int = 16) -> 
 
 
 def save_sample_grid(images: np.ndarray, select: list[int | None], nrow: int, path: Path) -> None:
-    from ..viz import save_grid
-
     h, w = images.shape[1:3]
     blank = np.full((h, w, 3), 255, np.uint8)
     picked = np.stack([images[i] if i is not None else blank for i in select])
@@ -95,8 +96,6 @@ def save_sample_grid(images: np.ndarray, select: list[int | None], nrow: int, pa
 
 
 def _save_png(img: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     with atomic_path(path) as tmp:
         Image.fromarray(img).save(tmp, format="PNG")
 
@@ -130,8 +129,6 @@ def sample_to_folder(
     rank + world, ...: the same batches with the same seeds, so the samples are the ones one process
     draws, and a killed run continues with any number of processes. Rank 0 writes the npz and sample.json.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     labels = np.asarray(labels, dtype=np.int64)
     if batch_size < 1:
@@ -192,10 +189,10 @@ def _draw_batch(
     part = out / "parts" / f"batch-{b:06d}.npy"
     if part.exists():
         return None
-    pipeline._sync()
+    pipeline.sync()
     t0 = time.perf_counter()
     images = pipeline.sample(labels, _batch_seed(seed, b), settings=settings, compile=compile).numpy()
-    pipeline._sync()
+    pipeline.sync()
     seconds = time.perf_counter() - t0
     if write_images:
         for i, img in enumerate(images):

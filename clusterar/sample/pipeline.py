@@ -430,7 +430,8 @@ class Pipeline:
         out["total"] = sum(v["total"] for v in out.values())
         return out
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the GPU's queued work, so that a timer read next measures it (a no-op on the CPU)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -456,12 +457,12 @@ class Pipeline:
         y = torch.randint(0, self.num_classes, (batch_size,), generator=torch.Generator().manual_seed(seed))
         for i in range(warmup + batches):
             if i == warmup:
-                self._sync()
+                self.sync()
                 start = time.perf_counter()
             tokens = self.sample_tokens(y, seed + i, settings=s, compile=compile, use_cache=use_cache)
             if decode:
                 self.decode(tokens.ids)
-        self._sync()
+        self.sync()
         seconds = time.perf_counter() - start
         return {
             "images_per_s": batch_size * batches / seconds,
