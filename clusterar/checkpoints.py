@@ -11,10 +11,11 @@ half-random model.
 
 from __future__ import annotations
 
+import argparse
 import os
+import pickle
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,13 +23,10 @@ from torch import nn
 
 from .errors import ClusterarError
 from .fileio import (
-    FileError,
     check_file,
-    expect_kind,
     file_error,
     first_line,
     load_tensors,
-    read_meta,
     save_tensors,
 )
 
@@ -113,53 +111,6 @@ def load_checkpoint(
     return ckpt.meta, ckpt.extra
 
 
-def run_checkpoint(
-    ckpt: str | os.PathLike, kind: str, resume: bool, model_file: str, run_name: str = "training run"
-) -> dict[str, Any] | None:
-    """The metadata of a run folder's checkpoint, or None if the folder has none, checked before any work.
-
-    Refused, each with what to do: a checkpoint without --resume (the run would be overwritten); --resume
-    in a folder that has the run's model file but no checkpoint (the checkpoint was deleted: starting
-    from scratch would silently replace the model); and a checkpoint that is damaged, truncated, a folder
-    or another kind of file. --resume in a folder without a run starts one, so a job script can always
-    pass it.
-    """
-    ckpt = Path(ckpt)
-    run = ckpt.parent
-    if not ckpt.exists() and not ckpt.is_symlink():
-        if resume and (run / model_file).exists():
-            raise ClusterarError(
-                f"{run} holds {model_file} but no {ckpt.name}, so there is nothing to resume from; "
-                + _start_over(run, ckpt, model_file)
-            )
-        return None
-    try:
-        meta = read_meta(ckpt, "training checkpoint")
-        expect_kind(ckpt, meta, kind, "training checkpoint")
-    except FileError as e:
-        raise ClusterarError(
-            f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
-        ) from e
-    if not resume:
-        raise ClusterarError(
-            f"{run} already holds a {run_name} (checkpoint at step {meta.get('step', '?')}); pass --resume to "
-            "continue it, or choose another --out"
-        )
-    return meta
-
-
-def _start_over(run: Path, ckpt: Path, model_file: str) -> str:
-    """What to do with a run that cannot resume: the same words for every trainer."""
-    keep = [name for name in (model_file, "snapshots") if (run / name).exists()]
-    kept = (
-        f" ({' and '.join(keep)} there {'hold' if len(keep) > 1 else 'holds'} the weights of its last "
-        f"{'saves' if len(keep) > 1 else 'save'}, for sampling; training resumes only from {ckpt.name})"
-        if keep
-        else ""
-    )
-    return f"start over with another --out, or delete {run} and run the command again{kept}"
-
-
 def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict(strict=True) with an error message a user can act on."""
     own = model.state_dict()
@@ -200,9 +151,6 @@ def load_torch_file(path: str | os.PathLike, what: str) -> Any:
     instead of PyTorch's advice to retry with weights_only=False. argparse.Namespace, which LlamaGen stores
     under "args", is allow-listed. Missing, empty, truncated and foreign files get `file_error`'s message.
     """
-    import argparse
-    import pickle
-
     p = check_file(path, what, PT_SUFFIXES)
     with open(p, "rb") as f:
         head = f.read(4)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoints import run_checkpoint
 from ..errors import ClusterarError
-from ..fileio import write_text_atomic
+from ..fileio import FileError, expect_kind, read_meta, write_text_atomic
 from ..resume import check_settings
 from ..runtime import notice
 
@@ -44,12 +44,50 @@ LOG_FILE = "log.jsonl"
 
 
 def check_run_folder(
-    ckpt: Path, kind: str, resume: bool, model_file: str, run_name: str
+    ckpt: str | os.PathLike, kind: str, resume: bool, model_file: str, run_name: str = "training run"
 ) -> dict[str, Any] | None:
-    """Before any work: refuse a fresh run into a folder that holds one (`run_name`, e.g. "training run",
-    names it in the message) and a checkpoint that is damaged or of another `kind`; return the
-    checkpoint's metadata, or None when there is none. See `clusterar.checkpoints.run_checkpoint`."""
-    return run_checkpoint(ckpt, kind, resume, model_file, run_name)
+    """The metadata of a run folder's checkpoint, or None if the folder has none, checked before any work.
+
+    Refused, each with what to do: a checkpoint without --resume (the run would be overwritten); --resume
+    in a folder that has the run's model file but no checkpoint (the checkpoint was deleted: starting
+    from scratch would silently replace the model); and a checkpoint that is damaged, truncated, a folder
+    or another kind of file. --resume in a folder without a run starts one, so a job script can always
+    pass it.
+    """
+    ckpt = Path(ckpt)
+    run = ckpt.parent
+    if not ckpt.exists() and not ckpt.is_symlink():
+        if resume and (run / model_file).exists():
+            raise ClusterarError(
+                f"{run} holds {model_file} but no {ckpt.name}, so there is nothing to resume from; "
+                + _start_over(run, ckpt, model_file)
+            )
+        return None
+    try:
+        meta = read_meta(ckpt, "training checkpoint")
+        expect_kind(ckpt, meta, kind, "training checkpoint")
+    except FileError as e:
+        raise ClusterarError(
+            f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
+        ) from e
+    if not resume:
+        raise ClusterarError(
+            f"{run} already holds a {run_name} (checkpoint at step {meta.get('step', '?')}); pass --resume to "
+            "continue it, or choose another --out"
+        )
+    return meta
+
+
+def _start_over(run: Path, ckpt: Path, model_file: str) -> str:
+    """What to do with a run that cannot resume: the same words for every trainer."""
+    keep = [name for name in (model_file, "snapshots") if (run / name).exists()]
+    kept = (
+        f" ({' and '.join(keep)} there {'hold' if len(keep) > 1 else 'holds'} the weights of its last "
+        f"{'saves' if len(keep) > 1 else 'save'}, for sampling; training resumes only from {ckpt.name})"
+        if keep
+        else ""
+    )
+    return f"start over with another --out, or delete {run} and run the command again{kept}"
 
 
 def say_new_run(out: Path) -> None:
