@@ -5,7 +5,9 @@
   and shell variables set in the block included) and uses only flags that exist, exactly spelled;
   commands quoted inline in the text use only flags that exist;
 - every `python SCRIPT.py` of a bash block exists;
-- every Python block parses, and every name it imports exists.
+- every Python block parses, and every name it imports exists;
+- every row of architecture.md's "where each concept lives" table names a file that exists and functions or
+  classes (`Class.attribute` included) defined in it.
 
     python docs/check_docs.py        # prints the problems; exit status 1 if there are any
 """
@@ -139,12 +141,47 @@ def check_python(page: Path) -> list[str]:
     return problems
 
 
+def defined_names(path: Path) -> set[str]:
+    """Module-level functions, classes and assignments of a Python file, and `Class.member` for members."""
+    names: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        if isinstance(node, ast.ClassDef):
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef | ast.ClassDef):
+                    names.add(f"{node.name}.{member.name}")
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def check_architecture(page: Path) -> list[str]:
+    """The concept table: `| concept | `FILE` | `name`, `Class.member (...)` |` rows, each checked."""
+    problems = []
+    for concept, file, where in re.findall(
+        r"^\| ([^|]+) \| `([\w/.]+\.py)` \| ([^|]+) \|$", page.read_text(), re.M
+    ):
+        path = ROOT / file
+        if not path.is_file():
+            problems.append(f"{page.name}: {concept.strip()}: {file} does not exist")
+            continue
+        have = defined_names(path)
+        for name in re.findall(r"`([\w.]+)", where):
+            if name not in have:
+                problems.append(f"{page.name}: {concept.strip()}: {file} defines no {name}")
+    return problems
+
+
 def main() -> int:
     pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
     problems, commands = [], 0
     for page in pages:
         found, n = check_commands(page)
         problems += check_links(page) + found + check_python(page)
+        if page.name == "architecture.md":
+            problems += check_architecture(page)
         commands += n
     print(f"{len(pages)} pages, {commands} commands checked")
     print("\n".join(problems) or "no problems")
