@@ -10,7 +10,7 @@ Split by concept, so each part can be read on its own:
 - `folder`: what `clusterar sample` writes: `make_labels`, and `sample_to_folder`'s resumable folder of
   grid.png, PNGs, an ADM-format .npz and sample.json.
 
-The names below are re-exported so that `from clusterar.sample import ...` keeps working.
+The names below are the package's public API (`from clusterar.sample import Pipeline, generate` is the usual use).
 """
 
 from __future__ import annotations
