@@ -47,7 +47,8 @@ from .viz import image_grid
 PAGE = Path(__file__).parent / "web" / "index.html"
 MAX_IMAGES = 64  # per request: a grid a person looks at, not a dataset
 MAX_BODY = 64 * 1024  # bytes of a request body: a sampling request is a few hundred
-MAX_SCALE = 1e30  # |cfg_scale| and max(1, |cfg_scale|) / temperature: beyond it float32 logits overflow
+MIN_TEMPERATURE = 1e-6  # below it logits / temperature overflow float32 (1e-6 is greedy already)
+MAX_CFG_SCALE = 1e4  # beyond it guided logits overflow float32 at low temperatures
 SOCKET_TIMEOUT = 60.0  # seconds a client may take to send its request: a stalled one frees its thread
 log = logging.getLogger(__name__)
 
@@ -214,18 +215,23 @@ def _setting(key: str, value: Any) -> Any:
     return number
 
 
-def check_float32(settings: SampleSettings, ctf: bool) -> None:
-    """Refuse settings whose logits overflow float32: guidance u + s (c - u), then division by the
-    temperature (SampleSettings.check takes any positive finite value; 1e-300 or 1e300 end in inf - inf)."""
-    stages = [("cfg_scale", "temperature")] + ([("cfg_scale2", "temperature2")] if ctf else [])
-    for cfg_key, t_key in stages:
-        cfg, t = getattr(settings, cfg_key), getattr(settings, t_key)
-        if abs(cfg) > MAX_SCALE:
-            raise RequestError(f"{cfg_key} must lie in [-1e30, 1e30] (larger overflows float32), got {cfg:g}")
-        if max(1.0, abs(cfg)) / t > MAX_SCALE:
+def check_float32(settings: SampleSettings) -> None:
+    """Refuse settings whose logits overflow float32 (guidance u + s (c - u), then division by the
+    temperature): SampleSettings.check on main takes any positive finite value, and 1e-300 or 1e300 end in
+    inf - inf. The bounds and messages mirror those branch i25-names gives SampleSettings.check; once it has
+    them, this is a no-op that can go."""
+    for t_key, what in (("temperature", ""), ("temperature2", " (stage 2)")):
+        t = getattr(settings, t_key)
+        if t < MIN_TEMPERATURE:
             raise RequestError(
-                f"{t_key} {t:g} is too small: max(1, |{cfg_key}|) / {t_key} must be at most 1e30 (beyond, "
-                "float32 logits overflow; top-k 1 gives greedy decoding)"
+                f"temperature{what} must be >= {MIN_TEMPERATURE:g} (below it logits / temperature overflow "
+                f"float32; {MIN_TEMPERATURE:g} is already greedy, as is top-k 1), got {t}"
+            )
+    for name in ("cfg_scale", "cfg_scale2"):
+        if abs(getattr(settings, name)) > MAX_CFG_SCALE:
+            raise RequestError(
+                f"{name} must lie in [-{MAX_CFG_SCALE:g}, {MAX_CFG_SCALE:g}] (beyond it guided logits "
+                f"overflow float32 at low temperatures; 1 = off, 1.5-4 is usual), got {getattr(settings, name)}"
             )
 
 
@@ -254,7 +260,7 @@ def parse_request(request: Any, models: dict[str, Any]) -> SampleRequest:
     if pipe.method != "ctf":
         overrides = {k: v for k, v in overrides.items() if k not in STAGE2_SETTINGS}
     settings = pipe.settings(**overrides)  # checks the values: "temperature must be > 0, got 0.0", ...
-    check_float32(settings, pipe.method == "ctf")
+    check_float32(settings)
     return SampleRequest(name, label, n, seed, settings)
 
 
