@@ -217,9 +217,8 @@ def _setting(key: str, value: Any) -> Any:
 
 def check_float32(settings: SampleSettings) -> None:
     """Refuse settings whose logits overflow float32 (guidance u + s (c - u), then division by the
-    temperature): SampleSettings.check on main takes any positive finite value, and 1e-300 or 1e300 end in
-    inf - inf. The bounds and messages mirror those branch i25-names gives SampleSettings.check; once it has
-    them, this is a no-op that can go."""
+    temperature), which ends in inf - inf (1e-300, 1e300). Same bounds and words as SampleSettings.check's
+    (issue 25): while that takes any positive finite value, the page still answers 400, never 500."""
     for t_key, what in (("temperature", ""), ("temperature2", " (stage 2)")):
         t = getattr(settings, t_key)
         if t < MIN_TEMPERATURE:
