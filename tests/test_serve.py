@@ -1,19 +1,27 @@
-"""clusterar serve: the JSON API (samples, seeds, bad parameters as messages) and the page in a real
-headless Chromium (loads, a changed setting changes the image, a bad one shows its message)."""
+"""clusterar serve: the JSON API (samples, seeds, bad parameters as messages), hostile requests (wrong types,
+overflowing values, bad lengths, clients that go away: 400/411/413 and no traceback), the address flags, and
+the page in a real headless Chromium (loads, a changed setting changes the image, a bad one shows its message)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import shutil
+import socket
+import struct
 import threading
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from clusterar.cli import main
+from clusterar.errors import ClusterarError
 from clusterar.sample import write_ctf_pipeline
 from clusterar.serve import SampleServer, make_server
 from tests.test_sample import CLASSES, parts, runs  # noqa: F401 (module fixtures)
@@ -142,3 +150,152 @@ def test_the_page_in_a_real_browser(server):
         )
     finally:
         browser.quit()
+
+
+# ----------------------------------------------------------------------------- hostile requests (issue 25)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"model": "baseline", "n": "²"}, "n must be a whole number in [1, 64], got '²'"),
+        ({"model": "baseline", "seed": "1" * 5000}, "seed must be a whole number in [0, "),
+        ({"model": "baseline", "top_k": "inf"}, "top_k must be a finite number, got 'inf'"),
+        ({"model": "baseline", "top_k": "nan"}, "top_k must be a finite number, got 'nan'"),
+        ({"model": "baseline", "top_k": "1e400"}, "top_k must be a finite number"),
+        ({"model": {"name": "baseline"}}, "unknown model {'name': 'baseline'}; served: baseline, serve-ctf"),
+        ({"model": ["baseline"]}, "unknown model ['baseline']"),
+        ({"model": "serve-ctf", "stage2": ["refiner"]}, "stage2 must be text, got ['refiner']"),
+        # values that overflow float32 in the logits maths (messages as SampleSettings.check words them)
+        ({"model": "baseline", "temperature": "1e-300"}, "temperature must be >= 1e-06"),
+        ({"model": "baseline", "cfg_scale": "1e300"}, "cfg_scale must lie in [-10000, 10000]"),
+        ({"model": "serve-ctf", "temperature2": 1e-300}, "temperature (stage 2) must be >= 1e-06"),
+        ({"model": "serve-ctf", "cfg_scale2": -1e300}, "cfg_scale2 must lie in [-10000, 10000]"),
+        (b"[" * 30_000, "the request is not JSON: nested too deep"),
+        (b'{"a":' * 6_000 + b"1" + b"}" * 6_000, "the request is not JSON: nested too deep"),
+    ],
+)
+def test_malformed_values_and_types_are_messages(server, capfd, body, message):
+    code, answer = _post(server, body)
+    assert code == 400 and message in answer["error"], answer
+    assert _post(server, {"model": "baseline", "n": 1})[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_extreme_but_safe_sampling_values_still_sample(server):
+    """The float32 bounds refuse only what overflows: the smallest temperature with the largest CFG scale."""
+    for model in ("baseline", "serve-ctf"):
+        body = {"model": model, "n": 1, "temperature": "1e-6", "cfg_scale": "-1e4"}
+        assert _post(server, body)[0] == 200
+    body = {"model": "serve-ctf", "n": 1, "temperature2": 1e-6, "cfg_scale2": 1e4}
+    assert _post(server, body)[0] == 200
+
+
+def _raw(url: str, request: bytes, *, wait: float = 20.0) -> tuple[int, dict]:
+    """Send `request` bytes as they are on one socket; the status and JSON of the answer."""
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _head(length: str | None, extra: str = "") -> bytes:
+    lines = ["POST /api/sample HTTP/1.1", "Host: localhost", "Content-Type: application/json"]
+    lines += [f"Content-Length: {length}"] if length is not None else []
+    return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
+
+
+@pytest.mark.parametrize(
+    "request_bytes, status, message",
+    [
+        (_head("abc") + b'{"model": "baseline"}', 400, "Content-Length must be a whole number of bytes >= 0"),
+        (_head("-1") + b'{"model": "baseline"}', 400, "got '-1'"),
+        (_head(None) + b'{"model": "baseline"}', 411, "needs a Content-Length header"),
+        (_head(None, "Transfer-Encoding: chunked\r\n") + b"5\r\n{}\r\n0\r\n\r\n", 411, "not chunked"),
+        (_head(str(100_000)), 413, "the request body is 100000 bytes; at most 65536 are read"),
+        (_head(str(200_000)) + b"[" * 100_000, 413, "at most 65536 are read"),
+    ],
+    ids=["length-abc", "length-minus-1", "no-length", "chunked", "over-cap", "nested-100000"],
+)
+def test_bad_lengths_are_answered_at_once(server, capfd, request_bytes, status, message):
+    code, answer = _raw(server, request_bytes)
+    assert code == status and message in answer["error"], answer
+    assert _post(server, {"model": "baseline", "n": 1})[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_api_models_holds_no_absolute_path(server, runs):  # noqa: F811
+    with urllib.request.urlopen(server + "/api/models") as r:
+        text = r.read().decode()
+    models = json.loads(text)
+
+    def strings(x):
+        if isinstance(x, dict):
+            return [s for v in x.values() for s in strings(v)]
+        if isinstance(x, list):
+            return [s for v in x for s in strings(v)]
+        return [x] if isinstance(x, str) else []
+
+    assert not [s for s in strings(models) if os.path.isabs(s) or os.sep in s]
+    assert str(Path(runs["baseline"]).parent) not in text
+    # what the page reads from each model
+    assert all({"name", "method", "num_classes", "class_names"} <= set(m) for m in models)
+
+
+def _close_hard(s: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0), as a browser tab closed mid-request does at worst."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def test_clients_that_go_away_print_no_traceback(server, capfd):
+    port = int(server.rsplit(":", 1)[1])
+    half_body = _head("500") + b'{"model": "base'
+    for request, hard in [
+        (half_body, False),
+        (half_body, True),
+        (b"POST /api/sample HTTP/1.1\r\nContent-Le", False),
+        (_head("30") + b'{"model": "baseline", "n": 64}', True),  # leaves while its images are drawn
+        (b"GET / HTTP/1.0\r\n\r\n", True),
+    ]:
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(request)
+            time.sleep(0.05)
+            _close_hard(s) if hard else s.close()
+    time.sleep(1.0)
+    assert _post(server, {"model": "baseline", "n": 1})[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--port", "70000"], "--port must be a whole number in [0, 65535] (0 picks a free one), got 70000"),
+        (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' is not an IPv4 address or name"),
+    ],
+)
+def test_serve_port_and_host_are_checked_before_loading(tmp_path, capsys, argv, message):
+    assert main(["serve", str(tmp_path / "never-loaded"), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "never-loaded" not in err, err
+
+
+@pytest.mark.parametrize(
+    "host, port, flag",
+    [
+        ("127.0.0.1", 70000, "--port"),
+        ("127.0.0.1", -1, "--port"),
+        ("999.1.1.1", 0, "--host"),
+        ("192.0.2.1", 0, "--host"),
+    ],
+)
+def test_make_server_names_the_bad_flag(host, port, flag):
+    with pytest.raises(ClusterarError) as e:
+        make_server(None, host=host, port=port)  # type: ignore[arg-type]  # refused before the app is used
+    assert flag in str(e.value) and ("--port" not in str(e.value) if flag == "--host" else True), e.value
