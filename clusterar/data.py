@@ -400,7 +400,7 @@ def _subdirs(path: str) -> list[str]:
         with os.scandir(path) as it:
             entries = [e for e in it if not e.name.startswith(".")]
             loops = [e.path for e in entries if e.is_symlink() and is_symlink_loop(e.path)]
-            names = sorted(e.name for e in entries if e.is_dir())
+            names = sorted(e.name for e in entries if e.path not in loops and e.is_dir())
     except OSError as e:
         raise ClusterarError(f"cannot list folder {path}: {e}") from e
     if loops:
