@@ -264,3 +264,17 @@ def test_dataset_symlink_loops(tmp_path):
     os.symlink(root / "x", root / "x")
     with pytest.raises(ClusterarError, match=f"{root / 'x'} is a symbolic link loop"):
         load_dataset(f"folder:{root}", image_size=8)
+
+
+def test_train_on_a_lying_token_file_is_one_line(tmp_path, capsys):
+    """What `clusterar train` answers before any work: the error line, exit status 2, nothing written."""
+    from clusterar.cli import main
+
+    path = token_file(tmp_path / "t.safetensors", grid=[16, 16])
+    out = str(tmp_path / "run")
+    rc = main(["train", "--tokens", str(path), "--tokenizer", str(path), "--out", out, "--steps", "1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"error: token file {path} says its grid is [16, 16], but it holds 64 tokens")
+    assert not (tmp_path / "run").exists()
