@@ -19,7 +19,7 @@ import pytest
 from clusterar import ClusterarError
 from clusterar.data import load_dataset
 from clusterar.fileio import FileError
-from clusterar.metrics import ClassifierExtractor, NpzSource, evaluate_images
+from clusterar.metrics import ClassifierExtractor, NpzSource, evaluate_images, open_images
 from clusterar.tokens import TokenFile, write_token_file
 
 N, L, K, CLASSES = 6, 64, 300, 10  # images, tokens per image (8x8), codebook size, classes
@@ -260,6 +260,11 @@ def test_dataset_symlink_loops(tmp_path):
     loop.symlink_to(loop)
     with pytest.raises(ClusterarError, match="is a symbolic link loop"):
         load_dataset(f"folder:{loop}", image_size=8)
+    with pytest.raises(ClusterarError, match=f"image folder {loop} is a symbolic link loop"):
+        open_images(loop)  # `clusterar evaluate LOOP`
+    (tmp_path / "s.npz").symlink_to(tmp_path / "s.npz")
+    with pytest.raises(ClusterarError, match=r"samples file .*s\.npz is a symbolic link loop"):
+        open_images(tmp_path / "s.npz")
     root = image_folder(tmp_path / "data")
     os.symlink(root / "x", root / "x")
     with pytest.raises(ClusterarError, match=f"{root / 'x'} is a symbolic link loop"):

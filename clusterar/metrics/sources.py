@@ -129,9 +129,9 @@ class NpzSource(ImageSource):
             raise ClusterarError(f"{self.path}: arr_0 holds no images")
         if "arr_1" in self.members:  # ADM's sample files: the class of each image
             self.labels_from = f"{self.path} arr_1"
-            self.labels = check_labels(self.read_arr_1(what), self.shape[0], self.labels_from)
+            self.labels = check_labels(self._read_arr_1(what), self.shape[0], self.labels_from)
 
-    def read_arr_1(self, what: str) -> np.ndarray:
+    def _read_arr_1(self, what: str) -> np.ndarray:
         """The labels array, never unpickled: an object array (or a damaged member) is refused in one line."""
         try:
             with np.load(self.path, allow_pickle=False) as z:
@@ -196,7 +196,7 @@ class FolderSource(ImageSource):
         self.image_size = image_size
         if is_symlink_loop(self.root):
             raise ClusterarError(
-                f"image folder {self.root} is a symbolic link loop (its links lead back to them)"
+                f"image folder {self.root} is a symbolic link loop (following its links leads back to them)"
             )
         if not self.root.is_dir():
             raise ClusterarError(f"image folder not found: {self.root}")
