@@ -37,6 +37,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import ClusterarError
+from .fileio import is_symlink_loop
 
 log = logging.getLogger("clusterar.data")
 
@@ -394,12 +395,35 @@ _LAYOUT = (
 
 
 def _subdirs(path: str) -> list[str]:
-    """Sorted names of the non-hidden sub-folders of `path` (symlinks followed)."""
+    """Sorted names of the non-hidden sub-folders of `path` (symlinks followed; a link loop is refused)."""
     try:
         with os.scandir(path) as it:
-            return sorted(e.name for e in it if not e.name.startswith(".") and e.is_dir())
+            entries = [e for e in it if not e.name.startswith(".")]
+            loops = [e.path for e in entries if e.is_symlink() and is_symlink_loop(e.path)]
+            names = sorted(e.name for e in entries if e.path not in loops and e.is_dir())
     except OSError as e:
         raise ClusterarError(f"cannot list folder {path}: {e}") from e
+    if loops:
+        raise ClusterarError(
+            f"{loops[0]} is a symbolic link loop (following its links leads back to them); remove it or "
+            "point it at a folder of images"
+        )
+    return names
+
+
+def check_class_links(spec: str, split_dir: str, class_names: list[str]) -> None:
+    """Refuse a class folder that resolves (through symbolic links) to the dataset's folder or one above
+    it: it would hold every image of the dataset again, as one more class."""
+    home = os.path.realpath(split_dir)
+    for name in class_names:
+        folder = os.path.join(split_dir, name)
+        real = os.path.realpath(folder)
+        if home == real or home.startswith(real.rstrip(os.sep) + os.sep):
+            raise ClusterarError(
+                f"{spec}: class folder {folder} leads to {real}, which holds the dataset itself (its images "
+                "would all be read again as one more class); remove the link, or make it a folder of one "
+                "class's images"
+            )
 
 
 def _is_image(name: str) -> bool:
@@ -455,6 +479,10 @@ def _load_folder(spec: str, split: str, image_size: int, on_error: str) -> Image
     if not path:
         raise ClusterarError(f"'{spec}' has no path; write folder:PATH, {_LAYOUT}")
     root = os.path.expanduser(path)
+    if is_symlink_loop(root):
+        raise ClusterarError(
+            f"{spec}: {root} is a symbolic link loop (following its links leads back to them)"
+        )
     if not os.path.exists(root):
         raise ClusterarError(f"{spec}: folder {root} does not exist; check the path")
     if not os.path.isdir(root):
@@ -470,6 +498,7 @@ def _load_folder(spec: str, split: str, image_size: int, on_error: str) -> Image
             + (f" ({n} images lie directly in it)" if n else "")
             + f"; {_LAYOUT}"
         )
+    check_class_links(spec, split_dir, class_names)
     rel: list[str] = []
     counts = []
     for name in class_names:
@@ -513,6 +542,8 @@ def check_dataset_name(spec: str) -> None:
         return
     if spec.startswith("folder:"):
         path = spec[len("folder:") :]
+        if is_symlink_loop(path):
+            raise ClusterarError(f"dataset folder '{path}' is a symbolic link loop ({_LAYOUT})")
         if not os.path.isdir(path):
             raise ClusterarError(f"dataset folder '{path}' does not exist or is not a folder ({_LAYOUT})")
         return
@@ -538,6 +569,7 @@ __all__ = [
     "DATASET_HELP",
     "ImageDataset",
     "center_crop_arr",
+    "check_class_links",
     "check_dataset_name",
     "default_views",
     "collate_images",

@@ -31,6 +31,7 @@ from .errors import (
     expect_kind,
     file_error,
     first_line,
+    is_symlink_loop,
     remedy,
 )
 from .fingerprints import fingerprint
@@ -51,6 +52,7 @@ __all__ = [
     "file_error",
     "fingerprint",
     "first_line",
+    "is_symlink_loop",
     "load_tensors",
     "mmap_tensor",
     "read_json",

@@ -3,6 +3,7 @@ it is instead (missing, a folder, empty, truncated, another kind) and ends with 
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ def check_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = (
             hint = f" (it holds {shown}: pass one of them)"
         raise file_error(p, what, f"is a folder, not a file{hint}")
     if not p.exists():
+        if is_symlink_loop(p):
+            raise file_error(p, what, "is a symbolic link loop (following its links leads back to them)")
         sentence = f"{what} not found: {p}"
         raise FileError(f"{sentence}; check the path, or {remedy(what)}", p, sentence)
     if not p.is_file():
@@ -93,6 +96,16 @@ def check_file(path: str | os.PathLike, what: str, suffixes: tuple[str, ...] = (
     if p.stat().st_size == 0:
         raise file_error(p, what, "is empty (0 bytes)", damaged=True)
     return p
+
+
+def is_symlink_loop(path: str | os.PathLike) -> bool:
+    """Whether `path` cannot be resolved because its symbolic links form a loop (which `exists()` reports
+    as a missing file)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def describe_kind(kind: Any) -> str:

@@ -4,9 +4,11 @@ tensor memory-mapped; a file that is missing, truncated or not safetensors gets 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,17 +90,25 @@ def read_safetensors_header(path: str | os.PathLike, what: str = "file") -> tupl
             header = json.loads(first + f.read(n - 1))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise file_error(path, what, "is not a safetensors file (unreadable header)", damaged=True) from e
-    try:
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (AttributeError, KeyError, IndexError, TypeError) as e:
-        raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True) from e
-    end = max(ends, default=0)
+    if not isinstance(header, dict):
+        raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True)
+    check_tensor_table(path, header, what)
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise file_error(path, what, f"is truncated ({size} of {8 + n + end} bytes)", damaged=True)
     return header, 8 + n
 
 
-_NP_DTYPES = {
+# Bytes per element of every safetensors dtype; a header naming another one is damaged.
+ITEMSIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+# The dtypes `mmap_tensor` maps with numpy (numpy has no bfloat16 or float8).
+NP_DTYPES = {
     "U8": np.uint8,
     "I16": np.int16,
     "U16": np.uint16,
@@ -108,13 +118,55 @@ _NP_DTYPES = {
 }
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_tensor_table(path: Path, header: dict[str, Any], what: str) -> None:
+    """Refuse a header whose tensors do not fit their bytes: each entry's dtype is a safetensors dtype,
+    and shape x itemsize equals its byte range (`read_safetensors_header` then checks that the ranges lie
+    inside the file). From the header alone, so a lying header is caught before any tensor is mapped."""
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict):
+                raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True)
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = isinstance(shape, list) and all(map(_is_count, [begin, end, *shape])) and begin <= end
+        except (KeyError, TypeError, ValueError) as e:
+            raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True) from e
+        if not ok:
+            raise file_error(path, what, "is not a safetensors file (malformed header)", damaged=True)
+        if dtype not in ITEMSIZES:
+            raise file_error(
+                path, what, f"is damaged (tensor '{name}' has unknown dtype {dtype!r})", damaged=True
+            )
+        need = math.prod(shape) * ITEMSIZES[dtype]
+        if need != end - begin:
+            raise file_error(
+                path,
+                what,
+                f"is damaged (tensor '{name}' is {dtype} {shape}, {need} bytes, but its header gives it "
+                f"{end - begin})",
+                damaged=True,
+            )
+
+
 def mmap_tensor(path: str | os.PathLike, name: str, what: str = "file") -> np.ndarray:
     """Memory-map one tensor of a safetensors file as a read-only numpy array (no copy, no load)."""
     header, offset = read_safetensors_header(path, what)
-    if name not in header:
+    if name not in header or name == "__metadata__":
         raise file_error(path, what, f"has no tensor '{name}'")
     info = header[name]
+    if info["dtype"] not in NP_DTYPES:
+        raise file_error(
+            path,
+            what,
+            f"is damaged (tensor '{name}' has dtype {info['dtype']}, which no {what} holds)",
+            damaged=True,
+        )
     begin, _ = info["data_offsets"]
     return np.memmap(
-        path, dtype=_NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"])
+        path, dtype=NP_DTYPES[info["dtype"]], mode="r", offset=offset + begin, shape=tuple(info["shape"])
     )

@@ -55,8 +55,11 @@ def evaluate_images(
     samples = open_images(images, image_size)
     if labels is not None:
         samples.labels = check_labels(labels, len(samples), "labels")
+        samples.labels_from = "labels"
     ref_source = open_images(reference, image_size, require_images=False)
     ext = make_extractor(extractor, ref_source, cache, device, progress)
+    if samples.labels is not None and isinstance(ext, ClassifierExtractor):  # before the work
+        check_labels(samples.labels, len(samples), samples.labels_from, ext.model.config.num_classes)
     ref = reference_statistics(ref_source, ext, cache, batch_size, progress, image_size)
     feats, probs = ext.extract(samples, batch_size, progress, desc=f"samples {samples.name}")
     if len(feats) < 2:

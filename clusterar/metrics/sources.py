@@ -17,7 +17,7 @@ from PIL import Image
 from ..classifier import CLASSIFIER_DATA, to_nchw_uint8
 from ..data import IMAGE_EXTENSIONS, SPLIT_NAMES, load_dataset, read_image, to_rgb
 from ..errors import ClusterarError
-from ..fileio import check_file, file_error, fingerprint
+from ..fileio import check_file, file_error, fingerprint, first_line, is_symlink_loop
 
 
 class ImageSource:
@@ -26,6 +26,7 @@ class ImageSource:
 
     name: str
     labels: np.ndarray | None = None
+    labels_from: str = "labels"  # where `labels` came from, as errors name it
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -43,6 +44,7 @@ class ArraySource(ImageSource):
         self.images = to_nchw_uint8(images, name)
         self.name = name
         self.labels = None if labels is None else check_labels(labels, len(self.images), name)
+        self.labels_from = name
 
     def __len__(self) -> int:
         return len(self.images)
@@ -62,13 +64,21 @@ class BundledSource(ArraySource):
         return f"{self.name}:{fingerprint(self.images)}"
 
 
-def check_labels(labels: Any, n: int, where: str) -> np.ndarray:
-    """Class ids [n] as int64, or a clear error."""
+def check_labels(labels: Any, n: int, where: str, num_classes: int | None = None) -> np.ndarray:
+    """Class ids [n] as int64, each in [0, num_classes) when that is given, or a clear error naming `where`
+    (the file and its array, for an npz's arr_1)."""
     arr = np.asarray(labels)
-    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer) or (n and arr.min() < 0):
+    if arr.shape != (n,) or not np.issubdtype(arr.dtype, np.integer):
         raise ClusterarError(
             f"{where}: class labels must be {n} non-negative integers (one per image), got {arr.dtype} "
             f"{list(arr.shape)}"
+        )
+    if n and (arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes)):
+        bad = int(arr.min()) if arr.min() < 0 else int(arr.max())
+        why = "is negative (class ids count from 0)" if bad < 0 else f"is outside the {num_classes} classes"
+        raise ClusterarError(
+            f"{where}: class label {bad} (image {int(np.flatnonzero(arr == bad)[0])}) {why}; pass the "
+            "class each image was sampled for"
         )
     return arr.astype(np.int64)
 
@@ -118,8 +128,23 @@ class NpzSource(ImageSource):
         if self.shape[0] == 0:
             raise ClusterarError(f"{self.path}: arr_0 holds no images")
         if "arr_1" in self.members:  # ADM's sample files: the class of each image
+            self.labels_from = f"{self.path} arr_1"
+            self.labels = check_labels(self._read_arr_1(what), self.shape[0], self.labels_from)
+
+    def _read_arr_1(self, what: str) -> np.ndarray:
+        """The labels array, never unpickled: an object array (or a damaged member) is refused in one line."""
+        try:
             with np.load(self.path, allow_pickle=False) as z:
-                self.labels = check_labels(z["arr_1"], self.shape[0], f"{self.path} arr_1")
+                return z["arr_1"]
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise ClusterarError(
+                    f"{self.labels_from} is an array of pickled Python objects, which clusterar never loads; "
+                    "save the class labels as integers, numpy.savez(path, images, labels.astype(numpy.int64))"
+                ) from None
+            raise file_error(self.path, what, f"has a damaged arr_1 ({first_line(e)})", damaged=True) from e
+        except (OSError, EOFError, zipfile.BadZipFile) as e:
+            raise file_error(self.path, what, f"has a damaged arr_1 ({first_line(e)})", damaged=True) from e
 
     def __len__(self) -> int:
         return self.shape[0] if self.has_images else 0
@@ -169,6 +194,10 @@ class FolderSource(ImageSource):
         self.root = Path(path)
         self.name = str(path)
         self.image_size = image_size
+        if is_symlink_loop(self.root):
+            raise ClusterarError(
+                f"image folder {self.root} is a symbolic link loop (following its links leads back to them)"
+            )
         if not self.root.is_dir():
             raise ClusterarError(f"image folder not found: {self.root}")
         self.files = sorted(
@@ -245,7 +274,7 @@ def open_images(
     if bundled is not None:
         return BundledSource(*bundled)
     path = Path(spec[len("folder:") :] if spec.startswith("folder:") else spec).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (is_symlink_loop(path) and path.suffix != ".npz"):
         return FolderSource(path, image_size)
     if path.suffix == ".npz":
         return NpzSource(path, require_images=require_images)
