@@ -1,0 +1,81 @@
+"""Where a command reads and writes, checked before any work: an output that cannot be written, or that
+is of the wrong kind (a file where a folder is written, a folder where a file is), or that names one of
+the command's own inputs, is one line at once, not a traceback after an hour of training, nor a tokenizer
+silently replaced by a clusters file.
+
+What each flag and positional argument is on disk is declared once, in `flags.FLAGS` (`Flag.path`, a
+command's own kind of --out through add_flag's `path`); this module reads it from the parser of the
+command given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..errors import ClusterarError
+from .flags import READS, WRITES
+
+# The files an input folder is read for (a run folder's model, a tokenizer's run folder, a CTF pipeline
+# folder): an output of that name in that folder replaces the input as surely as naming it.
+FOLDER_INPUT_FILES = ("model.safetensors", "tokenizer.safetensors", "pipeline.json")
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser that parsed the command given: `clusterar cluster fit` is cluster's fit."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, sub.dest, None) if sub is not None else None
+        if name is None:
+            return parser
+        parser = sub.choices[name]
+
+
+def _flag(action: argparse.Action) -> str:
+    return action.option_strings[-1] if action.option_strings else action.dest.upper()
+
+
+def _values(value: object) -> list[str]:
+    """The paths in a flag's value: a list (nargs), and `folder:PATH` (--data, --extractor) as PATH."""
+    values = value if isinstance(value, list | tuple) else [value]
+    return [str(v).rsplit("folder:", 1)[-1] for v in values if v]
+
+
+def _replaces(out: Path, inp: Path) -> str | None:
+    """How writing `out` would replace input `inp` (None: it would not): it is the same file or folder
+    (also through a symlink or a hard link: st_dev and st_ino), or the file an input folder is read for."""
+    if not (out.exists() and inp.exists()):
+        return None
+    if os.path.samefile(out, inp):
+        return "the same folder" if inp.is_dir() else "the same file"
+    if inp.is_dir() and out.name in FOLDER_INPUT_FILES and os.path.samefile(out.parent, inp):
+        return f"the {out.name} it reads"
+    return None
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before any work, an output the command cannot write, of the wrong kind, or that would
+    replace one of its inputs."""
+    from ..fileio import check_writable
+
+    actions = command_parser(parser, args)._actions
+    inputs = [
+        (_flag(a), Path(v))
+        for a in actions
+        if getattr(a, "path", None) == READS
+        for v in _values(getattr(args, a.dest, None))
+    ]
+    for action in actions:
+        kind, value = getattr(action, "path", None), getattr(args, action.dest, None)
+        if kind not in WRITES or not value:
+            continue
+        flag, out = _flag(action), Path(value)
+        check_writable(out, flag, kind)
+        for source, inp in inputs:
+            how = _replaces(out, inp)
+            if how:
+                raise ClusterarError(
+                    f"{flag} {out} would replace {source} {inp} ({how}): an output never overwrites an "
+                    f"input; choose another {flag}"
+                )
