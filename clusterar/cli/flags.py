@@ -104,8 +104,15 @@ def _stage2_modes() -> tuple[str, ...]:
 SWITCH = None  # Flag.type of an on/off flag (store_true)
 # Flag.path: what the flag's value is on disk, checked by `paths.check_paths` before any work. READS: a
 # file or folder the command reads (never written over); the others name an output and what the command
-# writes there (a command whose --out is a file says so with add_flag's `path=WRITES_FILE`).
-READS, WRITES_FILE, WRITES_FOLDER, WRITES_ANY = "reads", "file", "folder", "file or folder"
+# writes there (a command whose --out is a file says so with add_flag's `path=WRITES_FILE`). READS_NAMED:
+# a name (mnist, classifier) or a path after "folder:" (folder:PATH, classifier:folder:PATH).
+READS, READS_NAMED, WRITES_FILE, WRITES_FOLDER, WRITES_ANY = (
+    "reads",
+    "reads named",
+    "file",
+    "folder",
+    "file or folder",
+)
 WRITES = (WRITES_FILE, WRITES_FOLDER, WRITES_ANY)
 TABLE = "table"  # add_flag's `path` default: as FLAGS declares it
 
@@ -137,7 +144,7 @@ FLAGS: dict[str, Flag] = {
     "tokenizer": Flag(help="tokenizer.safetensors, its run folder, or a LlamaGen .pt", path=READS),
     "tokens": Flag(help="token file (clusterar encode)", path=READS),
     "clusters": Flag(help="clusters file (clusterar cluster fit)", path=READS),
-    "data": Flag(help="mnist, digits or folder:PATH", path=READS),
+    "data": Flag(help="mnist, digits or folder:PATH", path=READS_NAMED),
     "split": Flag(help="dataset split: train or val (folders: a sub-folder name)"),
     "splits": Flag(help="dataset splits"),
     "on_error": Flag(help="unreadable images: fail, or skip and list them", choices=_on_error),
@@ -183,7 +190,7 @@ FLAGS: dict[str, Flag] = {
     ),
     "extractor": Flag(
         help="classifier (of the --ref dataset), classifier:mnist, classifier:digits or classifier:folder:PATH",
-        path=READS,
+        path=READS_NAMED,
     ),
     "k": Flag(positive_int, "neighbourhood size for precision/recall"),
     # sample, pipeline

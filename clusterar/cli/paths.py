@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import ClusterarError
-from .flags import READS, WRITES
+from .flags import READS, READS_NAMED, WRITES
 
 # The files an input folder is read for (a run folder's model, a tokenizer's run folder, a CTF pipeline
 # folder): an output of that name in that folder replaces the input as surely as naming it.
@@ -36,10 +36,12 @@ def _flag(action: argparse.Action) -> str:
     return action.option_strings[-1] if action.option_strings else action.dest.upper()
 
 
-def _values(value: object) -> list[str]:
-    """The paths in a flag's value: a list (nargs), and `folder:PATH` (--data, --extractor) as PATH."""
-    values = value if isinstance(value, list | tuple) else [value]
-    return [str(v).rsplit("folder:", 1)[-1] for v in values if v]
+def _paths(kind: str | None, value: object) -> list[Path]:
+    """The paths an input flag's value names: each of a list (nargs); READS_NAMED: PATH of folder:PATH."""
+    values = [str(v) for v in (value if isinstance(value, list | tuple) else [value]) if v]
+    if kind == READS_NAMED:
+        return [Path(v.split("folder:", 1)[1]) for v in values if "folder:" in v]
+    return [Path(v) for v in values] if kind == READS else []
 
 
 def _replaces(out: Path, inp: Path) -> str | None:
@@ -61,10 +63,7 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
     actions = command_parser(parser, args)._actions
     inputs = [
-        (_flag(a), Path(v))
-        for a in actions
-        if getattr(a, "path", None) == READS
-        for v in _values(getattr(args, a.dest, None))
+        (_flag(a), p) for a in actions for p in _paths(getattr(a, "path", None), getattr(args, a.dest, None))
     ]
     for action in actions:
         kind, value = getattr(action, "path", None), getattr(args, action.dest, None)
