@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from clusterar.cli import build_parser, main
-from clusterar.cli.paths import check_paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,6 +75,21 @@ def test_an_output_that_is_an_input_is_refused(capsys, files, monkeypatch, case,
     assert code == 2
     assert_one_line(err, "--out", "would replace", "(the same file)", "choose another --out")
     assert snapshot(files) == before
+
+
+def test_a_real_tokenizer_is_not_replaced_by_clusters(capsys, tmp_path, make_tokenizer):
+    """The issue's case: on a real tokenizer, `cluster fit ... --out` the tokenizer once exited 0 having
+    replaced it with a clusters file."""
+    from clusterar.tokenizer import save_tokenizer
+
+    tok = tmp_path / "tokenizer.safetensors"
+    save_tokenizer(make_tokenizer(0), tok)
+    before = tok.read_bytes()
+    argv = ["cluster", "fit", "--tokenizer", tok, "--method", "kmeans", "--clusters", "8", "--out", tok]
+    code, err = run_cli(capsys, argv)
+    assert code == 2
+    assert_one_line(err, f"--out {tok} would replace --tokenizer {tok} (the same file)")
+    assert tok.read_bytes() == before
 
 
 @pytest.mark.parametrize("link", ["symlink", "hardlink"])
@@ -144,6 +158,8 @@ ALLOWED = [
 
 @pytest.mark.parametrize("argv", ALLOWED, ids=[" ".join(a[:2]) + f" {i}" for i, a in enumerate(ALLOWED)])
 def test_outputs_beside_inputs_are_allowed(files, monkeypatch, argv):
+    from clusterar.cli.paths import check_paths
+
     monkeypatch.chdir(files)
     (files / "8").write_bytes(b"")
     (files / "mnist").mkdir()
