@@ -274,3 +274,10 @@ def test_sigterm_is_restored_after_main(capsys):
     before = signal.getsignal(signal.SIGTERM)
     run_cli(capsys, ["info", "/nonexistent"])
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_an_output_name_longer_than_the_file_system_allows_is_one_line(capsys, files):
+    out = files / ("a" * 300) / "x"
+    code, err = run_cli(capsys, ["train", "--tokens", files / "M.safetensors", "--tokenizer", files / "T.safetensors", "--out", out])  # fmt: skip
+    assert code == 2
+    assert_one_line(err, f"--out {out}: File name too long; choose another --out")

@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     before = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(argv)
+    except Terminated:  # while the command was being parsed: nothing started, nothing to keep
+        print("\nterminated (SIGTERM) before the command started", file=sys.stderr)
+        return 143
     finally:
         signal.signal(signal.SIGTERM, before)
 
@@ -101,10 +104,10 @@ def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
-    _setup(args)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
+        _setup(args)  # imports torch with --threads: seconds in which a SIGTERM is said as below
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         check_paths(parser, args)
         with logging_redirect_tqdm():  # warnings on their own line, never after a progress bar's \r
             args.func(args)

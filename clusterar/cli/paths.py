@@ -17,9 +17,14 @@ from pathlib import Path
 from ..errors import ClusterarError
 from .flags import READS, READS_NAMED, WRITES
 
-# The files an input folder is read for (a run folder's model, a tokenizer's run folder, a CTF pipeline
-# folder): an output of that name in that folder replaces the input as surely as naming it.
-FOLDER_INPUT_FILES = ("model.safetensors", "tokenizer.safetensors", "pipeline.json")
+
+def folder_input_files() -> tuple[str, ...]:
+    """The files an input folder is read for (a run folder's model, a tokenizer's run folder, a CTF
+    pipeline folder): an output of that name in that folder replaces the input as surely as naming it."""
+    from ..model_file import MODEL_FILE
+    from ..tokenizer import TOKENIZER_FILE
+
+    return (MODEL_FILE, TOKENIZER_FILE, "pipeline.json")
 
 
 def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
@@ -47,12 +52,15 @@ def _paths(kind: str | None, value: object) -> list[Path]:
 def _replaces(out: Path, inp: Path) -> str | None:
     """How writing `out` would replace input `inp` (None: it would not): it is the same file or folder
     (also through a symlink or a hard link: st_dev and st_ino), or the file an input folder is read for."""
-    if not (out.exists() and inp.exists()):
-        return None
-    if os.path.samefile(out, inp):
-        return "the same folder" if inp.is_dir() else "the same file"
-    if inp.is_dir() and out.name in FOLDER_INPUT_FILES and os.path.samefile(out.parent, inp):
-        return f"the {out.name} it reads"
+    try:
+        if not (out.exists() and inp.exists()):
+            return None
+        if os.path.samefile(out, inp):
+            return "the same folder" if inp.is_dir() else "the same file"
+        if inp.is_dir() and out.name in folder_input_files() and os.path.samefile(out.parent, inp):
+            return f"the {out.name} it reads"
+    except OSError:  # an input that cannot be looked at (a name too long): its command says so
+        pass
     return None
 
 

@@ -111,6 +111,23 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", kind: str = "fi
     whom `os.access` would not refuse.
     """
     path = Path(path)
+    try:
+        probe_dir = _check_kind(path, flag, kind)
+    except OSError as e:  # a name longer than the file system allows, a symlink loop: not a traceback
+        raise ClusterarError(f"{flag} {path}: {e.strerror}; choose another {flag}") from None
+    try:
+        fd, name = tempfile.mkstemp(prefix=".clusterar-probe-", dir=probe_dir)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ClusterarError(
+            f"{flag} {path}: cannot write in {probe_dir} ({e.strerror}); choose another {flag} or make the "
+            "folder writable"
+        ) from None
+
+
+def _check_kind(path: Path, flag: str, kind: str) -> Path:
+    """Refuse an existing `path` of the other kind than `kind`; return the folder to probe."""
     if kind == "folder" and path.exists() and not path.is_dir():
         raise ClusterarError(
             f"{flag} {path} is a file; this command writes a folder there: pass a folder path"
@@ -124,15 +141,7 @@ def check_writable(path: str | os.PathLike, flag: str = "--out", kind: str = "fi
         raise ClusterarError(
             f"{flag} {path}: {probe_dir} is a file, not a folder; choose another {flag} or move the file"
         )
-    try:
-        fd, name = tempfile.mkstemp(prefix=".clusterar-probe-", dir=probe_dir)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as e:
-        raise ClusterarError(
-            f"{flag} {path}: cannot write in {probe_dir} ({e.strerror}); choose another {flag} or make the "
-            "folder writable"
-        ) from None
+    return probe_dir
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
