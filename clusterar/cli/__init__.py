@@ -4,18 +4,23 @@ serve, info); every flag comes from `flags.add_flag`.
 
 Only the command given is built with its flags: the others are a name and a line of help, so `clusterar
 --help` imports no torch. Errors in the user's input (ClusterarError) are printed as one clear message
-with exit status 2, never a traceback; Ctrl-C says how to resume.
+with exit status 2, never a traceback; Ctrl-C says how to resume, and so does SIGTERM (what Slurm and
+Kubernetes send before they kill a job), raised as a KeyboardInterrupt so that every command handles it
+as Ctrl-C (exit status 143, 128 + SIGTERM, as schedulers report a job they ended).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 
 from ..errors import ClusterarError
 from . import cluster, convert, encode, evaluate, experiment, info, sample, serve, tokenizer, train
-from .flags import OUTPUT_FLAGS, add_flag
+from .flags import add_flag
+from .paths import check_paths
 
 __all__ = ["build_parser", "main"]
 
@@ -63,15 +68,13 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     return parser
 
 
-def _check_outputs(args: argparse.Namespace) -> None:
-    """Where the command writes, checked before any work: a read-only or misplaced --out is said at once,
-    not after an hour of training."""
-    from ..fileio import check_writable
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: every command's Ctrl-C handling applies to it."""
 
-    for name in OUTPUT_FLAGS:
-        value = getattr(args, name, None)
-        if value:
-            check_writable(value, "--" + name.replace("_", "-"))
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the checkpoint being written
+    raise Terminated
 
 
 def _setup(args: argparse.Namespace) -> None:
@@ -85,14 +88,27 @@ def _setup(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return _main(argv)
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    except Terminated:  # while the command was being parsed: nothing started, nothing to keep
+        print("\nterminated (SIGTERM) before the command started", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
-    _setup(args)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     try:
-        _check_outputs(args)
+        _setup(args)  # imports torch with --threads: seconds in which a SIGTERM is said as below
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        check_paths(parser, args)
         with logging_redirect_tqdm():  # warnings on their own line, never after a progress bar's \r
             args.func(args)
     except ClusterarError as e:
@@ -113,11 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         again = "again" if args.command in RERUN_AGAIN else "with --resume"
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(
-            f"\ninterrupted; finished checkpoints are kept: run the same command {again} to continue",
+            f"\n{what}; finished checkpoints are kept: run the same command {again} to continue",
             file=sys.stderr,
         )
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     return 0

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ClusterarError
-from .flags import add_compute_flags, add_flag, positive_int
+from .flags import WRITES_ANY, WRITES_FILE, add_compute_flags, add_flag, add_input, positive_int
 
 # What each method is for, beside its name in help; the names themselves come from CLUSTER_METHODS.
 METHOD_NOTES = {
@@ -120,8 +120,9 @@ def _add_fit_flags(p: argparse.ArgumentParser, required: bool) -> None:
         help="number of clusters M (with --from-iar: K / block size)",
         type=positive_int,
         required=required,
+        path=None,
     )
-    add_flag(p, "out", help="clusters file to write (.safetensors)", required=required)
+    add_flag(p, "out", help="clusters file to write (.safetensors)", required=required, path=WRITES_FILE)
     add_flag(p, "restarts", said="kmeans 3, balanced 1")
 
 
@@ -156,7 +157,7 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     )
     ins.set_defaults(func=cmd_cluster_inspect)
     add_compute_flags(ins, seed=True)
-    ins.add_argument("clusters", help="clusters file written by `clusterar cluster fit`")
+    add_input(ins, "clusters", help="clusters file written by `clusterar cluster fit`")
     add_flag(ins, "tokenizer", help="the tokenizer whose codebook was clustered", required=True)
     add_flag(ins, "data", "mnist")
     add_flag(ins, "split", "val")
@@ -171,8 +172,8 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
         "torch.save, new_id = mapping[old_id]; equal-size clusters only.",
     )
     exp.set_defaults(func=cmd_cluster_export)
-    exp.add_argument("clusters", help="clusters file")
-    add_flag(exp, "out", help="file to write, e.g. mapping.pt", required=True)
+    add_input(exp, "clusters", help="clusters file")
+    add_flag(exp, "out", help="file to write, e.g. mapping.pt", required=True, path=WRITES_FILE)
 
     rea = actions.add_parser(
         "rearrange",
@@ -183,8 +184,8 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     )
     rea.set_defaults(func=cmd_cluster_rearrange)
     add_flag(rea, "threads", said="its choice")
-    rea.add_argument("clusters", help="clusters file")
+    add_input(rea, "clusters", help="clusters file")
     add_flag(rea, "tokenizer", help="the ORIGINAL tokenizer the clusters were fitted on", required=True)
-    add_flag(rea, "out", help="rearranged tokenizer: a .safetensors file or a folder")
+    add_flag(rea, "out", help="rearranged tokenizer: a .safetensors file or a folder", path=WRITES_ANY)
     add_flag(rea, "tokens", help="token files to remap", nargs="+", metavar="FILE")
     add_flag(rea, "out_dir", help="folder for the remapped token files (same names)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from .flags import add_compute_flags, add_flag
+from .flags import add_compute_flags, add_flag, add_input
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -59,7 +59,7 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     from ..convert import CONVERT_METHODS
 
     add_compute_flags(p, seed=True, progress=False, device="cpu")
-    p.add_argument("model", help="baseline run folder / model.safetensors, or a LlamaGen c2i checkpoint .pt")
+    add_input(p, "model", help="baseline run folder / model.safetensors, or a LlamaGen c2i checkpoint .pt")
     add_flag(p, "method", help="what to convert to", required=True, choices=CONVERT_METHODS)
     add_flag(p, "out", help="output folder (must not exist or be empty)", required=True)
     add_flag(p, "tokenizer", help="the model's tokenizer (required for .pt; default: the one recorded)")

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 
 from ..errors import ClusterarError
-from .flags import add_compute_flags, add_flag
+from .flags import WRITES_FILE, add_compute_flags, add_flag, add_input
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -53,7 +53,7 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     if not full("evaluate"):
         return
     add_compute_flags(p)
-    p.add_argument("samples", help="samples: .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images")
+    add_input(p, "samples", help="samples: .npz (arr_0 uint8 [N, H, W, 3]) or a folder of images")
     add_flag(p, "ref", "mnist:val")
     add_flag(p, "inception", metavar="PATH")
     add_flag(p, "extractor", said="classifier, unless --inception is given")
@@ -70,4 +70,4 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
         help="classifier and reference-statistics cache",
         said="$CLUSTERAR_CACHE or ~/.cache/clusterar",
     )
-    add_flag(p, "out", help="also write the metrics as JSON to this file")
+    add_flag(p, "out", help="also write the metrics as JSON to this file", path=WRITES_FILE)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from .flags import add_compute_flags, add_flag
+from .flags import add_compute_flags, add_flag, add_input
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -57,6 +57,6 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     exp.set_defaults(func=cmd_experiment)
     if full("experiment"):
         add_compute_flags(exp, device=None)
-        exp.add_argument("spec", help="spec file (TOML) or shipped spec name")
+        add_input(exp, "spec", help="spec file (TOML) or shipped spec name")
         add_flag(exp, "out", help="experiment folder", said="runs/NAME")
         add_flag(exp, "check")

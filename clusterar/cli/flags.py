@@ -102,18 +102,31 @@ def _stage2_modes() -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- the table
 
 SWITCH = None  # Flag.type of an on/off flag (store_true)
+# Flag.path: what the flag's value is on disk, checked by `paths.check_paths` before any work. READS: a
+# file or folder the command reads (never written over); the others name an output and what the command
+# writes there (a command whose --out is a file says so with add_flag's `path=WRITES_FILE`). READS_NAMED:
+# a name (mnist, classifier) or a path after "folder:" (folder:PATH, classifier:folder:PATH).
+READS, READS_NAMED, WRITES_FILE, WRITES_FOLDER, WRITES_ANY = (
+    "reads",
+    "reads named",
+    "file",
+    "folder",
+    "file or folder",
+)
+WRITES = (WRITES_FILE, WRITES_FOLDER, WRITES_ANY)
+TABLE = "table"  # add_flag's `path` default: as FLAGS declares it
 
 
 @dataclass(frozen=True)
 class Flag:
     """What a flag is wherever it appears: its parse-and-check function (SWITCH: takes no value), its
-    choices (a tuple, or a function that reads them from the library), its help, and whether it names
-    an output (checked to be writable before any work)."""
+    choices (a tuple, or a function that reads them from the library), its help, and what its value is
+    on disk (`path`: READS, one of WRITES, or None: not a path)."""
 
     type: Callable[[str], object] | None = str
     help: str = ""
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
-    output: bool = False
+    path: str | None = None
 
 
 FLAGS: dict[str, Flag] = {
@@ -124,14 +137,14 @@ FLAGS: dict[str, Flag] = {
     "seed": Flag(nonneg_int, "random seed"),
     "verbose": Flag(SWITCH, "log more"),
     # what a command reads and writes
-    "out": Flag(help="output folder", output=True),
-    "out_dir": Flag(help="output folder", output=True),
-    "cache_dir": Flag(help="cache folder", output=True),
+    "out": Flag(help="output folder", path=WRITES_FOLDER),
+    "out_dir": Flag(help="output folder", path=WRITES_FOLDER),
+    "cache_dir": Flag(help="cache folder", path=WRITES_FOLDER),
     "resume": Flag(SWITCH, "continue the run in --out where it stopped"),
-    "tokenizer": Flag(help="tokenizer.safetensors, its run folder, or a LlamaGen .pt"),
-    "tokens": Flag(help="token file (clusterar encode)"),
-    "clusters": Flag(help="clusters file (clusterar cluster fit)"),
-    "data": Flag(help="mnist, digits or folder:PATH"),
+    "tokenizer": Flag(help="tokenizer.safetensors, its run folder, or a LlamaGen .pt", path=READS),
+    "tokens": Flag(help="token file (clusterar encode)", path=READS),
+    "clusters": Flag(help="clusters file (clusterar cluster fit)", path=READS),
+    "data": Flag(help="mnist, digits or folder:PATH", path=READS_NAMED),
     "split": Flag(help="dataset split: train or val (folders: a sub-folder name)"),
     "splits": Flag(help="dataset splits"),
     "on_error": Flag(help="unreadable images: fail, or skip and list them", choices=_on_error),
@@ -161,19 +174,23 @@ FLAGS: dict[str, Flag] = {
     "check": Flag(SWITCH, "only validate the spec"),
     # cluster
     "from_iar": Flag(
-        help="import IAR's permutation file (1-D int64 [K], new_id = mapping[old_id]) instead of fitting"
+        help="import IAR's permutation file (1-D int64 [K], new_id = mapping[old_id]) instead of fitting",
+        path=READS,
     ),
     "restarts": Flag(positive_int, "k-means++ starts, best kept"),
     # evaluate
     "ref": Flag(
         help="reference: mnist:val, mnist:train, digits:val, ..., an .npz (e.g. VIRTUAL_imagenet256_labeled.npz) "
-        "or a folder of images"
+        "or a folder of images",
+        path=READS,
     ),
     "inception": Flag(
-        help="Inception-v3 FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)"
+        help="Inception-v3 FID weights file pt_inception-2015-12-05-6726825d.pth (nothing is downloaded)",
+        path=READS,
     ),
     "extractor": Flag(
-        help="classifier (of the --ref dataset), classifier:mnist, classifier:digits or classifier:folder:PATH"
+        help="classifier (of the --ref dataset), classifier:mnist, classifier:digits or classifier:folder:PATH",
+        path=READS_NAMED,
     ),
     "k": Flag(positive_int, "neighbourhood size for precision/recall"),
     # sample, pipeline
@@ -186,8 +203,8 @@ FLAGS: dict[str, Flag] = {
     "restrict_to_cluster": Flag(SWITCH, "ctf: sample every fine token inside its coarse cluster"),
     "compile": Flag(SWITCH, 'torch.compile the decode step (mode "reduce-overhead", GPU)'),
     "no_images": Flag(SWITCH, "skip the per-image PNGs (grid and npz only)"),
-    "coarse": Flag(help="CTF stage-1 run folder or model file (ctf-coarse)"),
-    "refiner": Flag(help="CTF stage-2 run folder or model file (ctf-refiner)"),
+    "coarse": Flag(help="CTF stage-1 run folder or model file (ctf-coarse)", path=READS),
+    "refiner": Flag(help="CTF stage-2 run folder or model file (ctf-refiner)", path=READS),
     # convert
     "head": Flag(help="CTF stage-1 head initialisation", choices=_head_inits),
     "lsq_sequences": Flag(positive_int, "token sequences --head lsq fits on"),
@@ -224,7 +241,6 @@ FLAGS: dict[str, Flag] = {
     "cfg_scale2": Flag(nonneg_float),
     "stage2": Flag(choices=_stage2_modes),
 }
-OUTPUT_FLAGS = tuple(name for name, flag in FLAGS.items() if flag.output)
 
 
 def add_flag(
@@ -235,14 +251,25 @@ def add_flag(
     *,
     said: str | None = None,
     names: tuple[str, ...] = (),
+    path: str | None = TABLE,
     **kw: object,
 ) -> None:
     """--NAME on parser (or argument group) `p`, as FLAGS declares it, with this command's default; the
     default is said in the help (`said` words it where the value alone would not). `help` replaces the
     table's where the flag names something of the command's own; `names` replaces --NAME (aliases);
-    keywords go to argparse and win over the table (a count where the table has a path, a command's own
+    `path` replaces the table's (WRITES_FILE where this command's --out is a file, None for a count
+    where the table has a path); keywords go to argparse and win over the table (a command's own
     choices)."""
-    _add(p, name, FLAGS[name], default, help, said=said, names=names, **kw)
+    flag = FLAGS[name]
+    if path != TABLE:
+        flag = dataclasses.replace(flag, path=path)
+    _add(p, name, flag, default, help, said=said, names=names, **kw)
+
+
+def add_input(p: argparse.ArgumentParser, name: str, help: str, **kw: object) -> None:
+    """Positional argument NAME, a file or folder the command reads (never written over, see READS)."""
+    action = p.add_argument(name, help=help, **kw)
+    action.path = READS  # type: ignore[attr-defined]
 
 
 def _add(p, name: str, flag: Flag, default, help, *, said, names, **kw) -> None:
@@ -261,6 +288,7 @@ def _add(p, name: str, flag: Flag, default, help, *, said, names, **kw) -> None:
         choices = flag.choices() if callable(flag.choices) else flag.choices
         kw.setdefault("choices", choices)
     action = p.add_argument(*names, dest=name, default=default, **kw)
+    action.path = flag.path  # type: ignore[attr-defined]  # read by paths.check_paths
     action.help = text  # set afterwards: BooleanOptionalAction would append its own default (Python < 3.13)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import ClusterarError
-from .flags import add_compute_flags, add_config_flags, add_flag
+from .flags import WRITES_FILE, add_compute_flags, add_config_flags, add_flag, add_input
 
 
 def parse_labels(text: str | None) -> list[int] | None:
@@ -121,7 +121,7 @@ def add_sample_parser(sub: argparse._SubParsersAction, full: Callable[[str], boo
     if not full("sample"):
         return
     add_compute_flags(p, seed=True)
-    p.add_argument("source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
+    add_input(p, "source", help="run folder, model.safetensors, pipeline.json or LlamaGen .pt")
     add_flag(p, "out", required=True)
     add_flag(
         p,
@@ -162,7 +162,7 @@ def add_pipeline_parser(sub: argparse._SubParsersAction, full: Callable[[str], b
     ctf.set_defaults(func=cmd_pipeline_ctf)
     add_flag(ctf, "coarse", required=True)
     add_flag(ctf, "refiner", required=True)
-    add_flag(ctf, "out", help="the pipeline JSON to write", required=True)
+    add_flag(ctf, "out", help="the pipeline JSON to write", required=True, path=WRITES_FILE)
     add_flag(ctf, "tokenizer", help="override the tokenizer path recorded in the runs")
     add_flag(ctf, "clusters", help="override the clusters path recorded in the runs")
     add_flag(ctf, "restrict_to_cluster", help="sample fine tokens inside their coarse cluster")

@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .flags import add_compute_flags, add_config_flags, add_flag, config_from_args
+from .flags import add_compute_flags, add_config_flags, add_flag, add_input, config_from_args
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -67,8 +67,8 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     ev = actions.add_parser("eval", help="PSNR, codebook usage and a reconstruction grid on a dataset split")
     ev.set_defaults(func=cmd_tokenizer_eval)
     add_compute_flags(ev)
-    ev.add_argument(
-        "tokenizer", help="tokenizer.safetensors, its run folder, or a LlamaGen .pt (e.g. vq_ds16_c2i.pt)"
+    add_input(
+        ev, "tokenizer", help="tokenizer.safetensors, its run folder, or a LlamaGen .pt (e.g. vq_ds16_c2i.pt)"
     )
     add_flag(ev, "data", "mnist")
     add_flag(ev, "split", "val")

@@ -101,21 +101,20 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
-def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+def check_writable(path: str | os.PathLike, flag: str = "--out", kind: str = "file or folder") -> None:
     """Fail before any work if `path` (a file or folder to create) cannot be written.
 
-    Finds the nearest folder that exists above `path` and creates (and removes) a probe file in it: that
-    answers for permissions, read-only file systems and a file standing where a folder must go, also for
-    root, whom `os.access` would not refuse.
+    `kind` ("file", "folder", or "file or folder") is what the command writes at `path`: an existing one
+    of the other kind is refused, not found out by a traceback at the end of the work. Then finds the
+    nearest folder that exists above `path` and creates (and removes) a probe file in it: that answers
+    for permissions, read-only file systems and a file standing where a folder must go, also for root,
+    whom `os.access` would not refuse.
     """
     path = Path(path)
-    probe_dir = path if path.is_dir() else path.parent
-    while not probe_dir.exists():
-        probe_dir = probe_dir.parent
-    if not probe_dir.is_dir():
-        raise ClusterarError(
-            f"{flag} {path}: {probe_dir} is a file, not a folder; choose another {flag} or move the file"
-        )
+    try:
+        probe_dir = _check_kind(path, flag, kind)
+    except OSError as e:  # a name longer than the file system allows, a symlink loop: not a traceback
+        raise ClusterarError(f"{flag} {path}: {e.strerror}; choose another {flag}") from None
     try:
         fd, name = tempfile.mkstemp(prefix=".clusterar-probe-", dir=probe_dir)
         os.close(fd)
@@ -125,6 +124,24 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
             f"{flag} {path}: cannot write in {probe_dir} ({e.strerror}); choose another {flag} or make the "
             "folder writable"
         ) from None
+
+
+def _check_kind(path: Path, flag: str, kind: str) -> Path:
+    """Refuse an existing `path` of the other kind than `kind`; return the folder to probe."""
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise ClusterarError(
+            f"{flag} {path} is a file; this command writes a folder there: pass a folder path"
+        )
+    if kind == "file" and path.is_dir():
+        raise ClusterarError(f"{flag} {path} is a folder; this command writes a file there: pass a file path")
+    probe_dir = path if path.is_dir() else path.parent
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not probe_dir.is_dir():
+        raise ClusterarError(
+            f"{flag} {path}: {probe_dir} is a file, not a folder; choose another {flag} or move the file"
+        )
+    return probe_dir
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
