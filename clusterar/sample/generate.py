@@ -102,20 +102,20 @@ def draw(
     A zero-probability entry is never drawn (its CDF step is empty).
 
     A row whose total is not a finite number > 0 (NaN or inf probabilities, all zero) has no distribution:
-    refused (ClusterarError), or, given `invalid` (a bool scalar), flagged in it with no wait on the device;
-    every id stays in [0, V) either way, so nothing downstream indexes out of range.
+    refused (ClusterarError); given `invalid` (a bool scalar), a NaN row (softmax's answer to NaN or inf
+    logits) is flagged in it instead, with no wait on the device. Every id stays in [0, V) either way, so
+    nothing downstream indexes out of range.
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: in range
     ids = torch.searchsorted(cdf, x, right=True).squeeze(1)
-    bad = ~(torch.isfinite(total) & (total > 0)).all()
     if invalid is None:
-        if bad:
+        if not bool((torch.isfinite(total) & (total > 0)).all()):
             raise ClusterarError("draw: a row of probabilities holds NaN or inf, or sums to 0")
-    else:
-        invalid.logical_or_(bad)
+    else:  # softmax rows sum to 1 or are NaN: one reduction finds the NaN ones, with no wait on the device
+        invalid.logical_or_(total.sum().isnan())
     return ids.clamp_(max=probs.shape[-1] - 1)  # a no-op for every row with a distribution
 
 
