@@ -106,6 +106,21 @@ class InvocationClock:
         return [json.loads(line) for line in self.lines()]
 
 
+def inside(out: Path, path: Path) -> Path:
+    """`path`, refused (ClusterarError) unless it lies inside the folder `out` (the experiment's --out, or
+    its runs/ or clusters/): the second line of defence behind the spec's name rule (check_name), checked
+    on the spelled paths, so a name such as "../x" or "/x" never writes elsewhere (symlinks the user made
+    inside `out` are theirs to follow)."""
+    root = os.path.normpath(os.path.abspath(out))
+    full = os.path.normpath(os.path.abspath(path))
+    if os.path.commonpath([root, full]) != root or full == root:
+        raise ClusterarError(
+            f"{path} lies outside {out}, where the experiment writes it; spec names must be plain names "
+            "(check the spec with --check)"
+        )
+    return path
+
+
 def stage_tokenizer(spec: ExperimentSpec, out: Path, progress: bool = True) -> Path:
     """Train the spec's tokenizer (or take the given one); return the path of tokenizer.safetensors."""
     if spec.tokenizer.path is not None:
@@ -146,7 +161,7 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
     paths: dict[str, Path] = {}
     fp = tokenizer_fingerprint(tokenizer_path)
     for name, c in spec.clusters.items():
-        path = out / "clusters" / f"{name}.safetensors"
+        path = inside(out / "clusters", out / "clusters" / f"{name}.safetensors")
         paths[name] = path
         settings = {**asdict(c), "tokenizer": fp}
         if (
@@ -250,7 +265,7 @@ def _extends(saved: dict, now: dict) -> bool:
 def run_dir(spec: ExperimentSpec, out: Path, run: str, seed: int) -> Path:
     """runs/RUN, or runs/RUN/seed-S when the spec repeats runs over several seeds."""
     base = out / "runs" / run
-    return base / f"seed-{seed}" if len(spec_seeds(spec)) > 1 else base
+    return inside(out / "runs", base / f"seed-{seed}" if len(spec_seeds(spec)) > 1 else base)
 
 
 def _snapshots(run_dir: Path) -> list[tuple[float, int, Path]]:

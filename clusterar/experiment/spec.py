@@ -41,6 +41,11 @@ RUN_METHODS = ("baseline", "iar", "ctf")
 # TokenizerTrainConfig fields that the experiment sets for its tokenizer, never its [tokenizer] table
 EXPERIMENT_SETS = ("data", "image_size", "seed", "device", "eval_every")
 SPECS_DIR = Path(__file__).parent.parent / "specs"
+# A spec name that becomes a path (the experiment's runs/NAME, a run's runs/RUN, a clusters table's
+# clusters/NAME.safetensors) is a plain name: one path component that is never "." or "..", never absolute,
+# never empty, and the same on every filesystem.
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RULE_TEXT = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (it names a folder)"
 
 
 @dataclass
@@ -261,9 +266,16 @@ def load_spec(path: str | Path) -> ExperimentSpec:
     return parse_spec(d, str(p))
 
 
+def check_name(name: Any, where: str, note: str = "") -> None:
+    """A spec name that becomes a path follows NAME_RULE; `where` names the table and key."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise ClusterarError(f"{where} = {name!r}{note} is not a plain name: use {NAME_RULE_TEXT}")
+
+
 def check_spec(spec: ExperimentSpec, source: str) -> None:
     """Check a built spec table by table, in the order a reader meets them; the first mistake is raised,
     naming its table and key. It only reads the spec (parse_spec does the one normalisation)."""
+    check_name(spec.name, f"{source}: name", " (the spec file's name when `name` is not set)")
     _check_data(spec, source)
     _check_tokenizer(spec, source)
     _check_eval(spec, source)
@@ -333,6 +345,7 @@ def _check_clusters(spec: ExperimentSpec, source: str) -> None:
     (when the codebook's size is known before any work)."""
     k = codebook_size(spec)
     for name, c in spec.clusters.items():
+        check_name(name, f"{source} [clusters.NAME]: NAME")
         if c.method not in CLUSTER_METHODS:
             raise ClusterarError(
                 f"{source} [clusters.{name}]: unknown method {c.method!r}; choose one of {', '.join(CLUSTER_METHODS)}"
@@ -349,7 +362,8 @@ def _check_runs(spec: ExperimentSpec, source: str) -> None:
     if not spec.runs:
         raise ClusterarError(f"{source}: no [[runs]]; add at least one (method = baseline, iar or ctf)")
     names: set[str] = set()
-    for r in spec.runs:
+    for i, r in enumerate(spec.runs):
+        check_name(r.name, f"{source} [[runs]] #{i + 1}: name")
         where = f"{source} run {r.name!r}"
         if r.name in names:
             raise ClusterarError(f"{where}: two runs share this name")

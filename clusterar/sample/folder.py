@@ -221,8 +221,13 @@ def _check_folder(out: Path, run: dict, rank: int, world: int) -> dict | None:
     """Refuse a folder of samples made with other settings; the summary of one already complete (None
     otherwise, and then parts/run.json holds this run's settings)."""
     complete, started = _records(out)
+    # a run that drew no batch (it failed on its settings, or was stopped at once) holds nothing to keep: a
+    # rerun with other settings replaces it, saying so; a folder with finished batches is refused as before
+    replaceable = not any((out / "parts").glob("batch-*.npy"))
     for record in (complete, started):
-        if record.check(run, where=out) is not None and record is complete:
+        if record.check(run, restart=replaceable and record is started, where=out) is not None and (
+            record is complete
+        ):
             notice(f"{out} is already complete ({run['n']} images with these settings); nothing to do")
             if (out / "parts").exists():  # a run killed between sample.json and removing its parts
                 shutil.rmtree(out / "parts")

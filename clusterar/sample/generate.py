@@ -66,31 +66,79 @@ def sample_logits(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    invalid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Logits [..., V] -> token ids [...]: temperature, then top-k / top-p, then one categorical draw per row."""
+    """Logits [..., V] -> token ids [...]: temperature, then top-k / top-p, then one categorical draw per row.
+
+    Rows that give no probabilities to draw from (NaN or infinite logits: a damaged model) are refused with
+    a ClusterarError naming the settings, at once, or, given `invalid` (a bool scalar on the logits'
+    device), flagged in it without waiting for the device; their ids are then in range but meaningless
+    (`draw`)."""
     x = logits.reshape(-1, logits.shape[-1]).float() / temperature
     x = filter_top_p(filter_top_k(x, top_k), top_p)
-    return draw(x.softmax(dim=-1), generator).view(logits.shape[:-1])
+    flag = invalid if invalid is not None else torch.zeros((), dtype=torch.bool, device=x.device)
+    ids = draw(x.softmax(dim=-1), generator, invalid=flag)
+    if invalid is None and flag:
+        raise no_distribution(f"temperature {temperature}, top-k {top_k}, top-p {top_p}")
+    return ids.view(logits.shape[:-1])
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def no_distribution(settings: str) -> ClusterarError:
+    """The refusal of a draw whose probabilities are NaN or infinite, which accepted settings never cause
+    on finite logits (SampleSettings' bounds): the model's logits are not finite."""
+    return ClusterarError(
+        f"sampling met NaN or infinite logits with {settings}: the model computes no distribution to draw "
+        "from (damaged or diverged weights?); check the model file, or sample an earlier snapshot"
+    )
+
+
+def draw(
+    probs: torch.Tensor, generator: torch.Generator | None = None, invalid: torch.Tensor | None = None
+) -> torch.Tensor:
     """One draw per row of probabilities [R, V] (rows need not sum to 1) -> ids [R], by inverse CDF.
 
     Exact like torch.multinomial, but one uniform number per row instead of one per vocabulary entry:
     multinomial's exponential race spent 40% of CPU sampling time on 250 x 4,096 random numbers per token.
     A zero-probability entry is never drawn (its CDF step is empty).
+
+    A row whose total is not a finite number > 0 (NaN or inf probabilities, all zero) has no distribution:
+    refused (ClusterarError); given `invalid` (a bool scalar), a NaN row (softmax's answer to NaN or inf
+    logits) is flagged in it instead, with no wait on the device. Every id stays in [0, V) either way, so
+    nothing downstream indexes out of range.
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: in range
-    return torch.searchsorted(cdf, x, right=True).squeeze(1)
+    ids = torch.searchsorted(cdf, x, right=True).squeeze(1)
+    if invalid is None:
+        if not bool((torch.isfinite(total) & (total > 0)).all()):
+            raise ClusterarError("draw: a row of probabilities holds NaN or inf, or sums to 0")
+    else:  # softmax rows sum to 1 or are NaN: one reduction finds the NaN ones, with no wait on the device
+        invalid.logical_or_(total.sum().isnan())
+    return ids.clamp_(max=probs.shape[-1] - 1)  # a no-op for every row with a distribution
+
+
+# Bounds that keep the logits maths finite in float32 (largest value 3.4e38). Guided logits u + s (c - u)
+# stay below (1 + 2|s|) max|logit|: about 2e5 for |s| <= 1e4 and logits of magnitude 10 (measured: 18 for
+# a random tiny head; trained models are of that order); divided by a temperature >= 1e-6 they stay below
+# 1e12, 26 orders of magnitude from overflow. Measured on logits of magnitude 30: logits / t is infinite
+# from t = 1e-37 on, and a guidance scale of 1e300 overflows, after which softmax gives NaN. Neither bound
+# takes anything away: temperature 1e-6 is greedy already (a logit gap of 1e-4 makes odds of e^-100),
+# and a guidance scale past 1e4 only amplifies the float noise of c - u.
+MIN_TEMPERATURE = 1e-6
+MAX_CFG_SCALE = 1e4
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float, what: str = "") -> None:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ClusterarError(
             f"temperature{what} must be > 0, got {temperature} (top-k 1 gives greedy decoding)"
+        )
+    if temperature < MIN_TEMPERATURE:
+        raise ClusterarError(
+            f"temperature{what} must be >= {MIN_TEMPERATURE:g} (below it logits / temperature overflow "
+            f"float32; {MIN_TEMPERATURE:g} is already greedy, as is top-k 1), got {temperature}"
         )
     if top_k < 0:
         raise ClusterarError(f"top-k{what} must be >= 0 (0 = the whole vocabulary), got {top_k}")
@@ -197,6 +245,7 @@ def generate(
     cond = torch.cat([labels, torch.full_like(labels, c.null_class)]) if batched else labels
     out = torch.empty(b, n, dtype=torch.long, device=device)
     kept: list[torch.Tensor] = []
+    invalid = torch.zeros((), dtype=torch.bool, device=device)  # a draw met no distribution (checked once)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         logits = guide(logits, cfg_scale) if batched else logits.float()
@@ -204,7 +253,9 @@ def generate(
             kept.append(logits.clone())
         if draw_order is not None:
             logits = logits[..., draw_order]
-        tok = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tok = sample_logits(
+            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, invalid=invalid
+        )
         return draw_order[tok] if draw_order is not None else tok
 
     with autocast(device):
@@ -223,6 +274,10 @@ def generate(
             for i in range(n):
                 idx = torch.cat([out[:, :i], out[:, :i]]) if batched else out[:, :i]
                 out[:, i] = pick(model(idx, cond)[:, -1])
+    if invalid:
+        raise no_distribution(
+            f"cfg scale {cfg_scale}, temperature {temperature}, top-k {top_k}, top-p {top_p}"
+        )
     if return_logits:
         return out, torch.stack(kept, dim=1)
     return out
@@ -266,7 +321,14 @@ def refine(
             logits = refiner(coarse, labels).float()
     if cluster_labels is not None:
         logits = restrict_logits(logits, coarse, cluster_labels)
-    ids = sample_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    invalid = torch.zeros((), dtype=torch.bool, device=logits.device)
+    ids = sample_logits(
+        logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, invalid=invalid
+    )
+    if invalid:
+        raise no_distribution(
+            f"stage 2 cfg scale {cfg_scale}, temperature {temperature}, top-k {top_k}, top-p {top_p}"
+        )
     return (ids, logits) if return_logits else ids
 
 
@@ -343,6 +405,11 @@ class SampleSettings:
         for name in ("cfg_scale", "cfg_scale2"):
             if not math.isfinite(getattr(self, name)):
                 raise ClusterarError(f"{name} must be finite, got {getattr(self, name)}")
+            if abs(getattr(self, name)) > MAX_CFG_SCALE:
+                raise ClusterarError(
+                    f"{name} must lie in [-{MAX_CFG_SCALE:g}, {MAX_CFG_SCALE:g}] (beyond it guided logits "
+                    f"overflow float32 at low temperatures; 1 = off, 1.5-4 is usual), got {getattr(self, name)}"
+                )
         if self.stage2 not in STAGE2_MODES:
             raise ClusterarError(f"stage2 must be one of {', '.join(STAGE2_MODES)}, got {self.stage2!r}")
 
