@@ -88,6 +88,7 @@ class _Held:
 
 _held: dict[tuple[int, int], _Held] = {}  # by the folder's (device, inode): any spelling of its path
 _guard = threading.Lock()
+_warned: set[Path] = set()  # folders that could not be locked, said once
 
 
 @contextlib.contextmanager
@@ -105,7 +106,11 @@ def folder_lock(folder: str | os.PathLike, active: bool = True) -> Iterator[Path
         if held is not None:
             held.count += 1
         else:
-            fd, more = _acquire(folder)
+            try:
+                fd, more = _acquire(folder)
+            except BaseException:
+                _remove_empty(created)  # refused: leave no folder behind either
+                raise
             held = _held[key] = _Held(fd, created=created + more)
     try:
         yield folder
@@ -196,7 +201,12 @@ def _release(folder: Path, held: _Held) -> None:
             if _is_file_at(held.fd, path):
                 os.unlink(path)
         os.close(held.fd)
-    for p in sorted(set(held.created), key=lambda q: len(q.parts), reverse=True):
+    _remove_empty(held.created)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a lock created, deepest first, as long as they are empty."""
+    for p in sorted(set(created), key=lambda q: len(q.parts), reverse=True):
         try:
             os.rmdir(p)
         except OSError:  # not empty (the job wrote there, or another process is in it): keep it
@@ -214,10 +224,13 @@ def _is_file_at(fd: int, path: Path) -> bool:
 
 
 def _unlocked(folder: Path, fd: int, why: str) -> None:
-    """No lock to be had here: close the file, say so once, and let the job run unlocked."""
+    """No lock to be had here: close the file, say so (once per folder), and let the job run unlocked."""
     os.close(fd)
     with contextlib.suppress(OSError):
         os.unlink(folder / LOCK_FILE)
+    if folder in _warned:
+        return
+    _warned.add(folder)
     from .runtime import notice
 
     notice(

@@ -11,6 +11,7 @@ sample (which would refuse rank 1 otherwise) cover that.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clusterar import lock
+from clusterar import ClusterarError, lock
 from clusterar.experiment.runner import run_experiment
 from clusterar.lock import LOCK_FILE, FolderInUse, folder_lock, read_holder
 from clusterar.tokenizer import save_tokenizer
@@ -284,7 +285,7 @@ def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / LOCK_FILE).symlink_to(target)
-    with pytest.raises(Exception, match="not a lock file of clusterar"):
+    with pytest.raises(ClusterarError, match="not a lock file of clusterar"):
         with folder_lock(folder):
             pass
     assert target.read_text() == "keep me"
@@ -293,4 +294,24 @@ def test_a_lock_file_that_is_a_link_is_refused_not_followed(tmp_path):
 def test_not_rank_0_does_not_lock(tmp_path):
     with held_by_another_process(tmp_path / "f"):
         with folder_lock(tmp_path / "f", active=False):  # torchrun's other ranks work for rank 0
+            pass
+
+
+def test_a_file_system_without_locks_runs_the_job_unlocked_with_a_warning(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
+    for _ in range(2):
+        with folder_lock(tmp_path / "nfs"):
+            (tmp_path / "nfs" / "out.txt").write_text("done")
+    err = capsys.readouterr().err
+    assert err.count("going on without a lock") == 1 and "No locks available" in err
+    assert sorted(p.name for p in (tmp_path / "nfs").iterdir()) == ["out.txt"]
+
+
+def test_a_file_where_the_folder_should_be_is_one_line(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ClusterarError, match="f is a file, not a folder; choose another --out"):
+        with folder_lock(tmp_path / "f" / "run"):
             pass
