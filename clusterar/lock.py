@@ -78,9 +78,11 @@ class FolderInUse(ClusterarError):
 
 @dataclass
 class _Held:
-    """A folder this process holds: the open lock file (None: the file system cannot lock), how many
-    `folder_lock` blocks hold it, and the folders the first one created (removed if still empty)."""
+    """A folder this process holds (as the first `folder_lock` spelled it): the open lock file (None: the
+    file system cannot lock), how many blocks hold it, the folders the first one created (removed if
+    still empty)."""
 
+    folder: Path
     fd: int | None
     count: int = 1
     created: list[Path] = field(default_factory=list)
@@ -111,7 +113,7 @@ def folder_lock(folder: str | os.PathLike, active: bool = True) -> Iterator[Path
             except BaseException:
                 _remove_empty(created)  # refused: leave no folder behind either
                 raise
-            held = _held[key] = _Held(fd, created=created + more)
+            held = _held[key] = _Held(folder, fd, created=created + more)
     try:
         yield folder
     finally:
@@ -119,7 +121,7 @@ def folder_lock(folder: str | os.PathLike, active: bool = True) -> Iterator[Path
             held.count -= 1
             if held.count == 0:
                 del _held[key]
-                _release(folder, held)
+                _release(held)
 
 
 def read_holder(folder: str | os.PathLike) -> dict | None:
@@ -167,6 +169,9 @@ def _acquire(folder: Path) -> tuple[int | None, list[Path]]:
     """Lock FOLDER/.lock (see the module docstring): the open file and the folders created meanwhile
     (when a releasing process removed the folder between our mkdir and our open)."""
     path, created = folder / LOCK_FILE, []
+    if fcntl is None:
+        _say_unlocked(folder, "this platform has no fcntl")
+        return None, created
     for _ in range(_ATTEMPTS):
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
@@ -175,8 +180,6 @@ def _acquire(folder: Path) -> tuple[int | None, list[Path]]:
             continue
         except OSError as e:
             raise _cannot_open(folder, path, e) from None
-        if fcntl is None:
-            return _unlocked(folder, fd, "this platform has no fcntl"), created
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -184,7 +187,11 @@ def _acquire(folder: Path) -> tuple[int | None, list[Path]]:
             os.close(fd)
             raise FolderInUse(folder, holder) from None
         except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP...: a file system without locks
-            return _unlocked(folder, fd, e.strerror), created
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            _say_unlocked(folder, e.strerror)
+            return None, created
         if _is_file_at(fd, path):
             _write_holder(fd)
             return fd, created
@@ -192,11 +199,11 @@ def _acquire(folder: Path) -> tuple[int | None, list[Path]]:
     raise ClusterarError(f"cannot lock {folder}: its {LOCK_FILE} kept being replaced; run the command again")
 
 
-def _release(folder: Path, held: _Held) -> None:
+def _release(held: _Held) -> None:
     """Remove the lock file (while still holding it, and only if the name is still ours), then drop the
     lock; then remove the folders the lock created if they are still empty."""
     if held.fd is not None:
-        path = folder / LOCK_FILE
+        path = held.folder / LOCK_FILE
         with contextlib.suppress(OSError):
             if _is_file_at(held.fd, path):
                 os.unlink(path)
@@ -223,11 +230,8 @@ def _is_file_at(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def _unlocked(folder: Path, fd: int, why: str) -> None:
-    """No lock to be had here: close the file, say so (once per folder), and let the job run unlocked."""
-    os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(folder / LOCK_FILE)
+def _say_unlocked(folder: Path, why: str) -> None:
+    """No lock to be had here: say so (once per folder); the job runs unlocked."""
     if folder in _warned:
         return
     _warned.add(folder)
