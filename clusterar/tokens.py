@@ -49,6 +49,7 @@ from .data import (
 from .errors import ClusterarError
 from .fileio import FileError, expect_kind, file_error, mmap_tensor, read_meta, save_tensors, write_json
 from .killpoints import kill_point
+from .lock import folder_lock
 from .resume import Record, SettingsDiffer
 from .runtime import autocast, notice
 from .tokenizer import VQModel
@@ -371,7 +372,8 @@ def encode_dataset(
 
     Under torchrun (`world` processes, torch.distributed initialised), process `rank` encodes its block of
     whole batches (`shard_rows`) into the one shared partial file, with a state file of its own; rank 0
-    assembles the token file, which is the one a single process writes.
+    assembles the token file, which is the one a single process writes. Rank 0 holds the lock of the
+    token file's folder (`clusterar.lock`) for the job: a second process encoding into it is refused.
     """
     views = resolve_views(data, views)
     if batch_size < 1 or num_workers < 0 or image_size < 1:
@@ -379,43 +381,45 @@ def encode_dataset(
             f"--batch-size and --image-size must be at least 1 and --num-workers >= 0, got {batch_size}, "
             f"{image_size} and {num_workers}"
         )
-    dataset = load_dataset(data, split, view_load_size(image_size, views), on_error=on_error)
-    plan = _plan_encoding(
-        tokenizer, dataset, data, split, Path(out), image_size, views, batch_size, rank, world
-    )
-    codes = _open_codes(plan, tokenizer, restart)
-    loader = torch.utils.data.DataLoader(
-        WithSourceSizes(dataset, plan.done, plan.hi),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate_with_sizes,
-    )
-    tokenizer.eval()
-    bar = tqdm(
-        total=plan.hi - plan.lo,
-        initial=plan.done - plan.lo,
-        desc=f"encode {split}" + (f" (process 0 of {world})" if world > 1 else ""),
-        unit="img",
-        disable=not progress or rank != 0,
-        dynamic_ncols=True,
-    )
-    last_save = time.monotonic()
-    try:
-        with logging_redirect_tqdm():  # warnings (e.g. a converted CMYK file) go above the bar
-            for images, _, ok, sizes in loader:
-                _encode_batch(plan, codes, tokenizer, dataset, images, ok, sizes, views, image_size)
-                bar.update(len(ok))
-                if time.monotonic() - last_save >= save_every:
-                    plan.save(codes)
-                    last_save = time.monotonic()
-                kill_point("encode.batch")
-    except BaseException as e:
-        bar.close()  # ends the bar's line, so the error is printed on a line of its own
-        _stopped(plan, codes, split, e)
-    bar.close()
-    plan.save(codes)
-    return _finish_encoding(plan, codes, dataset, data)
+    # one writer per folder of token files; rank 0 holds it for the job
+    with folder_lock(Path(out).parent, active=rank == 0):
+        dataset = load_dataset(data, split, view_load_size(image_size, views), on_error=on_error)
+        plan = _plan_encoding(
+            tokenizer, dataset, data, split, Path(out), image_size, views, batch_size, rank, world
+        )
+        codes = _open_codes(plan, tokenizer, restart)
+        loader = torch.utils.data.DataLoader(
+            WithSourceSizes(dataset, plan.done, plan.hi),
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate_with_sizes,
+        )
+        tokenizer.eval()
+        bar = tqdm(
+            total=plan.hi - plan.lo,
+            initial=plan.done - plan.lo,
+            desc=f"encode {split}" + (f" (process 0 of {world})" if world > 1 else ""),
+            unit="img",
+            disable=not progress or rank != 0,
+            dynamic_ncols=True,
+        )
+        last_save = time.monotonic()
+        try:
+            with logging_redirect_tqdm():  # warnings (e.g. a converted CMYK file) go above the bar
+                for images, _, ok, sizes in loader:
+                    _encode_batch(plan, codes, tokenizer, dataset, images, ok, sizes, views, image_size)
+                    bar.update(len(ok))
+                    if time.monotonic() - last_save >= save_every:
+                        plan.save(codes)
+                        last_save = time.monotonic()
+                    kill_point("encode.batch")
+        except BaseException as e:
+            bar.close()  # ends the bar's line, so the error is printed on a line of its own
+            _stopped(plan, codes, split, e)
+        bar.close()
+        plan.save(codes)
+        return _finish_encoding(plan, codes, dataset, data)
 
 
 def _plan_encoding(

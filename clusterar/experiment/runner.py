@@ -30,6 +30,7 @@ from ..data import load_dataset, to_uint8
 from ..errors import ClusterarError
 from ..fileio import atomic_path, read_json, read_meta, write_json, write_text_atomic
 from ..killpoints import kill_point
+from ..lock import folder_lock
 from ..metrics import evaluate_images, make_extractor, open_images
 from ..model_file import MODEL_FILE, read_model_info
 from ..resume import Record
@@ -571,10 +572,16 @@ def run_experiment(
 
     The plan (the spec and its folder), then the stages in order, each timed by the clock: the shared
     inputs (1-3), training (4), evaluation (5), speed and sweeps (6), the tokenizer's ceiling (7); then
-    the report (8)."""
+    the report (8). The folder is locked for the run (`clusterar.lock`): a second process is refused."""
     if not isinstance(spec, ExperimentSpec):
         spec = load_spec(spec)
     out = Path(out) if out is not None else Path("runs") / spec.name
+    with folder_lock(out):  # one writer per experiment folder; its stages lock their own subfolders
+        return _run_stages(spec, out, progress)
+
+
+def _run_stages(spec: ExperimentSpec, out: Path, progress: bool) -> Path:
+    """`run_experiment`'s stages, in its locked folder."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", asdict(spec))
     clock = InvocationClock(out)

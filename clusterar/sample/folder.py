@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ..errors import ClusterarError
 from ..fileio import atomic_path, read_json, write_json
 from ..killpoints import kill_point
+from ..lock import folder_lock
 from ..resume import Record
 from ..runtime import notice
 from ..viz import save_grid
@@ -127,7 +128,8 @@ def sample_to_folder(
 
     Under torchrun (`world` processes, torch.distributed initialised) process `rank` draws batches rank,
     rank + world, ...: the same batches with the same seeds, so the samples are the ones one process
-    draws, and a killed run continues with any number of processes. Rank 0 writes the npz and sample.json.
+    draws, and a killed run continues with any number of processes. Rank 0 writes the npz and sample.json,
+    and holds the folder's lock (`clusterar.lock`): a second process sampling into it is refused.
     """
     out = Path(out)
     labels = np.asarray(labels, dtype=np.int64)
@@ -144,34 +146,35 @@ def sample_to_folder(
         "device": pipeline.device.type,
         "compile": compile,  # bf16 numerics of a compiled step differ slightly: other draws, same distribution
     }
-    done = _check_folder(out, run, rank, world)
-    if done is not None:
-        return done
-    timed, reused = [], 0  # (images, seconds) of the batches generated in this session; batches kept
-    for b in tqdm(
-        range(rank, math.ceil(len(labels) / batch_size), world),
-        desc="sampling",
-        unit="batch",
-        disable=not progress or rank != 0,
-    ):
-        lo, hi = b * batch_size, min(len(labels), (b + 1) * batch_size)
-        seconds = _draw_batch(pipeline, labels[lo:hi], b, lo, out, settings, seed, compile, write_images)
-        if seconds is None:
-            reused += 1
-        else:
-            timed.append((hi - lo, seconds))
-    _together(world)  # every batch is on disk
-    timing = _job_timing(timed, reused, rank, world)
-    if timing is None:
-        _together(world)  # rank 0 has written the npz and sample.json
-        return read_json(out / "sample.json", "sample record")
-    _write_samples(out, pipeline.image_size, labels, batch_size, per_class)
-    summary = _summary(run, pipeline, labels, *timing, info=info, write_images=write_images, world=world)
-    write_json(out / "sample.json", summary)
-    kill_point("sample.finish")
-    shutil.rmtree(out / "parts")
-    _together(world)
-    return summary
+    with folder_lock(out, active=rank == 0):  # one writer per sample folder; rank 0 holds it for the job
+        done = _check_folder(out, run, rank, world)
+        if done is not None:
+            return done
+        timed, reused = [], 0  # (images, seconds) of the batches generated in this session; batches kept
+        for b in tqdm(
+            range(rank, math.ceil(len(labels) / batch_size), world),
+            desc="sampling",
+            unit="batch",
+            disable=not progress or rank != 0,
+        ):
+            lo, hi = b * batch_size, min(len(labels), (b + 1) * batch_size)
+            seconds = _draw_batch(pipeline, labels[lo:hi], b, lo, out, settings, seed, compile, write_images)
+            if seconds is None:
+                reused += 1
+            else:
+                timed.append((hi - lo, seconds))
+        _together(world)  # every batch is on disk
+        timing = _job_timing(timed, reused, rank, world)
+        if timing is None:
+            _together(world)  # rank 0 has written the npz and sample.json
+            return read_json(out / "sample.json", "sample record")
+        _write_samples(out, pipeline.image_size, labels, batch_size, per_class)
+        summary = _summary(run, pipeline, labels, *timing, info=info, write_images=write_images, world=world)
+        write_json(out / "sample.json", summary)
+        kill_point("sample.finish")
+        shutil.rmtree(out / "parts")
+        _together(world)
+        return summary
 
 
 def _draw_batch(

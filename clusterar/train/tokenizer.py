@@ -29,6 +29,7 @@ from ..data import ImageDataset, load_dataset, to_float, to_uint8
 from ..errors import ClusterarError
 from ..fileio import write_json, write_text_atomic
 from ..killpoints import kill_point
+from ..lock import folder_lock
 from ..runtime import autocast, num_params, pick_device
 from ..tokenizer import TOKENIZER_FILE, VQModel, save_tokenizer, vq_loss, vq_preset
 from ..viz import plot_curves, save_grid
@@ -294,7 +295,14 @@ def train_tokenizer(
     the run is then finished with `resume=True`, and None is returned.
     """
     cfg.check()
-    out = Path(out)
+    with folder_lock(out):  # one writer per run folder (`clusterar.lock`)
+        return _train_session(cfg, Path(out), resume, progress, stop_at)
+
+
+def _train_session(
+    cfg: TokenizerTrainConfig, out: Path, resume: bool, progress: bool, stop_at: int | None
+) -> dict | None:
+    """`train_tokenizer`'s session, in its locked folder."""
     run = TokenizerRun(cfg, out, resume)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"train": asdict(cfg), "model": run.model_cfg.to_dict()})

@@ -47,6 +47,7 @@ from ..errors import ClusterarError
 from ..fileio import load_tensors, read_meta, write_json
 from ..gpt import GPT, GPT_PRESETS, GPTConfig
 from ..killpoints import kill_point
+from ..lock import folder_lock
 from ..methods import TRAIN_METHODS, Method
 from ..model_file import MODEL_FILE, ModelInfo, load_model, read_model_info, resolve_model_file, save_model
 from ..runtime import autocast, notice, num_params
@@ -762,13 +763,15 @@ def train(
     `stop_at` ends this session after that many optimizer steps (counted from the start of the run) with
     a checkpoint, for time-sliced jobs and for testing resume; `resume=True` continues a run where its
     checkpoint stopped, bit for bit. Under torchrun every process calls this; only rank 0 writes files.
+    The folder is locked for the session (`clusterar.lock`): a second process training into it is refused.
     """
     cfg.check()
     di, device = init_distributed(cfg.device)
     trainer, finished = None, False
     try:
-        trainer = Trainer(cfg, Path(out), di, device, resume)
-        summary = trainer.fit(stop_at, progress)
+        with folder_lock(out, active=di.main):  # one writer per run folder; rank 0 holds it for the job
+            trainer = Trainer(cfg, Path(out), di, device, resume)
+            summary = trainer.fit(stop_at, progress)
         finished = True
         return summary
     finally:
