@@ -21,8 +21,11 @@ from dataclasses import dataclass
 # ----------------------------------------------------------------------------- number checks
 
 
-def number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], object]:
-    """A parse function for a number that must be >= low (> low if strict); argparse names the flag."""
+def number(
+    kind: type, low: float, strict: bool, what: str, high: float | None = None, why: str = ""
+) -> Callable[[str], object]:
+    """A parse function for a number that must be >= low (> low if strict) and, given `high`, <= high
+    (`why` says what a larger value would mean); argparse names the flag."""
 
     def parse(text: str):
         try:
@@ -36,6 +39,8 @@ def number(kind: type, low: float, strict: bool, what: str) -> Callable[[str], o
             or (strict and value == low)
         ):
             raise argparse.ArgumentTypeError(f"takes {what}, got {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"takes at most {high:,}{why}, got {text}")
         return value
 
     return parse
@@ -45,6 +50,22 @@ positive_int = number(int, 0, True, "a whole number >= 1")
 nonneg_int = number(int, 0, False, "a whole number >= 0")
 positive_float = number(float, 0.0, True, "a number > 0")
 nonneg_float = number(float, 0.0, False, "a number >= 0")
+
+# Upper bounds for sizes that cannot fit in any machine: refused when parsed, with what would fit, instead
+# of an allocation error or a run that never ends.
+THREADS = number(int, 0, True, "a whole number >= 1", 1024, " (more threads than any machine has cores)")
+WORKERS = number(
+    int, 0, False, "a whole number >= 0", 256, " (each worker is a process holding a dataset copy)"
+)
+IMAGE_SIDE = number(int, 0, True, "a whole number >= 1", 4096, " pixels (LlamaGen's models use 256 to 512)")
+CODEBOOK = number(
+    int, 0, True, "a whole number >= 1", 2**20, " codes (LlamaGen's largest codebook has 16,384)"
+)
+IMAGES = number(
+    int, 0, True, "a whole number >= 1", 10_000_000, " images (the protocol's 50,000 is 0.5% of it)"
+)
+EPOCHS = number(float, 0.0, True, "a number > 0", 1_000_000, " epochs")
+STEPS = number(int, 0, True, "a whole number >= 1", 10**9, " steps")
 
 
 # ----------------------------------------------------------------------------- choices from the library
@@ -132,7 +153,7 @@ class Flag:
 FLAGS: dict[str, Flag] = {
     # every command that computes
     "device": Flag(help="auto (the first CUDA GPU, else CPU), cpu or cuda[:N]"),
-    "threads": Flag(positive_int, "CPU threads for PyTorch"),
+    "threads": Flag(THREADS, "CPU threads for PyTorch"),
     "no_progress": Flag(SWITCH, "no progress bars"),
     "seed": Flag(nonneg_int, "random seed"),
     "verbose": Flag(SWITCH, "log more"),
@@ -148,7 +169,7 @@ FLAGS: dict[str, Flag] = {
     "split": Flag(help="dataset split: train or val (folders: a sub-folder name)"),
     "splits": Flag(help="dataset splits"),
     "on_error": Flag(help="unreadable images: fail, or skip and list them", choices=_on_error),
-    "num_workers": Flag(nonneg_int, "DataLoader workers for folder datasets"),
+    "num_workers": Flag(WORKERS, "DataLoader workers for folder datasets"),
     "views": Flag(
         help="views per image; auto: flip for image folders, none for the bundled digits (mirrored digits "
         "are not digits)",
@@ -159,10 +180,10 @@ FLAGS: dict[str, Flag] = {
         "save progress (SPLIT.safetensors.partial.*) this often; a rerun continues from it",
     ),
     # sizes and budgets
-    "image_size": Flag(positive_int, "image side in pixels (images are resized and centre-cropped to it)"),
+    "image_size": Flag(IMAGE_SIDE, "image side in pixels (images are resized and centre-cropped to it)"),
     "batch_size": Flag(positive_int, "images per batch"),
     "grid_size": Flag(positive_int, "token grid side of a LlamaGen .pt"),
-    "n": Flag(positive_int, "number of images"),
+    "n": Flag(IMAGES, "number of images"),
     "stop_at": Flag(
         positive_int,
         "end this session after step N with a checkpoint (time-sliced jobs); continue with --resume",
@@ -217,8 +238,8 @@ FLAGS: dict[str, Flag] = {
     "model": Flag(choices=_gpt_presets),
     "preset": Flag(choices=_vq_presets),
     "schedule": Flag(choices=_schedules),
-    "steps": Flag(positive_int),
-    "epochs": Flag(positive_float),
+    "steps": Flag(STEPS),
+    "epochs": Flag(EPOCHS),
     "grad_accum": Flag(positive_int),
     "log_every": Flag(positive_int),
     "ckpt_every": Flag(positive_int),
@@ -231,7 +252,7 @@ FLAGS: dict[str, Flag] = {
     "weight_decay": Flag(nonneg_float),
     "grad_clip": Flag(nonneg_float),
     "restart_every": Flag(nonneg_int),
-    "codebook_size": Flag(positive_int),
+    "codebook_size": Flag(CODEBOOK),
     "temperature": Flag(positive_float),
     "temperature2": Flag(positive_float),
     "top_k": Flag(nonneg_int),
