@@ -14,7 +14,6 @@ from clusterar.cli import main
 from clusterar.errors import ClusterarError
 from clusterar.experiment import parse_spec
 from clusterar.gpt import GPT, gpt_preset
-from clusterar.model_file import ModelInfo, save_model
 from clusterar.sample import (
     Pipeline,
     SampleSettings,
@@ -26,6 +25,7 @@ from clusterar.sample import (
     sample_to_folder,
 )
 from clusterar.tokenizer import save_tokenizer
+from tests.test_sample import random_gpt, run_info, write_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,38 +39,14 @@ EXTREME = [
 ]
 
 
-def tiny_model(seed: int = 1) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(gpt_preset("tiny"))
-    torch.nn.init.normal_(model.output.weight, std=0.5)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def run(make_tokenizer, tmp_path_factory):
-    """A baseline run folder (random tiny model on a random tiny tokenizer)."""
+    """A baseline run folder (random tiny model on a random tiny tokenizer), written as test_sample's are."""
     d = tmp_path_factory.mktemp("run")
     tok = make_tokenizer(0)
     save_tokenizer(tok, d / "tokenizer.safetensors")
-    info = {
-        "method": "baseline",
-        "tokenizer": str((d / "tokenizer.safetensors").resolve()),
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "clusters": None,
-        "clusters_fingerprint": None,
-        "id_space": "original",
-        "restrict_to_cluster": False,
-        "step": 7,
-        "epoch": 1.0,
-        "image_size": 32,
-        "grid": [8, 8],
-        "dataset": "test",
-        "num_classes": 10,
-        "class_names": [str(i) for i in range(10)],
-    }
-    (d / "baseline").mkdir()
-    save_model(d / "baseline" / "model.safetensors", tiny_model(), ModelInfo.from_dict(info))
-    return d / "baseline"
+    info = run_info({"tok": tok, "tok_path": d / "tokenizer.safetensors", "dir": d}, "baseline")
+    return write_run(d / "baseline", random_gpt(1), info)
 
 
 @pytest.mark.parametrize("values, message", EXTREME)
@@ -129,7 +105,7 @@ def test_a_draw_without_a_distribution_is_a_clear_error_never_an_index_error():
 
 
 def test_generate_and_refine_with_non_finite_logits_name_the_settings():
-    model = tiny_model()
+    model = random_gpt(1)
     labels = torch.tensor([0, 1])
     # values that SampleSettings refuses, passed to generate directly: an error, not an IndexError
     with pytest.raises(ClusterarError, match="cfg scale 1e\\+300"):
