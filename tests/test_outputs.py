@@ -236,22 +236,15 @@ def tiny_run_inputs(tmp_path, make_tokenizer) -> tuple[Path, Path]:
 
 
 STEPS = 60
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
 
-def test_sigterm_keeps_the_checkpoints_and_says_how_to_resume(tmp_path, tiny_run_inputs):
-    """SIGTERM (Slurm, Kubernetes) after the first logged step ends `clusterar train` as Ctrl-C does: the
-    resume command printed, exit status 143 (128 + SIGTERM), the checkpoint kept; --resume finishes."""
-    tokenizer, tokens = tiny_run_inputs
-    out = tmp_path / "run"
-    argv = [sys.executable, "-m", "clusterar", "train", "--tokens", tokens, "--tokenizer", tokenizer]
-    argv += ["--model", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--ckpt-every", "1"]
-    argv += ["--log-every", "1", "--device", "cpu", "--threads", "1", "--no-progress", "--out", out]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.Popen([str(a) for a in argv], env=env, stderr=subprocess.PIPE, text=True)
+def _sigterm_after_two_logged_steps(argv: list, log: Path) -> str:
+    """Start `argv`, send SIGTERM once its log holds two step records; return its stderr (exit 143)."""
+    proc = subprocess.Popen([str(a) for a in argv], env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    log = out / "log.jsonl"
     while proc.poll() is None and time.monotonic() < deadline:
-        if log.exists() and log.read_text().count("\n") >= 2:  # step 2 logged: step 1's checkpoint written
+        if log.exists() and log.read_text().count('"loss"') >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
@@ -259,15 +252,49 @@ def test_sigterm_keeps_the_checkpoints_and_says_how_to_resume(tmp_path, tiny_run
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM); finished checkpoints are kept: run the same command with --resume" in err
     assert "Traceback" not in err
-    assert (out / "checkpoint.safetensors").exists()
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
-    assert 1 <= len(steps) < STEPS
+    return err
 
-    done = subprocess.run([*map(str, argv), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+
+def _logged_steps(log: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
+
+
+def test_sigterm_writes_the_checkpoint_of_the_step_reached(tmp_path, tiny_run_inputs):
+    """SIGTERM (Slurm, Kubernetes) ends `clusterar train` as Ctrl-C does, but first writes the checkpoint
+    of the step it reached although the next one was due only at --ckpt-every 1000: exit status 143, the
+    resume command printed; --resume continues from that step and logs each step exactly once."""
+    from clusterar.fileio import read_meta
+
+    tokenizer, tokens = tiny_run_inputs
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "clusterar", "train", "--tokens", tokens, "--tokenizer", tokenizer]
+    argv += ["--model", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--ckpt-every", "1000"]
+    argv += ["--log-every", "1", "--device", "cpu", "--threads", "1", "--no-progress", "--out", out]
+    err = _sigterm_after_two_logged_steps(argv, out / "log.jsonl")
+    steps = _logged_steps(out / "log.jsonl")
+    assert 2 <= len(steps) < STEPS
+    assert f"checkpoint written at step {steps[-1]} of {STEPS}" in err
+    assert read_meta(out / "checkpoint.safetensors")["step"] == steps[-1]
+
+    done = subprocess.run([*map(str, argv), "--resume"], env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "resum" in done.stderr.lower()
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines() if '"loss"' in line]
-    assert steps == list(range(1, STEPS + 1))  # each step once: nothing lost, nothing repeated
+    assert f"at step {steps[-1]} of {STEPS}" in done.stderr
+    assert _logged_steps(out / "log.jsonl") == list(range(1, STEPS + 1))  # nothing lost, nothing repeated
+
+
+def test_sigterm_in_tokenizer_training_writes_its_checkpoint(tmp_path):
+    """The same for `clusterar tokenizer train`: the checkpoint of the step reached, not of --ckpt-every."""
+    from clusterar.fileio import read_meta
+
+    out = tmp_path / "tok"
+    argv = [sys.executable, "-m", "clusterar", "tokenizer", "train", "--data", "digits", "--preset", "tiny"]
+    argv += ["--image-size", "16", "--codebook-size", "64", "--steps", "400", "--batch-size", "8"]
+    argv += ["--ckpt-every", "1000", "--eval-every", "1000", "--log-every", "1", "--device", "cpu"]
+    argv += ["--threads", "1", "--no-progress", "--out", out]
+    err = _sigterm_after_two_logged_steps(argv, out / "log.jsonl")
+    steps = _logged_steps(out / "log.jsonl")
+    assert f"checkpoint written at step {steps[-1]} of 400" in err
+    assert read_meta(out / "checkpoint.safetensors")["step"] == steps[-1]
 
 
 def test_sigterm_is_restored_after_main(capsys):

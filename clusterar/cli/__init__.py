@@ -5,8 +5,9 @@ serve, info); every flag comes from `flags.add_flag`.
 Only the command given is built with its flags: the others are a name and a line of help, so `clusterar
 --help` imports no torch. Errors in the user's input (ClusterarError) are printed as one clear message
 with exit status 2, never a traceback; Ctrl-C says how to resume, and so does SIGTERM (what Slurm and
-Kubernetes send before they kill a job), raised as a KeyboardInterrupt so that every command handles it
-as Ctrl-C (exit status 143, 128 + SIGTERM, as schedulers report a job they ended).
+Kubernetes send before they kill a job), handled as Ctrl-C by `clusterar.stopping` (training loops first
+write the checkpoint of the step they reached) with exit status 143, 128 + SIGTERM, as schedulers report
+a job they ended.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import threading
 
 from ..errors import ClusterarError
+from ..stopping import Terminated, on_sigterm
 from . import cluster, convert, encode, evaluate, experiment, info, sample, serve, tokenizer, train
 from .flags import add_flag
 from .paths import check_paths
@@ -68,15 +70,6 @@ def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread: every command's Ctrl-C handling applies to it."""
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the checkpoint being written
-    raise Terminated
-
-
 def _setup(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
@@ -90,7 +83,7 @@ def _setup(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return _main(argv)
-    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    before = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return _main(argv)
     except Terminated:  # while the command was being parsed: nothing started, nothing to keep

@@ -155,6 +155,12 @@ class Parallel:
             dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
+    def any_rank(self, flag: bool) -> bool:
+        """True if the host-side `flag` is true on any rank (no device sync with one process)."""
+        if self.di.world == 1:
+            return flag
+        return not self.all_true(torch.tensor(not flag, device=self.device))
+
     def barrier(self) -> None:
         if self.di.world > 1:
             dist.barrier()

@@ -30,7 +30,8 @@ from ..errors import ClusterarError
 from ..fileio import write_json, write_text_atomic
 from ..killpoints import kill_point
 from ..lock import folder_lock
-from ..runtime import autocast, num_params, pick_device
+from ..runtime import autocast, notice, num_params, pick_device
+from ..stopping import Terminated, at_step_boundaries, requested
 from ..tokenizer import TOKENIZER_FILE, VQModel, save_tokenizer, vq_loss, vq_preset
 from ..viz import plot_curves, save_grid
 from .loop import (
@@ -310,26 +311,31 @@ def _train_session(
     bar = tqdm(total=cfg.steps, initial=run.step, desc="tokenizer", disable=not progress, dynamic_ncols=True)
     tic, seen = time.perf_counter(), 0
     stopping = run.step < cfg.steps and stop_at is not None  # a session that may end at stop_at
-    try:
-        while run.step < cfg.steps and run.step != stop_at:
-            rec = run.step_once()
-            step, seen = run.step, seen + rec.pop("images")
-            if step % cfg.log_every == 0 or step == cfg.steps or "window_usage" in rec:
-                rec["batch_psnr"] = run.batch_psnr()
-                rec["img_per_s"] = round(seen / (time.perf_counter() - tic), 1)
-                rec["elapsed_s"] = round(time.perf_counter() - tic, 1)
-                log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['batch_psnr']:.1f}")
-            if step % cfg.eval_every == 0 and step < cfg.steps:
-                ev = evaluate_tokenizer(run.model, run.val, run.device)
-                log.write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
-            kill_point("tokenizer.step")
-            if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at):
-                run.save()
-            bar.update(1)
-    finally:
-        bar.close()
-        log.close()
+    with at_step_boundaries():  # SIGTERM: the checkpoint at the step reached (`clusterar.stopping`)
+        try:
+            while run.step < cfg.steps and run.step != stop_at:
+                rec = run.step_once()
+                step, seen = run.step, seen + rec.pop("images")
+                if step % cfg.log_every == 0 or step == cfg.steps or "window_usage" in rec:
+                    rec["batch_psnr"] = run.batch_psnr()
+                    rec["img_per_s"] = round(seen / (time.perf_counter() - tic), 1)
+                    rec["elapsed_s"] = round(time.perf_counter() - tic, 1)
+                    log.write(rec)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", psnr=f"{rec['batch_psnr']:.1f}")
+                if step % cfg.eval_every == 0 and step < cfg.steps:
+                    ev = evaluate_tokenizer(run.model, run.val, run.device)
+                    log.write({"step": step, **{f"val_{k}": v for k, v in ev.items()}})
+                kill_point("tokenizer.step")
+                stop = requested()
+                if step % cfg.ckpt_every == 0 or step in (cfg.steps, stop_at) or stop:
+                    run.save()
+                bar.update(1)
+                if stop:
+                    notice(f"checkpoint written at step {step} of {cfg.steps}: {run.ckpt}")
+                    raise Terminated
+        finally:
+            bar.close()
+            log.close()
     if stopping and run.step == stop_at:
         return None
     return finalize(run.model, cfg, out, run.train, run.val, run.device, time.perf_counter() - tic)

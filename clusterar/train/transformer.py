@@ -51,6 +51,7 @@ from ..lock import folder_lock
 from ..methods import TRAIN_METHODS, Method
 from ..model_file import MODEL_FILE, ModelInfo, load_model, read_model_info, resolve_model_file, save_model
 from ..runtime import autocast, notice, num_params
+from ..stopping import Terminated, at_step_boundaries, requested
 from ..tokenizer import load_tokenizer, resolve_tokenizer_path
 from ..tokens import TokenFile
 from ..viz import plot_curves
@@ -611,21 +612,36 @@ class Trainer:
         self.tic, self.paused = time.perf_counter(), 0.0
         start_step, window = self.step, [self.tic, self.step]  # the tokens/s window: (start time, step)
         last: dict[str, float] = {}
-        try:
-            while self.step < end:
-                want = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == end
-                rec = self.train_step(self.order(self.step), want)
-                bar.update(1)
-                if want:
-                    last = self._log_step(rec, window, log)
-                    bar.set_postfix(loss=f"{rec['loss']:.4f}")
-                kill_point("train.step")
-                window[0] += self._save_due(end)
-        finally:
-            bar.close()
-            if log is not None:
-                log.close()
+        # SIGTERM: the checkpoint at the step reached, then Terminated (`clusterar.stopping`)
+        with at_step_boundaries():
+            try:
+                while self.step < end:
+                    want = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == end
+                    rec = self.train_step(self.order(self.step), want)
+                    bar.update(1)
+                    if want:
+                        last = self._log_step(rec, window, log)
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    kill_point("train.step")
+                    window[0] += self._save_due(end)
+                    self._stop_if_asked()
+            finally:
+                bar.close()
+                if log is not None:
+                    log.close()
         return self._finish(start_step, last)
+
+    def _stop_if_asked(self) -> None:
+        """After SIGTERM on any rank: the checkpoint at this step (unless just written), then `Terminated`."""
+        if not self.par.any_rank(requested()):
+            return
+        if self.saved_step != self.step:
+            self.check_finite()
+            self.save()
+            self.saved_step = self.step
+        if self.di.main:
+            notice(f"checkpoint written at step {self.step} of {self.total}: {self.ckpt}")
+        raise Terminated
 
     def _start_folder(self) -> JsonlLog | None:
         """config.json and the session's log (rank 0; None elsewhere)."""
