@@ -12,6 +12,9 @@ run compares its settings with the record's, under ONE policy:
   an explicit flag or argument; or the names of the settings whose change is itself that request, such
   as a budget that grew, for which an earlier measurement no longer holds).
 
+Paths in the settings that lie inside the record's `root` (an experiment's folder) are compared and stored
+relative to it, so a folder copied or moved elsewhere keeps its records.
+
 Settings that may change between sessions without changing the result (how a session runs: device,
 workers, progress bars; a training budget that may grow) are named by the caller as `free`: they are
 stored but not compared. Only the settings of `now` are compared, so a record may keep other fields (a
@@ -21,6 +24,7 @@ field of an older version, bookkeeping such as progress counters) without standi
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +34,7 @@ from .errors import ClusterarError
 from .fileio import read_json, write_json
 from .runtime import notice
 
-__all__ = ["Record", "SettingsDiffer", "check_settings", "differences"]
+__all__ = ["Record", "SettingsDiffer", "check_settings", "differences", "relative_to_root"]
 
 
 def differences(
@@ -40,6 +44,19 @@ def differences(
     except the `free` ones."""
     now = json.loads(json.dumps(dict(now), default=str))  # tuples as lists, paths as strings: as stored
     return {k: (saved.get(k), v) for k, v in now.items() if k not in free and saved.get(k) != v}
+
+
+def relative_to_root(value: Any, root: str | os.PathLike) -> Any:
+    """`value` (JSON: nested dicts and lists) with every path string that lies inside folder `root`
+    written relative to it; other values as they are."""
+    if isinstance(value, dict):
+        return {k: relative_to_root(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to_root(v, root) for v in value]
+    if not isinstance(value, str) or os.sep not in value:
+        return value
+    base, full = os.path.abspath(root), os.path.abspath(value)
+    return os.path.relpath(full, base) if os.path.commonpath([base, full]) == base and full != base else value
 
 
 class SettingsDiffer(ClusterarError):
@@ -74,7 +91,7 @@ class Record:
     The settings sit under `key` in the file ({"settings": ..., "result": ...} for an experiment stage),
     or are the whole file (`key=None`). `what` names the work in messages ("the clusters fit", "samples")
     and `todo` says what to do instead when it is refused; `free` names the settings that are not
-    compared (they may differ between sessions).
+    compared (they may differ between sessions); paths inside `root` are kept relative to it.
     """
 
     path: Path
@@ -82,6 +99,12 @@ class Record:
     todo: str
     key: str | None = "settings"
     free: tuple[str, ...] = ()
+    root: Path | None = None
+
+    def portable(self, settings: Mapping[str, Any]) -> dict[str, Any]:
+        """`settings` as stored (JSON types), paths inside `root` relative to it."""
+        stored = json.loads(json.dumps(dict(settings), default=str))
+        return stored if self.root is None else relative_to_root(stored, self.root)
 
     def read(self) -> dict[str, Any] | None:
         """The record's content, None when there is none (a damaged one is a `FileError`)."""
@@ -102,7 +125,7 @@ class Record:
         content = self.read()
         if content is None:
             return None
-        diff = differences(self.settings(content), now, self.free)
+        diff = differences(self.portable(self.settings(content)), self.portable(now), self.free)
         if not diff:
             return content
         if restart is True or (restart and set(diff) <= set(restart)):
@@ -113,4 +136,5 @@ class Record:
 
     def write(self, now: Mapping[str, Any], **rest: Any) -> None:
         """Store the settings `now` (under `key`, beside the `rest` fields), atomically."""
-        write_json(self.path, dict(now) if self.key is None else {self.key: now, **rest})
+        now = self.portable(now)
+        write_json(self.path, now if self.key is None else {self.key: now, **rest})

@@ -89,6 +89,19 @@ BAD_NUMBERS = [
     (["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--lr", "nan"], "--lr"),
     (["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--threads", "0"], "--threads"),
     (["sample", "run", "--out", "o", "--seed", "-1"], "--seed"),
+    # a float field without a check of its own: NaN or inf is named as itself, not blamed on --lr later
+    (
+        ["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--cluster-weight", "nan"],
+        "--cluster-weight",
+    ),
+    (
+        ["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--cluster-weight", "inf"],
+        "--cluster-weight",
+    ),
+    (
+        ["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--cluster-weight", "-1"],
+        "--cluster-weight",
+    ),
 ]
 
 

@@ -7,6 +7,8 @@ import copy
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,6 +105,22 @@ def test_rerun_reuses_every_stage_and_refuses_changed_training(quick, capsys, mo
     spec.train["lr"] = 2e-3  # a longer budget on a constant schedule extends; other changes are refused
     with pytest.raises(ClusterarError, match="other settings"):
         run_experiment(spec, quick, progress=False)
+
+
+def test_a_copied_experiment_folder_reuses_all_its_work(quick, tmp_path, capsys, monkeypatch):
+    """Records keep the paths inside the experiment folder relative to it: a copy elsewhere (another disk,
+    a colleague's machine) reruns without training or evaluating anything again, and is not refused."""
+    monkeypatch.setenv("CLUSTERAR_CACHE", str(quick.parent / "cache"))
+    moved = tmp_path / "elsewhere" / "exp"
+    shutil.copytree(quick, moved)
+    evals = sorted(p.relative_to(moved) for p in moved.rglob("eval.json"))
+    capsys.readouterr()
+    assert main(["demo", "--quick", "--out", str(moved), "--device", "cpu", "--no-progress"]) == 0
+    log = capsys.readouterr().out
+    assert log.count("train: reusing") == 4 and "speed:" not in log
+    assert sorted(p.relative_to(moved) for p in moved.rglob("eval.json")) == evals  # nothing re-evaluated
+    done = json.loads((moved / "runs" / "baseline" / "done.json").read_text())
+    assert done["settings"]["tokens"] == "tokens/train.safetensors"
 
 
 BASE = {
@@ -231,6 +249,17 @@ def test_cli_check_and_bad_file(tmp_path, capsys):
     for name in "ablations claims convert ctf-variants demo quick".split():  # every shipped spec validates
         assert main(["experiment", name, "--check"]) == 0
         assert "valid" in capsys.readouterr().out
+
+
+def test_a_spec_saved_with_a_byte_order_mark_is_read(tmp_path, capsys):
+    """Notepad and other Windows editors start UTF-8 files with a BOM, which TOML parsers reject as an
+    "Invalid statement" at line 1: the spec is read past it."""
+    spec = tmp_path / "bom.toml"
+    spec.write_bytes(
+        b"\xef\xbb\xbf" + (Path(__file__).parents[1] / "docs" / "spec-example.toml").read_bytes()
+    )
+    assert main(["experiment", str(spec), "--check"]) == 0
+    assert "bom.toml: valid" in capsys.readouterr().out
 
 
 def test_a_folder_named_like_a_shipped_spec_does_not_hide_it(tmp_path, monkeypatch):

@@ -308,3 +308,51 @@ def test_an_output_name_longer_than_the_file_system_allows_is_one_line(capsys, f
     code, err = run_cli(capsys, ["train", "--tokens", files / "M.safetensors", "--tokenizer", files / "T.safetensors", "--out", out])  # fmt: skip
     assert code == 2
     assert_one_line(err, f"--out {out}: File name too long; choose another --out")
+
+
+def test_a_reader_that_goes_away_stops_the_command_without_a_traceback():
+    """`clusterar ... | head`: stdout's reader closed before the command wrote. Exit status 141 (128 +
+    SIGPIPE, as the shell reports it) and one line on stderr, not a BrokenPipeError traceback."""
+    argv = [sys.executable, "-m", "clusterar", "experiment", "quick", "--check"]
+    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the reader goes away before the command prints its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == "output closed (broken pipe); stopped: run the same command again to continue\n"
+
+
+LONG_INPUTS = [
+    ["info", "{L}/x.safetensors"],
+    ["train", "--tokens", "{L}/x.safetensors", "--tokenizer", "T", "--steps", "1", "--out", "o"],
+    ["sample", "{L}", "--out", "o"],
+    ["encode", "--tokenizer", "{L}", "--data", "digits", "--out", "o"],
+    ["evaluate", "{L}.npz", "--ref", "digits:val"],
+    ["experiment", "{L}.toml", "--check"],
+    [
+        "cluster",
+        "fit",
+        "--tokenizer",
+        "{L}",
+        "--method",
+        "kmeans",
+        "--clusters",
+        "4",
+        "--out",
+        "c.safetensors",
+    ],
+]
+
+
+@pytest.mark.parametrize("argv", LONG_INPUTS, ids=[a[0] for a in LONG_INPUTS])
+def test_an_input_name_longer_than_the_file_system_allows_is_one_line(capsys, tmp_path, monkeypatch, argv):
+    """A path with a 300-character folder name, given to be read: one line naming it, not chained
+    tracebacks from deep inside."""
+    monkeypatch.chdir(tmp_path)
+    long = "a" * 300
+    code, err = run_cli(capsys, [a.replace("{L}", long) for a in argv])
+    assert code == 2
+    assert_one_line(
+        err, "File name too long (a file or folder name may have at most 255 bytes); check the path"
+    )
+    assert long in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -494,3 +494,31 @@ def test_resume_in_an_empty_folder_says_it_starts_a_new_run(files, tmp_path, cap
     train(cfg(files, steps=2), tmp_path / "new", resume=True, progress=False)
     assert "holds no checkpoint yet; starting a new run" in capsys.readouterr().err
     assert read_model_info(tmp_path / "new" / "model.safetensors").step == 2
+
+
+def test_a_folder_of_another_kind_of_run_is_refused_and_left_alone(files, tmp_path):
+    """Training into a tokenizer's run folder names what the folder holds and does not advise deleting it
+    (that would delete a tokenizer); the tokenizer trainer answers the same of a transformer run."""
+    from clusterar.fileio import save_tensors
+    from clusterar.train.tokenizer import CHECKPOINT_KIND as TOKENIZER_CHECKPOINT
+    from clusterar.train.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    tok_run = tmp_path / "tok"
+    tok_run.mkdir()
+    save_tensors(tok_run / "checkpoint.safetensors", {"x": torch.zeros(1)}, {"kind": TOKENIZER_CHECKPOINT})
+    before = (tok_run / "checkpoint.safetensors").read_bytes()
+    for resume in (False, True):
+        with pytest.raises(ClusterarError) as e:
+            train(cfg(files), tok_run, resume=resume, progress=False)
+        msg = str(e.value)
+        assert f"{tok_run} holds another kind of run (checkpoint.safetensors is a tokenizer training" in msg
+        assert "not a training run; choose another --out" in msg and "delete" not in msg
+    assert sorted(p.name for p in tok_run.iterdir()) == ["checkpoint.safetensors"]
+    assert (tok_run / "checkpoint.safetensors").read_bytes() == before
+
+    train(cfg(files), tmp_path / "gpt", progress=False)
+    tok_cfg = TokenizerTrainConfig(data="digits", preset="tiny", image_size=16, codebook_size=64, steps=2)
+    with pytest.raises(
+        ClusterarError, match="holds another kind of run .* not a tokenizer run; choose another"
+    ):
+        train_tokenizer(tok_cfg, tmp_path / "gpt", progress=False)

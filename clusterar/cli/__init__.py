@@ -13,7 +13,9 @@ a job they ended.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import signal
 import sys
 import threading
@@ -85,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     before = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is said below
+        return code
+    except (
+        BrokenPipeError
+    ):  # stdout's reader went away (`| head`): stop as Unix tools do, without a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
+        print("output closed (broken pipe); stopped: run the same command again to continue", file=sys.stderr)
+        return 141  # 128 + SIGPIPE, as the shell reports a pipeline's writer that was cut off
     except Terminated:  # while the command was being parsed: nothing started, nothing to keep
         print("\nterminated (SIGTERM) before the command started", file=sys.stderr)
         return 143
@@ -114,6 +124,13 @@ def _main(argv: list[str] | None) -> int:
         # A write that failed mid-way (disk full, a folder turned read-only): say which file, not where.
         from ..fileio import WRITE_ERRNOS
 
+        if e.errno == errno.ENAMETOOLONG:  # a path given to any command, read or written
+            print(
+                f"error: {e.filename}: {e.strerror} (a file or folder name may have at most 255 bytes); "
+                "check the path",
+                file=sys.stderr,
+            )
+            return 2
         if e.errno not in WRITE_ERRNOS:
             raise
         print(

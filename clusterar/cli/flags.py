@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from .. import limits
 
 # ----------------------------------------------------------------------------- number checks
 
 
 def number(
-    kind: type, low: float, strict: bool, what: str, high: float | None = None, why: str = ""
+    kind: type, low: float, strict: bool, what: str, high: limits.Limit | None = None
 ) -> Callable[[str], object]:
-    """A parse function for a number that must be >= low (> low if strict) and, given `high`, <= high
-    (`why` says what a larger value would mean); argparse names the flag."""
+    """A parse function for a number that must be >= low (> low if strict) and, given a `high` limit
+    (`clusterar.limits`), within it; argparse names the flag."""
 
     def parse(text: str):
         try:
@@ -39,8 +42,8 @@ def number(
             or (strict and value == low)
         ):
             raise argparse.ArgumentTypeError(f"takes {what}, got {text}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"takes at most {high:,}{why}, got {text}")
+        if high is not None and value > high.high:
+            raise argparse.ArgumentTypeError(f"{high.said()}, got {text}")
         return value
 
     return parse
@@ -50,22 +53,18 @@ positive_int = number(int, 0, True, "a whole number >= 1")
 nonneg_int = number(int, 0, False, "a whole number >= 0")
 positive_float = number(float, 0.0, True, "a number > 0")
 nonneg_float = number(float, 0.0, False, "a number >= 0")
+finite_float = number(
+    float, -math.inf, False, "a finite number"
+)  # a float field's flag, unless FLAGS checks more
 
-# Upper bounds for sizes that cannot fit in any machine: refused when parsed, with what would fit, instead
-# of an allocation error or a run that never ends.
-THREADS = number(int, 0, True, "a whole number >= 1", 1024, " (more threads than any machine has cores)")
-WORKERS = number(
-    int, 0, False, "a whole number >= 0", 256, " (each worker is a process holding a dataset copy)"
-)
-IMAGE_SIDE = number(int, 0, True, "a whole number >= 1", 4096, " pixels (LlamaGen's models use 256 to 512)")
-CODEBOOK = number(
-    int, 0, True, "a whole number >= 1", 2**20, " codes (LlamaGen's largest codebook has 16,384)"
-)
-IMAGES = number(
-    int, 0, True, "a whole number >= 1", 10_000_000, " images (the protocol's 50,000 is 0.5% of it)"
-)
-EPOCHS = number(float, 0.0, True, "a number > 0", 1_000_000, " epochs")
-STEPS = number(int, 0, True, "a whole number >= 1", 10**9, " steps")
+# Upper bounds for sizes that cannot fit in any machine (`clusterar.limits`): refused when parsed.
+THREADS = number(int, 0, True, "a whole number >= 1", limits.THREADS)
+WORKERS = number(int, 0, False, "a whole number >= 0", limits.WORKERS)
+IMAGE_SIDE = number(int, 0, True, "a whole number >= 1", limits.IMAGE_SIDE)
+CODEBOOK = number(int, 0, True, "a whole number >= 1", limits.CODEBOOK)
+IMAGES = number(int, 0, True, "a whole number >= 1", limits.IMAGES)
+EPOCHS = number(float, 0.0, True, "a number > 0", limits.EPOCHS)
+STEPS = number(int, 0, True, "a whole number >= 1", limits.STEPS)
 
 
 # ----------------------------------------------------------------------------- choices from the library
@@ -250,6 +249,7 @@ FLAGS: dict[str, Flag] = {
     "min_lr": Flag(nonneg_float),
     "warmup": Flag(nonneg_int),
     "weight_decay": Flag(nonneg_float),
+    "cluster_weight": Flag(nonneg_float),
     "grad_clip": Flag(nonneg_float),
     "restart_every": Flag(nonneg_int),
     "codebook_size": Flag(CODEBOOK),
@@ -367,7 +367,7 @@ def add_config_flags(
         kind = hints[f.name]
         if type(None) in typing.get_args(kind):  # `int | None` parses an int
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        flag = FLAGS.get(f.name, Flag(kind))
+        flag = FLAGS.get(f.name, Flag(finite_float if kind is float else kind))
         kw: dict[str, object] = {"names": ()}
         if unset:
             default = None

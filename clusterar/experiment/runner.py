@@ -33,7 +33,7 @@ from ..killpoints import kill_point
 from ..lock import folder_lock
 from ..metrics import evaluate_images, make_extractor, open_images
 from ..model_file import MODEL_FILE, read_model_info
-from ..resume import Record
+from ..resume import Record, relative_to_root
 from ..runtime import describe_machine, pick_device
 from ..sample import Pipeline, SampleSettings, make_labels, write_ctf_pipeline
 from ..stages import encode_splits, fit_clusters, sample_model
@@ -57,24 +57,25 @@ from .spec import (
 )
 
 
-def stage_record(path: Path, what: str) -> Record:
+def stage_record(path: Path, what: str, out: Path) -> Record:
     """The record of a stage's result ({"settings": ..., "result": ...}), refused when the spec now asks
-    for other settings (`clusterar.resume`'s policy)."""
+    for other settings (`clusterar.resume`'s policy). Paths inside the experiment folder `out` are kept
+    relative to it: a copied or moved experiment folder reuses its work."""
     todo = f"Delete {path.parent} to redo it, or write the experiment to another --out"
-    return Record(path, f"the {what}", todo)
+    return Record(path, f"the {what}", todo, root=out)
 
 
 def stage_result(
-    path: Path, settings: dict, what: str, restart: bool | Collection[str] = False
+    path: Path, settings: dict, what: str, out: Path, restart: bool | Collection[str] = False
 ) -> Any | None:
     """The stored result of a finished stage, None if not finished; results made with other settings are
     refused (or, given `restart`, started over)."""
-    done = stage_record(path, what).check(settings, restart)
+    done = stage_record(path, what, out).check(settings, restart)
     return None if done is None else done["result"]
 
 
-def save_stage(path: Path, settings: dict, result: Any) -> None:
-    stage_record(path, "").write(settings, result=result)
+def save_stage(path: Path, settings: dict, result: Any, out: Path) -> None:
+    stage_record(path, "", out).write(settings, result=result)
 
 
 def elapsed(t0: float) -> float:
@@ -166,7 +167,7 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
         paths[name] = path
         settings = {**asdict(c), "tokenizer": fp}
         if (
-            stage_result(path.with_suffix(".json"), settings, f"clusters {name}") is not None
+            stage_result(path.with_suffix(".json"), settings, f"clusters {name}", out) is not None
             and path.exists()
         ):
             print(f"clusters: reusing {path}")
@@ -174,7 +175,7 @@ def stage_clusters(spec: ExperimentSpec, tokenizer_path: Path, out: Path) -> dic
         clusters, record = fit_clusters(tokenizer_path, c.method, c.n, seed=c.seed)
         clusters.save(path)
         result = {k: record[k] for k in ("objective", "min_size", "max_size", "seconds")}
-        save_stage(path.with_suffix(".json"), settings, result)
+        save_stage(path.with_suffix(".json"), settings, result, out)
         print(
             f"clusters: {name} ({c.method}, {c.n}) objective {clusters.objective:.2f} in {result['seconds']} s"
         )
@@ -194,16 +195,17 @@ def _train_settings(cfg: Any) -> dict:
     return {k: v for k, v in asdict(cfg).items() if k not in SESSION_FIELDS}
 
 
-def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> dict:
+def stage_train(cfg: Any, run_dir: Path, what: str, out: Path, progress: bool = True) -> dict:
     """Train one model into `run_dir`, or reuse it; an interrupted run resumes from its checkpoint, a
     finished one on a constant schedule trains on when its budget grew (`_extends`)."""
     record = run_dir / "done.json"
     settings = _train_settings(cfg)
-    saved = stage_record(record, what).read()
-    if saved is not None and _extends(saved["settings"], settings):
+    rec = stage_record(record, what, out)
+    saved = rec.read()
+    if saved is not None and _extends(rec.portable(saved["settings"]), rec.portable(settings)):
         print(f"train: extending {what} to {cfg.epochs or cfg.steps} {'epochs' if cfg.epochs else 'steps'}")
     else:
-        done = stage_result(record, settings, what)  # changed settings are refused here
+        done = stage_result(record, settings, what, out)  # changed settings are refused here
         if done is not None and (run_dir / MODEL_FILE).exists():
             print(f"train: reusing {what} ({run_dir})", flush=True)
             return done
@@ -213,7 +215,7 @@ def stage_train(cfg: Any, run_dir: Path, what: str, progress: bool = True) -> di
         flush=True,
     )
     summary = train(cfg, run_dir, resume=resume, progress=progress)
-    save_stage(record, settings, summary)
+    save_stage(record, settings, summary, out)
     return summary
 
 
@@ -232,7 +234,7 @@ def stage_convert(
         "head": run.start_head,
         "clusters": str(inputs.clusters[run.clusters]) if run.clusters else None,
     }
-    done = stage_result(record, settings, f"conversion of {run.start} for {run.name}")
+    done = stage_result(record, settings, f"conversion of {run.start} for {run.name}", out)
     if done is None:
         if folder.exists():  # a conversion killed before its record: redo it
             shutil.rmtree(folder)
@@ -247,7 +249,7 @@ def stage_convert(
             seed=seed,
         )
         done = {k: str(v.relative_to(folder)) for k, v in paths.items()}
-        save_stage(record, settings, done)
+        save_stage(record, settings, done, out)
     return {k: folder / v for k, v in done.items() if k != "pipeline"}
 
 
@@ -380,13 +382,13 @@ class Evaluator:
             "reference": self.reference,
             "extractor": self.extractor.fingerprint,
         }
-        return key, point.folder / "evals" / _key(key)
+        return key, point.folder / "evals" / _key(relative_to_root(key, self.out))
 
     def evaluate(self, point: EvalPoint, settings: dict[str, Any], what: str) -> dict:
         ev = self.spec.eval
         key, folder = self._where(point, settings)
         record = folder / "eval.json"
-        done = stage_result(record, key, what)
+        done = stage_result(record, key, what, self.out)
         if done is not None:
             return done
         t0 = time.perf_counter()
@@ -436,7 +438,7 @@ class Evaluator:
             "n_reference": metrics["n_reference"],
             "seconds": elapsed(t0),
         }
-        save_stage(record, key, result)
+        save_stage(record, key, result, self.out)
         return result
 
     def ceiling(self, images: dict[str, Path]) -> dict[str, dict]:
@@ -446,7 +448,7 @@ class Evaluator:
         for name, path in images.items():
             key = {"images": str(path), "reference": self.reference, "extractor": self.extractor.fingerprint}
             record = path.with_suffix(".eval.json")
-            done = stage_result(record, key, f"{name} ceiling evaluation")
+            done = stage_result(record, key, f"{name} ceiling evaluation", self.out)
             if done is None:
                 m = evaluate_images(
                     path,
@@ -458,7 +460,7 @@ class Evaluator:
                 )
                 done = {k: m[k] for k in ("fid", "inception_score", "precision", "recall", "class_accuracy")}
                 done["n_samples"] = m["n_samples"]
-                save_stage(record, key, done)
+                save_stage(record, key, done, self.out)
             out[name] = done
         return out
 
@@ -482,7 +484,7 @@ def stage_reconstructions(
         "image_size": spec.image_size,
     }
     record = folder / "images.json"
-    if stage_result(record, settings, "ceiling images") is not None and all(
+    if stage_result(record, settings, "ceiling images", out) is not None and all(
         p.exists() for p in paths.values()
     ):
         return paths
@@ -507,7 +509,7 @@ def stage_reconstructions(
     ):
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=images, arr_1=np.asarray(lab, dtype=np.int64))
-    save_stage(record, settings, {k: str(v) for k, v in paths.items()})
+    save_stage(record, settings, {k: str(v) for k, v in paths.items()}, out)
     return paths
 
 
@@ -538,7 +540,7 @@ def stage_speed(
     record = out / "speed.json"
     # a measurement of the final models: measured again, said so, when they changed (runs added, trained
     # on, or on another device); other settings of the measurement are refused
-    done = stage_result(record, settings, "sampling speed", restart=("runs", "steps", "device"))
+    done = stage_result(record, settings, "sampling speed", out, restart=("runs", "steps", "device"))
     if done is not None:
         return done
     device = pick_device(spec.device)
@@ -558,7 +560,7 @@ def stage_speed(
         }
         for name in pipes
     }
-    save_stage(record, settings, result)
+    save_stage(record, settings, result, out)
     return result
 
 
@@ -658,7 +660,7 @@ def _train_all(
                 configs = {k: replace(c, init_from=str(starts[k])) for k, c in configs.items()}
             trained[run.name][str(seed)] = {
                 stage: stage_train(
-                    cfg, base if stage == "model" else base / stage, f"{what} {stage}", progress
+                    cfg, base if stage == "model" else base / stage, f"{what} {stage}", out, progress
                 )
                 for stage, cfg in configs.items()
             }

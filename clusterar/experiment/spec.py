@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .. import limits
 from ..clusters import CLUSTER_METHODS, UNEQUAL_METHODS, check_n_clusters
 from ..convert import HEAD_INITS
 from ..data import check_dataset_name
@@ -254,7 +255,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         )
     p = check_file(p, "experiment spec", (".toml",))
     try:
-        text = p.read_text()
+        text = p.read_text(
+            encoding="utf-8-sig"
+        )  # the byte-order mark some Windows editors write is read past
     except UnicodeDecodeError as e:
         raise file_error(p, "experiment spec", "is not a text file (binary bytes), so not TOML") from e
     try:
@@ -293,6 +296,7 @@ def _check_data(spec: ExperimentSpec, source: str) -> None:
         check_dataset_name(spec.data)
     except ClusterarError as e:
         raise ClusterarError(f"{source}: data = {spec.data!r}: {e}") from e
+    limits.IMAGE_SIDE.check(spec.image_size, f"{source}: image_size")
 
 
 def _check_tokenizer(spec: ExperimentSpec, source: str) -> None:
@@ -332,6 +336,7 @@ def _check_eval(spec: ExperimentSpec, source: str) -> None:
         raise ClusterarError(
             f"{source} [eval]: samples must be > 3 (precision/recall use k = 3), batch_size >= 1"
         )
+    limits.IMAGES.check(ev.samples, f"{source} [eval]: samples")
     if ev.every_epochs < 0:
         raise ClusterarError(
             f"{source} [eval]: every_epochs must be >= 0 (0: evaluate the final models only)"

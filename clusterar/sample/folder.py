@@ -21,6 +21,7 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import limits
 from ..errors import ClusterarError
 from ..fileio import atomic_path, read_json, write_json
 from ..killpoints import kill_point
@@ -48,6 +49,7 @@ def make_labels(
     """
     if n < 1:
         raise ClusterarError(f"--n must be positive, got {n}")
+    limits.IMAGES.check(n, "--n")
     if labels is not None:
         arr = np.asarray(labels, dtype=np.int64)
         if arr.size == 0 or arr.min() < 0 or arr.max() >= num_classes:

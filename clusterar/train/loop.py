@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import ClusterarError
-from ..fileio import FileError, expect_kind, read_meta, write_text_atomic
+from ..fileio import KIND_NAMES, FileError, describe_kind, expect_kind, read_meta, write_text_atomic
 from ..resume import check_settings
 from ..runtime import notice
 
@@ -65,6 +65,16 @@ def check_run_folder(
         return None
     try:
         meta = read_meta(ckpt, "training checkpoint")
+    except FileError as e:
+        raise ClusterarError(
+            f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
+        ) from e
+    if meta.get("kind") in KIND_NAMES and meta["kind"] != kind:  # another command's run: not ours to touch
+        raise ClusterarError(
+            f"{run} holds another kind of run ({ckpt.name} is {describe_kind(meta['kind'])}), not a "
+            f"{run_name}; choose another --out (that folder is left as it is)"
+        )
+    try:
         expect_kind(ckpt, meta, kind, "training checkpoint")
     except FileError as e:
         raise ClusterarError(

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import limits
 from ..checkpoints import load_checkpoint, save_checkpoint
 from ..data import ImageDataset, load_dataset, to_float, to_uint8
 from ..errors import ClusterarError
@@ -94,6 +95,11 @@ class TokenizerTrainConfig:
                 )
         if self.codebook_size is not None and self.codebook_size < 2:
             raise ClusterarError(f"--codebook-size must be at least 2, got {self.codebook_size}")
+        limits.STEPS.check(self.steps, "--steps")
+        limits.IMAGE_SIDE.check(self.image_size, "--image-size")
+        if self.codebook_size is not None:
+            limits.CODEBOOK.check(self.codebook_size, "--codebook-size")
+        limits.WORKERS.check(self.num_workers, "--num-workers")
         if self.on_error not in ("fail", "skip"):
             raise ClusterarError(f"--on-error is fail or skip, got {self.on_error!r}")
 

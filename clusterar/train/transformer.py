@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from .. import limits
 from ..checkpoints import Checkpoint, load_state_strict, read_checkpoint, save_checkpoint
 from ..clusters import CodebookClusters
 from ..errors import ClusterarError
@@ -144,6 +145,10 @@ class TrainConfig:
             raise ClusterarError(f"--epochs must be positive, got {self.epochs}")
         if self.steps is not None and self.steps < 1:
             raise ClusterarError(f"--steps must be positive, got {self.steps}")
+        if self.epochs is not None:
+            limits.EPOCHS.check(self.epochs, "--epochs")
+        if self.steps is not None:
+            limits.STEPS.check(self.steps, "--steps")
         for name in ("batch_size", "grad_accum", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ClusterarError(
@@ -157,6 +162,10 @@ class TrainConfig:
             )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ClusterarError(f"--lr must be a positive number, got {self.lr}")
+        if not (self.cluster_weight >= 0 and math.isfinite(self.cluster_weight)):
+            raise ClusterarError(
+                f"--cluster-weight must be a number >= 0 (IAR's lambda), got {self.cluster_weight}"
+            )
         if self.schedule == "cosine" and not 0 <= self.min_lr <= self.lr:
             raise ClusterarError(f"--min-lr must lie in [0, --lr={self.lr}], got {self.min_lr}")
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip < 0:
