@@ -33,7 +33,7 @@ import torch
 from .clusters import UNEQUAL_METHODS, CodebookClusters
 from .errors import ClusterarError
 from .gpt import GPTConfig, gpt_preset
-from .losses import cluster_accuracy, iar_loss, token_accuracy, token_ce
+from .losses import cluster_accuracy, fused_ce, iar_loss, token_accuracy
 
 if TYPE_CHECKING:
     from .model_file import ModelInfo
@@ -255,9 +255,10 @@ class Method:
         """{"loss": the training objective, plus its parts for IAR ("token_ce", "cluster_ce")}."""
         logits = self._logits(logits, coarse)
         if self.name != "iar":
-            return {"loss": token_ce(logits, targets)}
-        if self._perm is not None:
-            return iar_loss(logits, targets, self.clusters.block_size, self.cluster_weight)
+            return {"loss": fused_ce(logits, targets)[0]}
+        if self._perm is not None:  # contiguous clusters: both CEs from one pass (`losses.fused_ce`)
+            tce, cce = fused_ce(logits, targets, self.clusters.block_size)
+            return {"loss": tce + self.cluster_weight * cce, "token_ce": tce, "cluster_ce": cce}
         return iar_loss(logits, targets, self._labels, self.cluster_weight, self.n_clusters)
 
     @torch.no_grad()

@@ -166,3 +166,65 @@ def test_bad_labels_and_blocks():
         cluster_ce_contiguous(logits, targets, 5)
     with pytest.raises(ClusterarError, match="one id per token"):
         cluster_ce(logits, targets, torch.zeros(K - 1, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- the fused training loss
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7])
+def test_fused_ce_equals_the_plain_losses_in_value_and_gradient(monkeypatch, chunk_rows):
+    """`fused_ce` (one logsumexp per row, a hand-written backward, chunks of rows) is token_ce and
+    cluster_ce_contiguous: the same values and the same gradient for any weights of the two parts."""
+    from clusterar import losses
+
+    if chunk_rows is not None:  # 300 rows in chunks of 7: the last chunk is short
+        monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 512 * chunk_rows)
+    gen = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(300, 512, generator=gen)).requires_grad_()
+    t = torch.randint(512, (300,), generator=gen)
+    tce, cce = losses.fused_ce(x, t, 32)
+    ref_t, ref_c = losses.token_ce(x, t), losses.cluster_ce_contiguous(x, t, 32)
+    torch.testing.assert_close(tce, ref_t, rtol=0, atol=1e-5)
+    torch.testing.assert_close(cce, ref_c, rtol=0, atol=1e-5)
+    for wt, wc in ((1.0, 0.0), (0.0, 1.0), (0.7, 1.3)):
+        (g,) = torch.autograd.grad(wt * losses.fused_ce(x, t, 32)[0] + wc * losses.fused_ce(x, t, 32)[1], x)
+        (ref,) = torch.autograd.grad(wt * ref_t + wc * ref_c, x, retain_graph=True)
+        torch.testing.assert_close(g, ref, rtol=0, atol=1e-8)
+    tce, cce = losses.fused_ce(x, t)  # no clusters: the token CE alone
+    assert cce.item() == 0.0
+    (g,) = torch.autograd.grad(tce, x)
+    torch.testing.assert_close(g, torch.autograd.grad(losses.token_ce(x, t), x)[0], rtol=0, atol=1e-8)
+
+
+def test_fused_ce_takes_bf16_logits_and_masked_ones():
+    """bf16 logits (CUDA autocast) are read in float32 chunk by chunk and their gradient comes back in
+    bf16; -inf logits (CTF's refiner restricted to a cluster) give zero gradient there."""
+    from clusterar.losses import fused_ce, token_ce
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 256, generator=gen)
+    t = torch.randint(256, (64,), generator=gen)
+    xb = x.bfloat16().requires_grad_()
+    tce, _ = fused_ce(xb, t, 16)
+    ref = x.bfloat16().float().requires_grad_()
+    torch.testing.assert_close(tce, token_ce(ref, t), rtol=0, atol=1e-5)
+    (g,) = torch.autograd.grad(tce, xb)
+    assert g.dtype == torch.bfloat16
+    torch.testing.assert_close(g.float(), torch.autograd.grad(token_ce(ref, t), ref)[0], rtol=1e-2, atol=1e-5)
+
+    masked = x.clone()
+    masked[:, 128:] = float("-inf")
+    t = t % 128
+    m = masked.requires_grad_()
+    tce, _ = fused_ce(m, t)
+    (g,) = torch.autograd.grad(tce, m)
+    assert torch.isfinite(tce) and (g[:, 128:] == 0).all()
+    ref = masked[:, :128].detach().requires_grad_()
+    torch.testing.assert_close(tce, token_ce(ref, t), rtol=0, atol=1e-5)
+
+
+def test_fused_ce_refuses_a_block_that_does_not_divide_the_vocabulary():
+    from clusterar.losses import fused_ce
+
+    with pytest.raises(ClusterarError, match="block size 30 does not divide the vocabulary size 512"):
+        fused_ce(torch.zeros(2, 512), torch.zeros(2, dtype=torch.long), 30)
