@@ -258,6 +258,8 @@ class Attention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         if input_pos is not None and self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if mask.shape[-1] < k.shape[2]:  # read only the filled prefix the mask covers (`GPT.decode_step`)
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=p).to(x.dtype)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
@@ -408,10 +410,10 @@ class GPT(nn.Module):
         if b > self.max_batch:
             raise ClusterarError(f"batch {b} exceeds the KV cache's max_batch={self.max_batch}")
 
-    def _step(self, h: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def _step(self, h: torch.Tensor, input_pos: torch.Tensor, length: int | None = None) -> torch.Tensor:
         h = self.tok_dropout(h)
         freqs = self.freqs_cis[input_pos]
-        mask = self.causal_mask[None, None, input_pos]  # [1, 1, S, max_positions]
+        mask = self.causal_mask[None, None, input_pos, :length]  # [1, 1, S, length or max_positions]
         for layer in self.layers:
             h = layer(h, freqs, mask, input_pos)
         return self.output(self.norm(h)).float()
@@ -421,15 +423,21 @@ class GPT(nn.Module):
         whose last row predicts t0."""
         self._check_batch(cond.shape[0])
         pos = torch.arange(self.config.cls_token_num, device=cond.device)
-        return self._step(self.cls_embedding(cond), pos)
+        return self._step(self.cls_embedding(cond), pos, self.config.cls_token_num)
 
-    def decode_step(self, idx: torch.Tensor, input_pos: torch.Tensor | int) -> torch.Tensor:
+    def decode_step(
+        self, idx: torch.Tensor, input_pos: torch.Tensor | int, length: int | None = None
+    ) -> torch.Tensor:
         """Feed tokens idx [B, S] at sequence positions input_pos [S] (token i sits at cls_token_num + i);
-        return logits [B, S, vocab], row s predicting the token after position input_pos[s]."""
+        return logits [B, S, vocab], row s predicting the token after position input_pos[s].
+
+        `length` (> every input_pos): attention reads only the cache's first `length` positions, the filled
+        ones, instead of all max_positions (the same logits; at the first steps a fraction of the reads).
+        None reads the whole static cache: one shape for every step, which a compiled step needs."""
         self._check_batch(idx.shape[0])
         if not isinstance(input_pos, torch.Tensor):
             input_pos = torch.tensor([input_pos], device=idx.device)
-        return self._step(self.tok_embeddings(idx), input_pos)
+        return self._step(self.tok_embeddings(idx), input_pos, length)
 
     # --------------------------------------------------------------- checkpoints
 

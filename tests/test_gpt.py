@@ -273,6 +273,25 @@ def test_kv_cache_matches_full_forward(cfg_batch):
         model.prefill(labels)
 
 
+def test_attention_over_the_filled_prefix_equals_the_whole_static_cache():
+    """decode_step(length=L) reads only the cache's first L positions (what the eager sampler does, to
+    skip the empty rest); the whole static cache (what a compiled step reads) gives the same logits."""
+    cfg = tiny(grid_size=5)
+    model = random_model(cfg)
+    labels = torch.tensor([0, 3, 7, cfg.null_class])
+    idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.setup_cache(max_batch=4)
+        model.prefill(labels)
+        whole = [model.decode_step(idx[:, i : i + 1], cfg.cls_token_num + i) for i in range(cfg.seq_len)]
+        model.prefill(labels)
+        prefix = [
+            model.decode_step(idx[:, i : i + 1], cfg.cls_token_num + i, cfg.cls_token_num + i + 1)
+            for i in range(cfg.seq_len)
+        ]
+    torch.testing.assert_close(torch.cat(prefix, 1), torch.cat(whole, 1), atol=1e-5, rtol=0)
+
+
 def test_kv_cache_refusals():
     model = random_model(tiny())
     model.setup_cache(max_batch=2)

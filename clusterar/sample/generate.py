@@ -268,7 +268,9 @@ def generate(
             for i in range(1, n):
                 x = torch.cat([tok, tok]) if batched else tok
                 p = c.cls_token_num + i - 1  # sequence position of token i-1, which predicts token i
-                tok = pick(step(x[:, None], positions[p : p + 1])[:, -1])
+                # eager: attention reads the filled prefix only; compiled: one static shape for every step
+                length = None if compile else p + 1
+                tok = pick(step(x[:, None], positions[p : p + 1], length)[:, -1])
                 out[:, i] = tok
         else:
             for i in range(n):
