@@ -90,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # here, not at exit: a reader that went away is said below
         return code
-    except (
-        BrokenPipeError
-    ):  # stdout's reader went away (`| head`): stop as Unix tools do, without a traceback
+    except BrokenPipeError:
+        # stdout's reader went away (`| head`): stop as Unix tools do, without a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush has nowhere to fail
         print("output closed (broken pipe); stopped: run the same command again to continue", file=sys.stderr)
         return 141  # 128 + SIGPIPE, as the shell reports a pipeline's writer that was cut off

@@ -65,21 +65,17 @@ def check_run_folder(
         return None
     try:
         meta = read_meta(ckpt, "training checkpoint")
+        if meta.get("kind") not in KIND_NAMES:  # not a clusterar file's kind: damaged or foreign
+            expect_kind(ckpt, meta, kind, "training checkpoint")
     except FileError as e:
         raise ClusterarError(
             f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
         ) from e
-    if meta.get("kind") in KIND_NAMES and meta["kind"] != kind:  # another command's run: not ours to touch
+    if meta["kind"] != kind:  # another command's run: not ours to touch
         raise ClusterarError(
             f"{run} holds another kind of run ({ckpt.name} is {describe_kind(meta['kind'])}), not a "
             f"{run_name}; choose another --out (that folder is left as it is)"
         )
-    try:
-        expect_kind(ckpt, meta, kind, "training checkpoint")
-    except FileError as e:
-        raise ClusterarError(
-            f"{e.sentence}, so the run cannot resume from it; {_start_over(run, ckpt, model_file)}"
-        ) from e
     if not resume:
         raise ClusterarError(
             f"{run} already holds a {run_name} (checkpoint at step {meta.get('step', '?')}); pass --resume to "

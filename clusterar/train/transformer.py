@@ -633,24 +633,11 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['loss']:.4f}")
                     kill_point("train.step")
                     window[0] += self._save_due(end)
-                    self._stop_if_asked()
             finally:
                 bar.close()
                 if log is not None:
                     log.close()
         return self._finish(start_step, last)
-
-    def _stop_if_asked(self) -> None:
-        """After SIGTERM on any rank: the checkpoint at this step (unless just written), then `Terminated`."""
-        if not self.par.any_rank(requested()):
-            return
-        if self.saved_step != self.step:
-            self.check_finite()
-            self.save()
-            self.saved_step = self.step
-        if self.di.main:
-            notice(f"checkpoint written at step {self.step} of {self.total}: {self.ckpt}")
-        raise Terminated
 
     def _start_folder(self) -> JsonlLog | None:
         """config.json and the session's log (rank 0; None elsewhere)."""
@@ -692,10 +679,12 @@ class Trainer:
         return self.cfg.snapshot_steps
 
     def _save_due(self, end: int) -> float:
-        """The snapshot and checkpoint due at this step, if any; return the seconds they took."""
+        """The snapshot and checkpoint due at this step, if any; return the seconds they took. After SIGTERM
+        on any rank (`clusterar.stopping`) a checkpoint is due now, and `Terminated` follows it."""
         every = self._snapshot_every()
         snap = every is not None and (self.step % every == 0 or self.step == self.total)
-        ckpt = self.step % self.cfg.ckpt_every == 0 or self.step == end
+        stop = self.par.any_rank(requested())
+        ckpt = self.step % self.cfg.ckpt_every == 0 or self.step == end or stop
         if not (ckpt or snap):
             return 0.0
         t0 = time.perf_counter()
@@ -707,6 +696,10 @@ class Trainer:
         if ckpt:
             self.save()
             self.saved_step = self.step
+        if stop:
+            if self.di.main:
+                notice(f"checkpoint written at step {self.step} of {self.total}: {self.ckpt}")
+            raise Terminated
         took = time.perf_counter() - t0
         self.paused += took
         return took
