@@ -38,6 +38,20 @@ def autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """The transformers' weight dtype for sampling: bf16 on CUDA (each decode step reads every weight, so
+    half the bytes; LlamaGen samples in bf16 too), float32 on CPU (bf16 is slow there). Training keeps
+    float32 weights under autocast."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast the parameters (not the buffers: the RoPE table stays float32) of `model`, in place."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
 def describe_machine(device: torch.device | None = None) -> str:
     """One line saying where figures were measured (CPU model, cores, torch, threads, GPU): every report
     and benchmark states it."""

@@ -35,6 +35,7 @@ from ..model_file import (
     read_model_info,
     resolve_model_file,
 )
+from ..runtime import cast_weights, sampling_dtype
 from ..tokenizer import VQModel, load_tokenizer, resolve_tokenizer_path
 from ..tokens import TokenFile
 from .generate import SampledTokens, SampleSettings, draw_in_cluster, generate, refine
@@ -237,11 +238,21 @@ class Pipeline:
         clusters: str | os.PathLike | None = None,
         restrict_to_cluster: bool | None = None,
         grid_size: int | None = None,
+        weights: torch.dtype | None = None,
     ) -> Pipeline:
         """From a run folder or model.safetensors (baseline, iar), a pipeline JSON (ctf), or a LlamaGen
         checkpoint .pt (baseline; needs `tokenizer`, `grid_size` defaults to 16). `tokenizer` and `clusters`
-        override the paths recorded in the files (their fingerprints must still match)."""
-        p = Path(path)
+        override the paths recorded in the files (their fingerprints must still match). The transformers'
+        weights are cast to `weights` (default `runtime.sampling_dtype`: bf16 on CUDA, float32 on CPU)."""
+        pipe = cls._load(Path(path), device, tokenizer, clusters, restrict_to_cluster, grid_size)
+        dtype = weights if weights is not None else sampling_dtype(pipe.device)
+        for model in (pipe.model, pipe.refiner):
+            if model is not None:
+                cast_weights(model, dtype)
+        return pipe
+
+    @classmethod
+    def _load(cls, p: Path, device, tokenizer, clusters, restrict_to_cluster, grid_size) -> Pipeline:
         if p.is_dir() and not (p / MODEL_FILE).is_file() and (p / "pipeline.json").is_file():
             p = p / "pipeline.json"
         if p.suffix == ".json":
