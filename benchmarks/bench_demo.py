@@ -33,12 +33,17 @@ from clusterar.experiment import SPECS_DIR, parse_spec, run_experiment, tomllib 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "demo": ("the shipped `demo` spec", {}),
     "cpu-s-4": (
-        "the previous demo: transformer cpu-s, 4 epochs",
+        "an earlier demo: transformer cpu-s, 4 epochs",
         {"train.model": "cpu-s", "train.epochs": 4},
     ),
     "epochs+2": ("two epochs more", {"train.epochs": "+2"}),
     "every-epoch": ("evaluations after every epoch", {"eval.every_epochs": 1}),
     "tokenizer-400": ("tokenizer trained 400 steps (its own)", {"tokenizer.steps": 400}),
+    "previous": (
+        "the demo before 2026-12-05: tokenizer 300 steps (its own), evaluations after epochs 2, 4 and 6",
+        {"tokenizer.steps": 300, "eval.every_epochs": 2},
+    ),
+    "batch-24": ("transformer batch 24 instead of 16 (fewer, larger steps)", {"train.batch_size": 24}),
 }
 
 

@@ -37,8 +37,8 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     demo = sub.add_parser(
         "demo",
         help="the whole pipeline on bundled MNIST: tokenizer, clusters, baseline / IAR / CTF, samples, report",
-        description="Runs the experiment spec clusterar/specs/demo.toml (12 to 16 minutes on 2 CPU cores, by how "
-        "busy they are) and writes runs/demo/report.md. Finished stages are reused when it is run again.",
+        description="Runs the experiment spec clusterar/specs/demo.toml (8.5 to 11 minutes on 2 CPU cores, by "
+        "how busy they are) and writes runs/demo/report.md. Finished stages are reused when it is run again.",
     )
     demo.set_defaults(func=cmd_demo)
     if full("demo"):
