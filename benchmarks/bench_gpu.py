@@ -9,7 +9,8 @@
    each model preset. Floor: 6 x params x tokens over the measured matmul rate; the fraction reached is
    MFU against the chip as measured.
 3. Sampling images/s of the baseline, IAR (the cluster-ordered draw over a permuted vocabulary) and CTF
-   (stage 1 + the refiner's one pass), eager and compiled (`bench_sample`'s models and timing). Floor:
+   (stage 1 + the refiner's one pass), eager and compiled (`bench_sample`'s models and timing), with the
+   weights `Pipeline.load` gives them (bf16 on CUDA). Floor:
    every decode step reads the weights once and the filled prefix of the KV cache, over the measured
    bandwidth; the refiner's pass adds 2 x params x tokens over the matmul rate.
 
@@ -34,7 +35,7 @@ from benchmarks.bench_sample import build, stage1, stage2, timed  # noqa: E402
 from benchmarks.bench_train import make_data, measure, shape_of  # noqa: E402
 from clusterar.gpt import param_breakdown  # noqa: E402
 from clusterar.methods import TRAIN_METHODS  # noqa: E402
-from clusterar.runtime import pick_device  # noqa: E402
+from clusterar.runtime import cast_weights, pick_device, sampling_dtype  # noqa: E402
 
 
 class Budget:
@@ -119,6 +120,8 @@ def sampling(args: argparse.Namespace, chip: dict, budget: Budget) -> list[str]:
     base = build(args.model, device, vocab_size=k, **kw)
     coarse_model = build(args.model, device, vocab_size=m, **kw)
     refiner = build(args.refiner, device, input_vocab_size=m, vocab_size=k, causal=False, **kw)
+    for model in (base, coarse_model, refiner):  # the weights `Pipeline.load` samples with on this device
+        cast_weights(model, sampling_dtype(device))
     order = torch.randperm(k, generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
     for compile in [False, True] if args.compile else [False]:
