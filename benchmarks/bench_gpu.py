@@ -100,10 +100,12 @@ def training(args: argparse.Namespace, chip: dict, budget: Budget) -> list[str]:
 
 
 def decode_bytes(model, rows: int) -> float:
-    """Bytes one batch's decode reads at the floor: the weights once per step, and at step i the cache's
-    filled prefix (keys and values of every layer, `rows` rows, i + 1 positions)."""
+    """Bytes one batch's decode reads at the floor: the weights once per step (embedding tables: one row
+    per token, left out), and at step i the cache's filled prefix (keys and values of every layer, `rows`
+    rows, i + 1 positions)."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tables = {id(p) for m in (model.tok_embeddings, model.cls_embedding) for p in m.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in tables)
     cache = model.layers[0].attention.kv_cache.k_cache
     per_position = 2 * c.n_layer * rows * c.n_head * c.head_dim * cache.element_size()
     steps = c.seq_len
