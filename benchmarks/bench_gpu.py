@@ -140,7 +140,7 @@ def sampling(args: argparse.Namespace, chip: dict, budget: Budget) -> list[str]:
             floor = decode_bytes(model, 2 * b) / chip["bandwidth"]
             if name == "ctf":
                 coarse = fn()
-                t2 = timed(stage2(refiner, coarse, labels), device, args.repeats, warmup=2)
+                t2 = timed(stage2(refiner, coarse, labels, compile), device, args.repeats, warmup=2)
                 t += t2
                 floor += 2 * param_breakdown(refiner)["total"] * b * grid * grid / chip["flops"]
             rows.append(

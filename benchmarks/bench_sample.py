@@ -64,9 +64,9 @@ def stage1(model: GPT, labels: torch.Tensor, cfg: float, **kw):
     return lambda: generate(model, labels, cfg_scale=cfg, temperature=1.0, generator=g, **kw)
 
 
-def stage2(refiner: GPT, coarse: torch.Tensor, labels: torch.Tensor):
+def stage2(refiner: GPT, coarse: torch.Tensor, labels: torch.Tensor, compile: bool = False):
     g = torch.Generator(labels.device).manual_seed(0)
-    return lambda: refine(refiner, coarse, labels, temperature=1.0, generator=g)
+    return lambda: refine(refiner, coarse, labels, temperature=1.0, generator=g, compile=compile)
 
 
 def millions(n: int) -> str:
@@ -147,8 +147,8 @@ def gpu(args: argparse.Namespace) -> None:
         t_base = timed(stage1(base, labels, args.cfg, compile=compile), device, args.repeats, warmup=2)
         print(f"{args.model} K={k} {label}: {b / t_base:.2f} images/s", flush=True)
         t1 = timed(stage1(coarse_model, labels, args.cfg, compile=compile), device, args.repeats, warmup=2)
-        coarse = stage1(coarse_model, labels, args.cfg)()
-        t2 = timed(stage2(refiner, coarse, labels), device, args.repeats, warmup=2)
+        coarse = stage1(coarse_model, labels, args.cfg, compile=compile)()
+        t2 = timed(stage2(refiner, coarse, labels, compile), device, args.repeats, warmup=2)
         print(f"CTF {label}: stage 1 {b / t1:.2f} images/s, stage 2 {t2 * 1000:.1f} ms", flush=True)
         rows.append(
             f"| {label} | {b / t_base:.2f} | {b / t1:.2f} | {t2 * 1000:.1f} | {b / (t1 + t2):.2f} | "

@@ -138,7 +138,7 @@ def sample_model(
     settings: dict[str, Any] | None = None,
     method: str | None = None,
     batch_size: int = 64,
-    compile: bool = False,
+    compile: bool | None = None,
     write_images: bool = True,
     device: str = "auto",
     tokenizer: str | None = None,

@@ -22,11 +22,13 @@ from clusterar.model_file import ModelInfo, save_model
 from clusterar.sample import (
     Pipeline,
     SampleSettings,
+    auto_compile,
     draw,
     draw_in_cluster,
     filter_top_k,
     filter_top_p,
     generate,
+    guide,
     make_labels,
     refine,
     sample_logits,
@@ -249,6 +251,77 @@ def test_compiled_decode_step_traces_whole_and_matches():
     ref = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(5))
     got = generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(5), compile="eager")
     assert torch.equal(ref, got)
+
+
+def step_by_step(model: GPT, labels, cfg_scale, generator, top_k=0, top_p=1.0, draw_order=None):
+    """The sampler as it was before the whole step was one function: the model's decode step, then
+    guidance, the draw order, filtering and a draw from `generator`, one step at a time on the host."""
+    c, b = model.config, labels.shape[0]
+    cond = torch.cat([labels, torch.full_like(labels, c.null_class)])
+    model.setup_cache(2 * b, dtype=torch.float32, device=labels.device)
+    out = torch.empty(b, c.seq_len, dtype=torch.long)
+
+    def pick(logits):
+        logits = guide(logits, cfg_scale)
+        logits = logits[..., draw_order] if draw_order is not None else logits
+        tok = sample_logits(logits, top_k=top_k, top_p=top_p, generator=generator)
+        return draw_order[tok] if draw_order is not None else tok
+
+    tok = pick(model.prefill(cond)[:, -1])
+    out[:, 0] = tok
+    for i in range(1, c.seq_len):
+        p = c.cls_token_num + i - 1
+        tok = pick(model.decode_step(torch.cat([tok, tok])[:, None], torch.tensor([p]))[:, -1])
+        out[:, i] = tok
+    return out
+
+
+@pytest.mark.parametrize("compile", [False, "eager"])
+def test_whole_token_step_draws_what_the_step_by_step_loop_drew(compile):
+    """`generate` draws every step's uniform numbers at once and runs guidance, the IAR draw order,
+    filtering and the draw inside one function (`token_step`), which compiles as one graph
+    (fullgraph=True: no host synchronisation inside): the ids equal the step-by-step loop's under the
+    same seed, for plain, filtered and IAR-ordered draws."""
+    torch._dynamo.reset()
+    model = random_gpt(3, grid_size=4)
+    labels = torch.tensor([0, 4, 7])
+    order = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(1))
+    for kw in ({}, {"top_k": 50, "top_p": 0.9}, {"draw_order": order}):
+        ref = step_by_step(model, labels, 1.5, torch.Generator().manual_seed(11), **kw)
+        model.clear_cache()
+        got = generate(
+            model, labels, cfg_scale=1.5, generator=torch.Generator().manual_seed(11), compile=compile, **kw
+        )
+        assert torch.equal(ref, got), kw
+
+
+def test_compiled_refiner_matches_eager():
+    """CTF stage 2 compiled (one graph: the refiner's forward and the guidance) draws the eager ids."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    refiner = GPT(gpt_preset("tiny", grid_size=4, causal=False, input_vocab_size=16)).eval()
+    torch.nn.init.normal_(refiner.output.weight, std=0.5)
+    coarse = torch.randint(0, 16, (3, 16))
+    labels = torch.tensor([1, 2, 3])
+    for cfg in (1.0, 2.0):
+        a = refine(refiner, coarse, labels, cfg_scale=cfg, generator=torch.Generator().manual_seed(2))
+        b = refine(
+            refiner,
+            coarse,
+            labels,
+            cfg_scale=cfg,
+            generator=torch.Generator().manual_seed(2),
+            compile="eager",
+        )
+        assert torch.equal(a, b)
+
+
+def test_compile_defaults_to_cuda_only():
+    """Users sampling on a GPU get the compiled step without a flag; a CPU stays eager."""
+    assert auto_compile(None, torch.device("cuda")) is True
+    assert auto_compile(None, torch.device("cpu")) is False
+    assert auto_compile(False, torch.device("cuda")) is False
+    assert auto_compile("eager", torch.device("cpu")) == "eager"
 
 
 def test_llamagen_export_loads_and_samples_the_same(tmp_path, parts, runs):

@@ -221,7 +221,9 @@ FLAGS: dict[str, Flag] = {
     ),
     "labels": Flag(help="comma-separated class ids, repeated to --n"),
     "restrict_to_cluster": Flag(SWITCH, "ctf: sample every fine token inside its coarse cluster"),
-    "compile": Flag(SWITCH, 'torch.compile the decode step (mode "reduce-overhead", GPU)'),
+    "compile": Flag(
+        SWITCH, 'torch.compile the decode step (mode "reduce-overhead": CUDA graphs) and the refiner'
+    ),
     "no_images": Flag(SWITCH, "skip the per-image PNGs (grid and npz only)"),
     "coarse": Flag(help="CTF stage-1 run folder or model file (ctf-coarse)", path=READS),
     "refiner": Flag(help="CTF stage-2 run folder or model file (ctf-refiner)", path=READS),

@@ -141,7 +141,7 @@ def add_sample_parser(sub: argparse._SubParsersAction, full: Callable[[str], boo
         help="ctf: sample every fine token inside its coarse cluster (always on for a refiner trained so)",
     )
     add_flag(p, "batch_size", 64)
-    add_flag(p, "compile")
+    add_flag(p, "compile", None, said="on CUDA, off on a CPU", action=argparse.BooleanOptionalAction)
     add_flag(p, "tokenizer", help="override the tokenizer path recorded in the model")
     add_flag(p, "clusters", help="override the clusters path recorded in the model")
     add_flag(p, "grid_size", help="LlamaGen .pt only: tokens per side", said="16")

@@ -21,7 +21,8 @@ from .generate import (
     STAGE2_SETTINGS,
     SampledTokens,
     SampleSettings,
-    decode_fn,
+    auto_compile,
+    compiled,
     describe_settings,
     draw,
     draw_in_cluster,
@@ -32,6 +33,7 @@ from .generate import (
     guide,
     refine,
     sample_logits,
+    token_step,
 )
 from .pipeline import LLAMAGEN_SUFFIXES, PIPELINE_KIND, PIPELINE_VERSION, Pipeline, write_ctf_pipeline
 
@@ -44,7 +46,9 @@ __all__ = [
     "Pipeline",
     "SampleSettings",
     "SampledTokens",
-    "decode_fn",
+    "auto_compile",
+    "compiled",
+    "token_step",
     "describe_settings",
     "draw",
     "draw_in_cluster",

@@ -29,7 +29,7 @@ from ..lock import folder_lock
 from ..resume import Record
 from ..runtime import notice
 from ..viz import save_grid
-from .generate import SampleSettings
+from .generate import SampleSettings, auto_compile
 from .pipeline import Pipeline
 
 
@@ -111,7 +111,7 @@ def sample_to_folder(
     settings: SampleSettings,
     seed: int = 0,
     batch_size: int = 64,
-    compile: bool | str = False,
+    compile: bool | str | None = None,
     per_class: bool = False,
     write_images: bool = True,
     progress: bool = True,
@@ -135,6 +135,7 @@ def sample_to_folder(
     """
     out = Path(out)
     labels = np.asarray(labels, dtype=np.int64)
+    compile = auto_compile(compile, pipeline.device)  # recorded as chosen: True on CUDA unless told
     if batch_size < 1:
         raise ClusterarError(f"--batch-size must be positive, got {batch_size}")
     run = {

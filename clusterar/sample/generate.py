@@ -67,17 +67,18 @@ def sample_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     invalid: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [..., V] -> token ids [...]: temperature, then top-k / top-p, then one categorical draw per row.
 
     Rows that give no probabilities to draw from (NaN or infinite logits: a damaged model) are refused with
     a ClusterarError naming the settings, at once, or, given `invalid` (a bool scalar on the logits'
     device), flagged in it without waiting for the device; their ids are then in range but meaningless
-    (`draw`)."""
+    (`draw`). `u`: the draw's uniform numbers, drawn beforehand (see `draw`)."""
     x = logits.reshape(-1, logits.shape[-1]).float() / temperature
     x = filter_top_p(filter_top_k(x, top_k), top_p)
     flag = invalid if invalid is not None else torch.zeros((), dtype=torch.bool, device=x.device)
-    ids = draw(x.softmax(dim=-1), generator, invalid=flag)
+    ids = draw(x.softmax(dim=-1), generator, invalid=flag, u=u)
     if invalid is None and flag:
         raise no_distribution(f"temperature {temperature}, top-k {top_k}, top-p {top_p}")
     return ids.view(logits.shape[:-1])
@@ -93,7 +94,10 @@ def no_distribution(settings: str) -> ClusterarError:
 
 
 def draw(
-    probs: torch.Tensor, generator: torch.Generator | None = None, invalid: torch.Tensor | None = None
+    probs: torch.Tensor,
+    generator: torch.Generator | None = None,
+    invalid: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One draw per row of probabilities [R, V] (rows need not sum to 1) -> ids [R], by inverse CDF.
 
@@ -105,10 +109,14 @@ def draw(
     refused (ClusterarError); given `invalid` (a bool scalar), a NaN row (softmax's answer to NaN or inf
     logits) is flagged in it instead, with no wait on the device. Every id stays in [0, V) either way, so
     nothing downstream indexes out of range.
+
+    `u` [R, 1] float64: the uniform numbers, drawn beforehand (a compiled step takes no generator); the
+    same numbers as `generator` would draw here give the same ids.
     """
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1:]
-    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
+    if u is None:
+        u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=torch.float64)
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # x < total: in range
     ids = torch.searchsorted(cdf, x, right=True).squeeze(1)
     if invalid is None:
@@ -184,22 +192,68 @@ def ensure_cache(model: GPT, batch: int, device: torch.device) -> None:
     model.setup_cache(batch, dtype=dtype, device=device)
 
 
-def decode_fn(model: GPT, compile: bool | str = False):
-    """The model's decode step, compiled once per model and mode when asked.
+@dataclass(frozen=True)
+class Draw:
+    """How a step turns its logits into a token: guidance, the draw order, temperature, top-k / top-p.
 
-    True compiles with torch.compile(mode="reduce-overhead", fullgraph=True) (CUDA graphs on a GPU); a string
-    names another torch.compile backend (e.g. "eager" checks that the step traces without graph breaks).
-    """
+    Frozen and hashable: a compiled step is specialised on these numbers (a new value recompiles once)."""
+
+    cfg_scale: float = 1.0
+    batched: bool = False  # logits come from a [cond; null] batch: guide them
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def pick(
+    logits: torch.Tensor, d: Draw, u: torch.Tensor, draw_order: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Last-position logits [R, V] -> (token ids [B], invalid flag, guided logits [B, V]), with no host sync.
+
+    `draw_order` (IAR) permutes the vocabulary the draw walks; the ids returned are the model's."""
+    logits = guide(logits, d.cfg_scale) if d.batched else logits.float()
+    walked = logits[..., draw_order] if draw_order is not None else logits
+    invalid = torch.zeros((), dtype=torch.bool, device=logits.device)
+    tok = sample_logits(walked, temperature=d.temperature, top_k=d.top_k, top_p=d.top_p, invalid=invalid, u=u)
+    return (draw_order[tok] if draw_order is not None else tok), invalid, logits
+
+
+def token_step(
+    model: GPT,
+    tok: torch.Tensor,
+    input_pos: torch.Tensor,
+    length: int | None,
+    d: Draw,
+    u: torch.Tensor,
+    draw_order: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One whole decode step: feed the previous tokens [B] (both halves of a [cond; null] batch), then
+    guidance, filtering and the draw (`pick`). Compiled, it is one graph with no host synchronisation."""
+    x = torch.cat([tok, tok]) if d.batched else tok
+    return pick(model.decode_step(x[:, None], input_pos, length)[:, -1], d, u, draw_order)
+
+
+def compiled(fn, model: GPT, compile: bool | str, graphs: bool = True):
+    """`fn` (whose first argument is `model`), compiled once per model, function and mode when asked.
+
+    True compiles with torch.compile(fullgraph=True), mode "reduce-overhead" (CUDA graphs on a GPU) when
+    `graphs`, else the default mode; a string names another torch.compile backend (e.g. "eager" checks that
+    `fn` traces without graph breaks). False returns `fn` itself."""
     if not compile:
-        return model.decode_step
-    key = "reduce-overhead" if compile is True else str(compile)
-    compiled = model.__dict__.setdefault("_clusterar_compiled", {})
-    if key not in compiled:
+        return fn
+    key = (fn.__name__, "reduce-overhead" if compile is True and graphs else str(compile))
+    cache = model.__dict__.setdefault("_clusterar_compiled", {})
+    if key not in cache:
         if compile is True:
-            compiled[key] = torch.compile(model.decode_step, mode="reduce-overhead", fullgraph=True)
+            cache[key] = torch.compile(fn, mode="reduce-overhead" if graphs else None, fullgraph=True)
         else:
-            compiled[key] = torch.compile(model.decode_step, backend=compile, fullgraph=True)
-    return compiled[key]
+            cache[key] = torch.compile(fn, backend=compile, fullgraph=True)
+    return cache[key]
+
+
+def auto_compile(compile: bool | str | None, device: torch.device) -> bool | str:
+    """None (the default): compile on CUDA, where it pays (measured: benchmarks/RESULTS.md), not on a CPU."""
+    return device.type == "cuda" if compile is None else compile
 
 
 @torch.no_grad()
@@ -213,7 +267,7 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-    compile: bool | str = False,
+    compile: bool | str | None = None,
     null_batch: bool | None = None,
     return_logits: bool = False,
     draw_order: torch.Tensor | None = None,
@@ -242,40 +296,38 @@ def generate(
     device = labels.device
     b, n = labels.shape[0], c.seq_len
     batched = cfg_scale != 1.0 if null_batch is None else null_batch
+    d = Draw(cfg_scale, batched, temperature, top_k, top_p)
     cond = torch.cat([labels, torch.full_like(labels, c.null_class)]) if batched else labels
+    # every step's uniform numbers at once, in the order the steps use them: the same ids as drawing them
+    # step by step from `generator` (on a CPU; on CUDA the generator's stream is laid out differently)
+    us = torch.rand(n, b, 1, generator=generator, device=device, dtype=torch.float64)
     out = torch.empty(b, n, dtype=torch.long, device=device)
     kept: list[torch.Tensor] = []
     invalid = torch.zeros((), dtype=torch.bool, device=device)  # a draw met no distribution (checked once)
 
-    def pick(logits: torch.Tensor) -> torch.Tensor:
-        logits = guide(logits, cfg_scale) if batched else logits.float()
+    def keep(tok: torch.Tensor, bad: torch.Tensor, logits: torch.Tensor, i: int) -> torch.Tensor:
+        invalid.logical_or_(bad)
+        out[:, i] = tok
         if return_logits:
             kept.append(logits.clone())
-        if draw_order is not None:
-            logits = logits[..., draw_order]
-        tok = sample_logits(
-            logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, invalid=invalid
-        )
-        return draw_order[tok] if draw_order is not None else tok
+        return tok.clone()  # a CUDA graph's outputs are overwritten by its next replay
 
     with autocast(device):
         if use_cache:
             ensure_cache(model, cond.shape[0], device)
-            step = decode_fn(model, compile)
+            step = compiled(token_step, model, auto_compile(compile, device))
+            static = step is not token_step  # compiled: one shape for every step
             positions = torch.arange(c.max_positions, device=device)
-            tok = pick(model.prefill(cond)[:, -1])
-            out[:, 0] = tok
+            tok = keep(*pick(model.prefill(cond)[:, -1], d, us[0], draw_order), 0)
             for i in range(1, n):
-                x = torch.cat([tok, tok]) if batched else tok
                 p = c.cls_token_num + i - 1  # sequence position of token i-1, which predicts token i
                 # eager: attention reads the filled prefix only; compiled: one static shape for every step
-                length = None if compile else p + 1
-                tok = pick(step(x[:, None], positions[p : p + 1], length)[:, -1])
-                out[:, i] = tok
+                length = None if static else p + 1
+                tok = keep(*step(model, tok, positions[p : p + 1], length, d, us[i], draw_order), i)
         else:
             for i in range(n):
                 idx = torch.cat([out[:, :i], out[:, :i]]) if batched else out[:, :i]
-                out[:, i] = pick(model(idx, cond)[:, -1])
+                keep(*pick(model(idx, cond)[:, -1], d, us[i], draw_order), i)
     if invalid:
         raise no_distribution(
             f"cfg scale {cfg_scale}, temperature {temperature}, top-k {top_k}, top-p {top_p}"
@@ -298,11 +350,13 @@ def refine(
     generator: torch.Generator | None = None,
     cluster_labels: torch.Tensor | None = None,
     return_logits: bool = False,
+    compile: bool | str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """CTF stage 2: fine token ids [B, N] for a coarse sequence [B, N], all positions in ONE forward pass.
 
     cfg_scale != 1 guides with a [cond; null] batch as in stage 1. `cluster_labels` [K] (token -> cluster)
     masks every fine logit outside its position's coarse cluster (after guidance, before temperature).
+    `compile` as in `generate` (default: on CUDA): the refiner's forward and the guidance compiled once.
     """
     c = refiner.config
     if c.causal:
@@ -315,12 +369,9 @@ def refine(
         raise ClusterarError(
             f"coarse sequence must be [B, {c.seq_len}] for B labels, got {list(coarse.shape)}"
         )
+    forward = compiled(refiner_logits, refiner, auto_compile(compile, labels.device), graphs=False)
     with autocast(labels.device):
-        if cfg_scale != 1.0:
-            null = torch.full_like(labels, c.null_class)
-            logits = guide(refiner(torch.cat([coarse, coarse]), torch.cat([labels, null])), cfg_scale)
-        else:
-            logits = refiner(coarse, labels).float()
+        logits = forward(refiner, coarse, labels, cfg_scale)
     if cluster_labels is not None:
         logits = restrict_logits(logits, coarse, cluster_labels)
     invalid = torch.zeros((), dtype=torch.bool, device=logits.device)
@@ -332,6 +383,17 @@ def refine(
             f"stage 2 cfg scale {cfg_scale}, temperature {temperature}, top-k {top_k}, top-p {top_p}"
         )
     return (ids, logits) if return_logits else ids
+
+
+def refiner_logits(
+    refiner: GPT, coarse: torch.Tensor, labels: torch.Tensor, cfg_scale: float
+) -> torch.Tensor:
+    """Stage 2's guided fine logits [B, N, K] (float32), from one forward of a [cond; null] batch when
+    guided."""
+    if cfg_scale == 1.0:
+        return refiner(coarse, labels).float()
+    null = torch.full_like(labels, refiner.config.null_class)
+    return guide(refiner(torch.cat([coarse, coarse]), torch.cat([labels, null])), cfg_scale)
 
 
 def draw_in_cluster(

@@ -360,11 +360,13 @@ class Pipeline:
         seed: int = 0,
         *,
         settings: SampleSettings | None = None,
-        compile: bool | str = False,
+        compile: bool | str | None = None,
         use_cache: bool = True,
         **overrides: Any,
     ) -> SampledTokens:
-        """Token ids for class `labels`, drawn with torch.Generator(device).manual_seed(seed)."""
+        """Token ids for class `labels`, drawn with torch.Generator(device).manual_seed(seed).
+
+        `compile` (None: on CUDA, `generate.auto_compile`): the decode step (and CTF's refiner) compiled."""
         s = settings or self.settings(**overrides)
         y = self._labels(labels)
         g = torch.Generator(self.device).manual_seed(int(seed))
@@ -394,6 +396,7 @@ class Pipeline:
                 top_k=s.top_k2,
                 generator=g,
                 cluster_labels=self._cluster_labels,
+                compile=compile,
             )
             return SampledTokens(ids=fine, raw=fine, coarse=raw)
         ids = self._unmap[raw] if self._unmap is not None else raw
@@ -453,7 +456,7 @@ class Pipeline:
         warmup: int = 1,
         *,
         decode: bool = True,
-        compile: bool | str = False,
+        compile: bool | str | None = None,
         use_cache: bool = True,
         seed: int = 0,
         **overrides: Any,
