@@ -20,6 +20,8 @@ from clusterar.model_file import load_model, read_model_info
 from clusterar.tokenizer import VQConfig, VQModel, save_tokenizer
 from clusterar.tokens import write_token_file
 from clusterar.train import TrainConfig, epoch_permutation, lr_at, train
+from clusterar.train.divergence import DivergenceWatch
+from clusterar.train.parallel import Parallel
 
 K, M, GRID, CLASSES = 64, 8, 4, 4  # 64 codes in 8 clusters, 4x4 token grids, 4 classes
 
@@ -352,6 +354,43 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint(files, tmp_path):
     tensors, _ = load_tensors(run / "checkpoint.safetensors")
     assert all(bool(torch.isfinite(t).all()) for t in tensors.values() if t.is_floating_point())
     assert read_model_info(run / "model.safetensors").step == step
+
+
+def test_divergence_watch_skips_updates_on_the_device():
+    """With the fused AdamW, the first non-finite step and every later one leave the weights alone (no host
+    read in between); the check names that step and its values. An unfused optimizer must look at once."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, fused=True)
+    watch = DivergenceWatch(opt, ["loss", "grad_norm"], torch.device("cpu"), step0=10)
+    assert not watch.must_check_now
+    after = []
+    for values in ([1.0, 2.0], [float("nan"), 3.0], [1.0, 1.0]):
+        w.grad = torch.ones(3)
+        watch.see(torch.tensor(values))
+        opt.step()
+        after.append(w.detach().clone())
+    assert not torch.equal(after[0], torch.ones(3))  # the good step updated
+    assert torch.equal(after[1], after[0]) and torch.equal(after[2], after[0])  # later ones did not
+    with pytest.raises(ClusterarError, match=r"optimizer step 12 \(lr 0.5\): loss nan, grad_norm 3;"):
+        watch.check(lambda step: step / 22, "kept")
+    assert DivergenceWatch(torch.optim.AdamW([w]), ["loss"], torch.device("cpu")).must_check_now
+
+
+def test_divergence_found_late_names_the_same_step(files, tmp_path, monkeypatch):
+    """A trainer whose optimizer skips non-finite steps on the device (the fused AdamW, CUDA's; forced here
+    on the CPU) reads the flag only at log steps and saves, yet names the step that diverged, as the
+    per-step check does, and writes no checkpoint after it."""
+    kw = dict(lr=1e30, steps=20, ckpt_every=1000)
+    with pytest.raises(ClusterarError, match="diverged") as per_step:
+        train(cfg(files, log_every=1, **kw), tmp_path / "a", progress=False)
+    monkeypatch.setattr(Parallel, "fused_optimizer", property(lambda self: True))
+    with pytest.raises(ClusterarError, match="diverged") as late:
+        train(cfg(files, log_every=7, **kw), tmp_path / "b", progress=False)
+    step = int(str(per_step.value).split("optimizer step ")[1].split()[0])
+    assert f"optimizer step {step} " in str(late.value) and step < 7
+    assert "not updated from then on" in str(late.value)
+    assert not (tmp_path / "b" / "checkpoint.safetensors").exists()
+    assert [r["step"] for r in records(tmp_path / "b")] == []  # step 7 found it: nothing was logged
 
 
 def test_bad_input_is_a_clear_error(files, tmp_path):

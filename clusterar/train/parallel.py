@@ -117,7 +117,9 @@ class Parallel:
 
     @property
     def fused_optimizer(self) -> bool:
-        """Whether AdamW may use its fused CUDA kernel (not on DTensor shards)."""
+        """Whether AdamW uses its fused kernel: on CUDA (not on DTensor shards), where it is one kernel per
+        step and skips a non-finite step on the device (`train.divergence`). A CPU keeps the default
+        foreach step, whose results the CPU runs and tests were measured with."""
         return self.device.type == "cuda" and not self.fsdp
 
     def wrap(self, model: nn.Module) -> nn.Module:

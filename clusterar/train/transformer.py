@@ -56,6 +56,7 @@ from ..stopping import Terminated, at_step_boundaries, requested
 from ..tokenizer import load_tokenizer, resolve_tokenizer_path
 from ..tokens import TokenFile
 from ..viz import plot_curves
+from .divergence import DivergenceWatch
 from .loop import (
     CHECKPOINT,
     LOG_FILE,
@@ -365,6 +366,8 @@ class Trainer:
             self._resume_from(saved)
         elif resume and di.main:
             say_new_run(out)
+        self.watched = [n for n in self.method.metric_names() if not n.startswith("acc")] + ["grad_norm"]
+        self.watch = DivergenceWatch(self.opt, self.watched, self.device, self.step)
         self.model, self.loss_fn = self.par.wrap(bare), self.method.loss
         if cfg.compile:
             # Static shapes (they never change in a run), and a fresh cache: a process that trains several
@@ -517,7 +520,8 @@ class Trainer:
         )
 
     def check_finite(self) -> None:
-        """Stop before a file is written from non-finite weights (all ranks)."""
+        """Stop before a file is written after a diverged step, or from non-finite weights (all ranks)."""
+        self.check_diverged()
         if not self.weights_finite():
             raise ClusterarError(
                 f"training diverged: weights became non-finite by step {self.step}; "
@@ -570,7 +574,10 @@ class Trainer:
             g["lr"] = lr
         self.model.train()
         self.opt.zero_grad(set_to_none=True)
-        names = [n for n in self.method.metric_names() if want_metrics or not n.startswith("acc")]
+        losses = self.watched[:-1]
+        names = losses + (
+            [n for n in self.method.metric_names() if n.startswith("acc")] if want_metrics else []
+        )
         sums = torch.zeros(len(names), device=self.device)
         for a in range(cfg.grad_accum):
             lo = (a * di.world + di.rank) * b
@@ -589,20 +596,25 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         norm = self.par.full(norm)
         self.par.mean(sums)
-        values = torch.cat([sums, norm.detach().float().reshape(1).to(sums.device)]).tolist()
-        if not all(math.isfinite(v) for v in values):
-            got = ", ".join(f"{n} {v:.4g}" for n, v in zip(names + ["grad_norm"], values, strict=True))
-            raise ClusterarError(
-                f"training diverged in optimizer step {step + 1} (lr {lr:.3g}): {got}; the weights were not "
-                f"updated, {self._kept()}. Lower --lr (or add --warmup) and start again"
-            )
+        watched = torch.cat([sums[: len(losses)], norm.detach().float().reshape(1).to(sums.device)])
+        self.watch.see(watched)  # a non-finite step skips its update on the device (`train.divergence`)
+        if self.watch.must_check_now:
+            self.check_diverged()
         self.opt.step()
         if self.ema is not None:
             self.par.ema_update(self.ema, self.params, 1.0 - cfg.ema)
         self.step += 1
-        out = dict(zip(names, values[:-1], strict=True))
-        out.update(grad_norm=values[-1], lr=lr)
+        if not want_metrics:
+            return {}  # the host reads nothing: it queues the next step while the device works
+        self.check_diverged()
+        values = torch.cat([watched, sums[len(losses) :]]).tolist()
+        out = dict(zip(self.watched + names[len(losses) :], values, strict=True))
+        out.update(lr=lr)
         return out
+
+    def check_diverged(self) -> None:
+        """Stop if an optimizer step so far was not finite (waits for the device)."""
+        self.watch.check(lambda step: self.schedule.at(step, self.total), self._kept())
 
     # ------------------------------------------------------------ the loop
 
