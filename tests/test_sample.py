@@ -559,6 +559,28 @@ def test_interrupted_sampling_resumes_exactly(tmp_path, runs):
         assert np.array_equal(a["arr_0"], b["arr_0"])
 
 
+def test_a_failed_write_stops_sampling_and_marks_no_batch_done(tmp_path, runs, monkeypatch):
+    """Images are written on a writer thread while the next batch is drawn: a write that fails is raised
+    in the caller, and the batch it belonged to is not marked done (no part file), so a rerun redraws it."""
+    import clusterar.sample.folder as folder
+
+    pipe = Pipeline.load(runs["baseline"])
+    labels, _ = make_labels(8, 10, per_class=False)
+    real, written = folder._save_png, []
+
+    def disk_full_in_batch_two(img, path):
+        if int(path.stem) >= 4:
+            raise OSError(28, "No space left on device")
+        written.append(path.name)
+        real(img, path)
+
+    monkeypatch.setattr(folder, "_save_png", disk_full_in_batch_two)
+    with pytest.raises(OSError, match="No space left"):
+        sample_to_folder(pipe, labels, tmp_path / "s", settings=pipe.settings(), batch_size=4, progress=False)
+    assert [p.name for p in (tmp_path / "s" / "parts").glob("batch-*.npy")] == ["batch-000000.npy"]
+    assert len(written) == 4
+
+
 def test_two_processes_draw_the_one_process_samples_and_resume(tmp_path, runs, torchrun):
     """Under torchrun each process draws every world-th batch with that batch's seed: the npz is the one
     one process writes; a run killed in one process continues, also with another number of processes."""

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -154,18 +155,21 @@ def sample_to_folder(
         if done is not None:
             return done
         timed, reused = [], 0  # (images, seconds) of the batches generated in this session; batches kept
-        for b in tqdm(
-            range(rank, math.ceil(len(labels) / batch_size), world),
-            desc="sampling",
-            unit="batch",
-            disable=not progress or rank != 0,
-        ):
-            lo, hi = b * batch_size, min(len(labels), (b + 1) * batch_size)
-            seconds = _draw_batch(pipeline, labels[lo:hi], b, lo, out, settings, seed, compile, write_images)
-            if seconds is None:
-                reused += 1
-            else:
-                timed.append((hi - lo, seconds))
+        # One writer thread encodes and writes batch b while the device draws batch b + 1; leaving the
+        # block waits for its last batch (also on Ctrl-C: nothing drawn is lost).
+        with BatchWriter(write_images) as writer:
+            for b in tqdm(
+                range(rank, math.ceil(len(labels) / batch_size), world),
+                desc="sampling",
+                unit="batch",
+                disable=not progress or rank != 0,
+            ):
+                lo, hi = b * batch_size, min(len(labels), (b + 1) * batch_size)
+                seconds = _draw_batch(pipeline, labels[lo:hi], b, lo, out, settings, seed, compile, writer)
+                if seconds is None:
+                    reused += 1
+                else:
+                    timed.append((hi - lo, seconds))
         _together(world)  # every batch is on disk
         timing = _job_timing(timed, reused, rank, world)
         if timing is None:
@@ -189,9 +193,9 @@ def _draw_batch(
     settings: SampleSettings,
     seed: int,
     compile: bool | str,
-    write_images: bool,
+    writer: BatchWriter,
 ) -> float | None:
-    """Draw batch `b` (images `lo`...) into parts/ (and images/); return its seconds, None if it was kept."""
+    """Draw batch `b` (images `lo`...) and hand it to `writer`; return its seconds, None if it was kept."""
     part = out / "parts" / f"batch-{b:06d}.npy"
     if part.exists():
         return None
@@ -200,13 +204,44 @@ def _draw_batch(
     images = pipeline.sample(labels, _batch_seed(seed, b), settings=settings, compile=compile).numpy()
     pipeline.sync()
     seconds = time.perf_counter() - t0
-    if write_images:
-        for i, img in enumerate(images):
-            _save_png(img, out / "images" / f"{lo + i:06d}.png")
-    with atomic_path(part) as tmp, open(tmp, "wb") as f:
-        np.save(f, images)
-    kill_point("sample.batch")
+    writer.submit(images, lo, out, part)
     return seconds
+
+
+class BatchWriter:
+    """Writes drawn batches (images/*.png, then the part file that marks the batch done) on one thread, in
+    order, so that encoding PNGs never holds up the next batch's draw. An error in a write is raised in the
+    caller at the next submit or when the block ends."""
+
+    def __init__(self, write_images: bool):
+        self.write_images = write_images
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clusterar-writer")
+        self.pending: list[Future] = []
+
+    def submit(self, images: np.ndarray, lo: int, out: Path, part: Path) -> None:
+        self._raise_done()
+        self.pending.append(self.pool.submit(self._write, images, lo, out, part))
+
+    def _write(self, images: np.ndarray, lo: int, out: Path, part: Path) -> None:
+        if self.write_images:
+            for i, img in enumerate(images):
+                _save_png(img, out / "images" / f"{lo + i:06d}.png")
+        with atomic_path(part) as tmp, open(tmp, "wb") as f:
+            np.save(f, images)
+        kill_point("sample.batch")
+
+    def _raise_done(self) -> None:
+        for f in [f for f in self.pending if f.done()]:
+            self.pending.remove(f)
+            f.result()
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True)
+        if exc[0] is None:
+            self._raise_done()
 
 
 def _together(world: int) -> None:
