@@ -8,10 +8,12 @@ metric values. A run repeated with seeds 0, 1, 2 has three such curves; `aggrega
 curve whose points hold, for every metric M, M (the mean over seeds), M_std (sample standard deviation,
 0 for one seed), M_min, M_max and M_all (the values per seed).
 
-The rule (`resolved`): a difference between two runs counts as resolved only when their min..max ranges
-over seeds do not overlap. With three seeds each, two runs whose results are exchangeable (no real
-difference) separate this way with probability 2 / C(6, 3) = 10%, so a resolved difference is
-evidence, not proof; with one seed nothing is resolved.
+The rule (`resolved`): a difference between two runs counts only when their min..max ranges over seeds do
+not overlap. Two runs whose results are exchangeable (no real difference) separate this way by chance with
+probability 2 / C(n_a + n_b, n_a) (`false_separation`): 1 in 3 at two seeds each, 10% at three, 3% at
+four. A separation is called resolved ("better" / "worse") only with at least MIN_SEEDS seeds per side and
+a chance of at most MAX_FALSE_SEPARATION; with less it is "suggestive"; with one seed each (chance 1)
+nothing separates. Every verdict carries its chance: a resolved difference is evidence, not proof.
 """
 
 from __future__ import annotations
@@ -98,15 +100,31 @@ def values(point: dict, key: str) -> list[float] | None:
     return list(point.get(f"{key}_all", [point[key]]))
 
 
+# The evidence a resolved difference needs: seeds per run, and the largest chance of a false separation.
+MIN_SEEDS = 3
+MAX_FALSE_SEPARATION = 0.10
+
+
+def false_separation(n_a: int, n_b: int) -> float:
+    """The chance that two runs with no real difference (their n_a + n_b results exchangeable, no ties)
+    have min..max ranges that do not overlap: 2 / C(n_a + n_b, n_a), at most 1."""
+    return min(1.0, 2 / math.comb(n_a + n_b, n_a))
+
+
 def resolved(a: list[float], b: list[float], lower_is_better: bool) -> str:
-    """'better', 'worse' (a against b, by the range rule) or 'unresolved'."""
-    if len(a) < 2 or len(b) < 2:
+    """a against b by the range rule: 'better' / 'worse' when the ranges do not overlap with enough
+    evidence (MIN_SEEDS per side, chance <= MAX_FALSE_SEPARATION), 'suggestive better' / 'suggestive
+    worse' when they do not overlap with less, else 'unresolved' (also always at one seed each)."""
+    if false_separation(len(a), len(b)) >= 1.0:
         return "unresolved"
     if max(a) < min(b):
-        return "better" if lower_is_better else "worse"
-    if min(a) > max(b):
-        return "worse" if lower_is_better else "better"
-    return "unresolved"
+        side = "better" if lower_is_better else "worse"
+    elif min(a) > max(b):
+        side = "worse" if lower_is_better else "better"
+    else:
+        return "unresolved"
+    enough = min(len(a), len(b)) >= MIN_SEEDS and false_separation(len(a), len(b)) <= MAX_FALSE_SEPARATION
+    return side if enough else f"suggestive {side}"
 
 
 def first_epoch_reaching(curve: list[dict], fid: float) -> float | None:
@@ -255,8 +273,8 @@ def verdict_pairs(
 
 
 def verdicts(pairs: list[tuple[str, str]], curves: dict[str, list[dict]]) -> list[dict]:
-    """Each pair judged on final FID and class accuracy by the range rule (`resolved`): 'better' / 'worse'
-    only when the seeds' min..max ranges do not overlap."""
+    """Each pair judged on final FID and class accuracy by the range rule (`resolved`), with the chance
+    that the rule separates two runs with no real difference (`false_separation`)."""
     out = []
     for run, against in pairs:
         for key in ("fid", "class_accuracy"):
@@ -272,6 +290,7 @@ def verdicts(pairs: list[tuple[str, str]], curves: dict[str, list[dict]]) -> lis
                     "run_range": [min(a), max(a)],
                     "against_range": [min(b), max(b)],
                     "n_seeds": len(a),
+                    "chance": false_separation(len(a), len(b)),  # of a separation with no real difference
                 }
             )
     return out
@@ -316,4 +335,7 @@ __all__ = [
     "values",
     "verdict_pairs",
     "verdicts",
+    "false_separation",
+    "MIN_SEEDS",
+    "MAX_FALSE_SEPARATION",
 ]

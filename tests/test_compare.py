@@ -11,6 +11,7 @@ from clusterar.compare import (
     aggregate,
     check_claim,
     converged,
+    false_separation,
     first_epoch_reaching,
     fmt_spread,
     reached_per_seed,
@@ -22,7 +23,7 @@ from clusterar.compare import (
 )
 from clusterar.errors import ClusterarError
 from clusterar.experiment import InvocationClock
-from clusterar.experiment.report import convergence_line
+from clusterar.experiment.report import convergence_line, verdict_text
 
 
 def curve(fids: list[float], epochs: list[float] | None = None, seed: int = 0, **extra) -> list[dict]:
@@ -64,15 +65,42 @@ def test_aggregate_refuses_misaligned_seeds():
 
 
 def test_range_rule():
-    # disjoint ranges: resolved, in the metric's direction
+    # disjoint ranges with three seeds each (chance of a false separation 10%): resolved, in the metric's direction
     assert resolved([30.0, 31.0, 32.0], [33.0, 35.0, 34.0], lower_is_better=True) == "better"
     assert resolved([30.0, 31.0, 32.0], [33.0, 35.0, 34.0], lower_is_better=False) == "worse"
-    assert resolved([0.9, 0.8], [0.5, 0.6], lower_is_better=False) == "better"
+    # two seeds each separate by chance 1 time in 3: suggestive only
+    assert resolved([0.9, 0.8], [0.5, 0.6], lower_is_better=False) == "suggestive better"
+    assert resolved([0.5, 0.6], [0.9, 0.8], lower_is_better=False) == "suggestive worse"
     # touching or overlapping ranges: unresolved, whatever the means say
     assert resolved([30.0, 31.0, 40.0], [33.0, 35.0, 34.0], lower_is_better=True) == "unresolved"
     assert resolved([30.0, 33.0], [33.0, 35.0], lower_is_better=True) == "unresolved"
     # one seed resolves nothing
     assert resolved([1.0], [100.0], lower_is_better=True) == "unresolved"
+    # the chance itself: 2 / C(n_a + n_b, n_a)
+    assert [false_separation(n, n) for n in (1, 2, 3, 4)] == pytest.approx([1.0, 1 / 3, 0.1, 2 / 70])
+    assert false_separation(1, 5) == pytest.approx(1 / 3)
+    # five seeds against one: chance 1/3, suggestive however far apart
+    assert resolved([1.0, 1.1, 1.2, 1.3, 1.4], [9.0], lower_is_better=True) == "suggestive better"
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_verdict_wording_follows_the_evidence(n):
+    """The same clear gap in FID (20 against 30) reads 'unresolved' at one seed, 'suggestive' with its 1 in 3
+    chance at two, and 'beats' with its 10% chance at three; never 'beats' below three seeds."""
+    curves = {
+        name: aggregate([curve([f + s], seed=s) for s in range(n)], name)
+        for name, f in (("base", 30.0), ("iar", 20.0))
+    }
+    (v,) = verdicts([("iar", "base")], curves)
+    text = verdict_text(v)
+    assert v["chance"] == pytest.approx(false_separation(n, n))
+    if n == 1:
+        assert v["verdict"] == "unresolved" and "**unresolved**" in text
+    elif n == 2:
+        assert v["verdict"] == "suggestive better" and "beats" not in text
+        assert "iar ahead of base" in text and "*suggestive*" in text and "33%" in text
+    else:
+        assert v["verdict"] == "better" and "**iar beats base**" in text and "10%" in text
 
 
 def test_speedup_to_the_converged_level_and_claims_per_seed():
@@ -109,7 +137,10 @@ def test_verdicts_judge_every_run_against_the_reference_and_the_contrasts():
         for name, pts in {"base": [(30.0, 0.5), (31.0, 0.6)], "iar": [(20.0, 0.55), (21.0, 0.58)]}.items()
     }
     v = verdicts([("iar", "base")], curves)
-    assert [(x["metric"], x["verdict"]) for x in v] == [("fid", "better"), ("class_accuracy", "unresolved")]
+    assert [(x["metric"], x["verdict"]) for x in v] == [
+        ("fid", "suggestive better"),
+        ("class_accuracy", "unresolved"),
+    ]
     assert (
         v[0]["run_range"] == [20.0, 21.0] and v[0]["against_range"] == [30.0, 31.0] and v[0]["n_seeds"] == 2
     )

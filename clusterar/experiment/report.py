@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..compare import fmt_spread, values
+from ..compare import MAX_FALSE_SEPARATION, MIN_SEEDS, false_separation, fmt_spread, values
 from ..viz import image_grid, plot_image_panels, plot_series
 
 
@@ -164,8 +164,8 @@ def _setup(data: dict) -> list[str]:
     if len(seeds) > 1:
         lines.append(
             "- **Spread**: every figure is the mean over seeds ± the sample standard deviation (min..max). "
-            "A difference counts as resolved only when the min..max ranges do not overlap (two runs that "
-            f"do not differ separate this way by chance with probability {_chance(len(seeds))})."
+            "A difference counts only when the min..max ranges do not overlap (two runs that do not differ "
+            f"separate this way by chance with probability {_chance(len(seeds))}; see Verdicts)."
         )
     return lines
 
@@ -382,8 +382,8 @@ def _ep(e: float) -> str:
 
 
 def _chance(n_seeds: int) -> str:
-    """P(two exchangeable runs of n seeds each have disjoint ranges) = 2 / C(2n, n)."""
-    return f"{2 / math.comb(2 * n_seeds, n_seeds):.0%}"
+    """P(two exchangeable runs of n seeds each have disjoint ranges), in words."""
+    return f"{false_separation(n_seeds, n_seeds):.0%}"
 
 
 def _reach(row: dict, points: str) -> str:
@@ -403,33 +403,47 @@ def _reach(row: dict, points: str) -> str:
 _WORDS = {"fid": ("FID", "lower"), "class_accuracy": ("class accuracy", "higher")}
 
 
+def verdict_text(v: dict) -> str:
+    """One verdict in words: who is ahead, how strongly the rule says so, and its false-separation chance."""
+    metric, better = _WORDS[v["metric"]]
+    nd, scale = (2, 1) if v["metric"] == "fid" else (1, 100)
+    ra = "..".join(f"{scale * x:.{nd}f}" for x in v["run_range"])
+    rb = "..".join(f"{scale * x:.{nd}f}" for x in v["against_range"])
+    kind = v["verdict"]
+    if kind == "unresolved":
+        return f"{v['run']} against {v['against']}, final {metric}: **unresolved** ({ra} against {rb})"
+    ahead, behind, r_ahead, r_behind = (
+        (v["run"], v["against"], ra, rb) if kind.endswith("better") else (v["against"], v["run"], rb, ra)
+    )
+    chance = f"chance of a false separation {v['chance']:.0%}"
+    if kind.startswith("suggestive"):
+        return (
+            f"{ahead} ahead of {behind} on final {metric}: *suggestive* only ({better} is better; {r_ahead} "
+            f"against {r_behind}; {chance}: more seeds would resolve it)"
+        )
+    return f"**{ahead} beats {behind}** on final {metric} ({better} is better; {r_ahead} against {r_behind}; {chance})"
+
+
 def _verdict_lines(data: dict) -> list[str]:
     """The plain-words answers: differences by the range rule, the claims, the baseline's convergence."""
     lines = ["", "### Verdicts", ""]
     n = len(data.get("seeds", [0]))
     if n < 2:
         lines.append(
-            "One seed: no spread is measured, so no difference below counts as resolved; repeat the runs "
-            "with `seeds = [0, 1, 2]` in the spec to resolve them."
+            "One seed: no spread is measured, and any two different numbers separate, so no difference below "
+            "counts; repeat the runs with `seeds = [0, 1, 2]` in the spec to judge them."
         )
     else:
         lines.append(
-            f"Rule: with {n} seeds per run, a difference is resolved when the two runs' min..max ranges do not "
-            "overlap; otherwise it is unresolved, whatever the means say."
+            f"Rule: with {n} seeds per run, a difference counts when the two runs' min..max ranges do not "
+            f"overlap; two runs with no real difference separate so by chance {_chance(n)} of the time. It is "
+            f"called resolved only with at least {MIN_SEEDS} seeds per run and a chance of at most "
+            f"{MAX_FALSE_SEPARATION:.0%}, *suggestive* below that; overlapping ranges are unresolved, whatever "
+            "the means say."
         )
     lines.append("")
     for v in data.get("verdicts", []):
-        metric, better = _WORDS[v["metric"]]
-        nd, scale = (2, 1) if v["metric"] == "fid" else (1, 100)
-        ra = "..".join(f"{scale * x:.{nd}f}" for x in v["run_range"])
-        rb = "..".join(f"{scale * x:.{nd}f}" for x in v["against_range"])
-        if v["verdict"] == "better":
-            text = f"**{v['run']} beats {v['against']}** on final {metric} ({better} is better; {ra} against {rb})"
-        elif v["verdict"] == "worse":
-            text = f"**{v['against']} beats {v['run']}** on final {metric} ({rb} against {ra})"
-        else:
-            text = f"{v['run']} against {v['against']}, final {metric}: **unresolved** ({ra} against {rb})"
-        lines.append(f"- {text}.")
+        lines.append(f"- {verdict_text(v)}.")
     for c in data.get("claims", []):
         ups = ", ".join(f"{r['speedup']:.2g}x" if r["speedup"] else "not reached" for r in c["per_seed"])
         targets = ", ".join(
