@@ -17,15 +17,36 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    from ..experiment import load_spec, run_experiment
+    from ..errors import ClusterarError
+    from ..experiment import load_spec, plan_experiment, run_experiment
 
-    spec = load_spec(args.spec)
+    if (args.spec is None) == (args.data is None):
+        raise ClusterarError(
+            "give a SPEC (a spec file or shipped name) or --data folder:PATH (an experiment sized for your "
+            "folder), one of the two"
+        )
+    if args.data is not None:
+        source = plan_experiment(args.data, args.minutes, args.out, args.device, args.inception)
+    elif args.minutes is not None or args.inception is not None:
+        raise ClusterarError("--minutes and --inception go with --data; a spec file sets its own budget")
+    else:
+        source = args.spec
+    spec = load_spec(source)
     if args.device is not None:
         spec.device = args.device
+    if args.epochs is not None:
+        if spec.train.get("steps"):
+            raise ClusterarError(
+                f"--epochs: {source} budgets its runs in steps; change its [train] steps instead"
+            )
+        spec.train["epochs"] = args.epochs  # a constant-schedule run trains on from its checkpoint
     if args.check:
-        print(f"{args.spec}: valid ({len(spec.runs)} runs, {len(spec.sweeps)} sweeps)")
+        print(f"{source}: valid ({len(spec.runs)} runs, {len(spec.sweeps)} sweeps)")
         return
-    run_experiment(spec, args.out, progress=not args.no_progress)
+    out = args.out or f"runs/{spec.name}"
+    run_experiment(
+        spec, out, progress=not args.no_progress, command=f"clusterar experiment {source} --out {out}"
+    )
 
 
 def shipped_specs() -> list[str]:
@@ -57,6 +78,15 @@ def add_parsers(sub: argparse._SubParsersAction, full: Callable[[str], bool]) ->
     exp.set_defaults(func=cmd_experiment)
     if full("experiment"):
         add_compute_flags(exp, device=None)
-        add_input(exp, "spec", help="spec file (TOML) or shipped spec name")
+        add_input(exp, "spec", help="spec file (TOML) or shipped spec name", nargs="?")
+        add_flag(
+            exp,
+            "data",
+            help="folder:PATH (train/ and val/ of class folders) instead of a SPEC: baseline, IAR and CTF on "
+            "the demo's footing, sized to --minutes by timing this device; the plan goes to OUT/spec.toml",
+        )
+        add_flag(exp, "minutes", None, said="30, with --data")
+        add_flag(exp, "inception", help="with --data: Inception-v3 FID weights for the metrics")
+        add_flag(exp, "epochs", help="train every run to this many epochs (constant schedule: trains on)")
         add_flag(exp, "out", help="experiment folder", said="runs/NAME")
         add_flag(exp, "check")

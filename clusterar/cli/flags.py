@@ -241,6 +241,7 @@ FLAGS: dict[str, Flag] = {
     "schedule": Flag(choices=_schedules),
     "steps": Flag(STEPS),
     "epochs": Flag(EPOCHS),
+    "minutes": Flag(positive_float, "the time the experiment may take on this device"),
     "grad_accum": Flag(positive_int),
     "log_every": Flag(positive_int),
     "ckpt_every": Flag(positive_int),

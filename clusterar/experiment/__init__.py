@@ -9,12 +9,14 @@ speed-up claims checked per seed, and whether the baseline has converged.
 
 - `spec.py`    the spec file: schema, parsing, one check per table (`check_spec`), and the configs it implies
 - `runner.py`  running it: each stage once, cached and resumable (`run_experiment`)
+- `plan.py`    an experiment sized for a user's image folder and a time budget (`plan_experiment`)
 - `report.py`  report.md and its pictures, rendered from report.json (`render_report`); the numbers in it
                (comparison table, verdicts, claims, convergence) are clusterar.compare's
 
 See `clusterar/specs/*.toml` for complete examples.
 """
 
+from .plan import plan_experiment
 from .report import render_report
 from .runner import InvocationClock, run_experiment
 from .spec import SPECS_DIR, ExperimentSpec, check_spec, load_spec, parse_spec, tomllib
@@ -26,6 +28,7 @@ __all__ = [
     "check_spec",
     "load_spec",
     "parse_spec",
+    "plan_experiment",
     "render_report",
     "run_experiment",
     "tomllib",

@@ -106,7 +106,9 @@ def pct(x: float | None) -> str:
 
 def render_report(data: dict, out: Path) -> str:
     """report.md from report.json's dict; `out` is the experiment's folder (where the pictures are)."""
-    lines = _header(data) + _setup(data) + _runs(data) + _comparison(data) + _verdict_lines(data)
+    lines = (
+        _header(data) + _trust(data) + _setup(data) + _runs(data) + _comparison(data) + _verdict_lines(data)
+    )
     lines += _fid_against_epochs(data) + _sweeps(data, out) + _samples(data) + _files()
     return "\n".join(lines)
 
@@ -135,6 +137,141 @@ def _header(data: dict) -> list[str]:
         "invocations on this folder (finished stages are reused; seconds per stage in `timings.jsonl`). The "
         "spec as run is in `spec.json`.",
         "",
+    ]
+
+
+# Held-out accuracy of the feature classifier from which its features tell the classes apart well enough
+# for FID and class accuracy to be read (below LOW_ACCURACY the metrics also warn).
+GOOD_EXTRACTOR = 0.9
+
+
+def extractor_accuracy(data: dict) -> float | None:
+    """The feature classifier's held-out accuracy, as the evaluations recorded it (None: Inception)."""
+    points = (c for cs in data["curves"].values() for c in cs)
+    return next((c["extractor_val_accuracy"] for c in points if c.get("extractor_val_accuracy")), None)
+
+
+def _trust(data: dict) -> list[str]:
+    """The first screen: can this comparison be trusted, in plain words, and what to run next."""
+    doubts, lines = [], []
+    for text, doubt in (_seeds_said(data), _extractor_said(data), _convergence_said(data)):
+        lines.append(f"- {text}")
+        if doubt:
+            doubts.append(doubt)
+    lines += _ceiling_said(data) + _expected_said(data)
+    head = (
+        f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
+        if doubts
+        else "**Yes, within the spread it states**: enough seeds, a feature extractor that tells the classes "
+        "apart, and a baseline that has converged."
+    )
+    return ["## Can this comparison be trusted?", "", head, "", *lines, ""]
+
+
+def _seeds_said(data: dict) -> tuple[str, str | None]:
+    n = len(_seeds(data))
+    if n == 1:
+        return (
+            "**Seeds**: one per run. One run of each method is one draw: no difference below counts as "
+            "resolved, however large (set `seeds = [0, 1, 2]` in the spec to judge them).",
+            "one seed per run",
+        )
+    chance = f"{false_separation(n, n):.0%}"
+    if n < MIN_SEEDS:
+        return (
+            f"**Seeds**: {n} per run. A separation of two runs is at most *suggestive*: runs that do not "
+            f"differ separate by chance {chance} of the time ({MIN_SEEDS} seeds bring it to "
+            f"{false_separation(MIN_SEEDS, MIN_SEEDS):.0%}).",
+            f"{n} seeds per run",
+        )
+    return f"**Seeds**: {n} per run; every verdict states its chance of a false separation ({chance}).", None
+
+
+def _extractor_said(data: dict) -> tuple[str, str | None]:
+    spec = data["spec"]
+    acc = extractor_accuracy(data)
+    if acc is None:
+        return f"**Feature extractor**: {_extractor_name(spec)}.", None
+    sizes = data.get("data_sizes", {})
+    per_class = f"about {sizes['train'] // max(1, sizes['classes'])}" if sizes else "its"
+    if acc >= GOOD_EXTRACTOR:
+        return (
+            f"**Feature extractor**: the classifier behind FID and class accuracy reads {pct(acc)} of held-out "
+            "val images: its features tell the classes apart.",
+            None,
+        )
+    return (
+        f"**Feature extractor**: the classifier behind FID and class accuracy reads only {pct(acc)} of held-out "
+        f"val images (it learned from {per_class} images per class), so FID and class accuracy say "
+        f"little about the samples. Give it more images per class (the demo's MNIST classifier, trained on 450 per class, reads "
+        "98.8%), or use Inception features (`inception = PATH` in [eval]; `--inception PATH` with `--data`).",
+        f"the feature classifier reads only {pct(acc)} of held-out images",
+    )
+
+
+def _convergence_said(data: dict) -> tuple[str, str | None]:
+    conv = data.get("convergence")
+    if not conv:
+        return "**Convergence**: no baseline run to judge it by.", None
+    if conv["converged"]:
+        return f"**Convergence**: the baseline `{conv['run']}` has converged (see Verdicts).", None
+    epochs = max((cs[-1]["epoch"] for cs in data["curves"].values()), default=0)
+    train = data["spec"]["train"]
+    if data.get("command") and train.get("schedule") == "constant":
+        more = f"`{data['command']} --epochs {_ep(2 * epochs)}`"
+        todo = (
+            f"train the same runs on to {_ep(2 * epochs)} epochs with {more} (on the constant schedule the "
+            "longer runs equal runs trained that long from the start; finished evaluations are kept)"
+        )
+    else:
+        todo = (
+            f"its {train.get('schedule', 'cosine')} schedule ended at epoch {_ep(epochs)} and cannot be extended "
+            'exactly: run the spec with more `epochs` (or `schedule = "constant"`) into a new folder'
+        )
+    return (
+        f"**Convergence**: the baseline `{conv['run']}` **has not converged**: these are models still learning, "
+        f"and the ranking may change. To go on, {todo}.",
+        "the models have not converged",
+    )
+
+
+def _ceiling_said(data: dict) -> list[str]:
+    tok = data.get("ceiling", {}).get("tokenizer")
+    if not tok:
+        return []
+    return [
+        f"- **Tokenizer ceiling**: the tokenizer's own reconstructions of val images score FID {tok['fid']:.2f}"
+        + (
+            f" and class accuracy {pct(tok['class_accuracy'])}"
+            if tok.get("class_accuracy") is not None
+            else ""
+        )
+        + ": no model that draws its tokens can do better; a model near it is limited by the tokenizer."
+    ]
+
+
+def _expected_said(data: dict) -> list[str]:
+    """Where a single run of this spec lands (the spec's [expected], measured), and this run against it."""
+    expected = data["spec"].get("expected") or {}
+    ranges = {run: r for run, r in expected.items() if isinstance(r, dict) and run in data["curves"]}
+    if not ranges:
+        return []
+    parts = []
+    for run, r in ranges.items():
+        final = data["curves"][run][-1]
+        for key, scale, unit, nd in (("class_accuracy", 100, "%", 1), ("fid", 1, "", 2)):
+            if key in r and final.get(key) is not None:
+                lo, hi = r[key]
+                v = final[key]
+                where = "inside" if lo <= v <= hi else "**outside**"
+                parts.append(
+                    f"{run} {_WORDS[key][0]} {scale * lo:.{nd}f}-{scale * hi:.{nd}f}{unit} "
+                    f"(this run: {scale * v:.{nd}f}{unit}, {where})"
+                )
+    source = f" (measured: {expected['measured']})" if expected.get("measured") else ""
+    return [
+        f"- **Expected range**: a single run of this spec lands in{source}: " + "; ".join(parts) + ". A run "
+        "outside it on several numbers points to a broken install or a changed setting, not an unlucky seed."
     ]
 
 
@@ -284,15 +421,7 @@ def _ceiling_rows(data: dict) -> list[str]:
         f"{fmt(m['precision'], 3)} | {fmt(m['recall'], 3)} | {pct(m.get('class_accuracy'))} | - | - | - |"
         for key, m in data.get("ceiling", {}).items()
     ]
-    ceiling = next(
-        (
-            c["extractor_val_accuracy"]
-            for cs in data["curves"].values()
-            for c in cs
-            if c.get("extractor_val_accuracy")
-        ),
-        None,
-    )
+    ceiling = extractor_accuracy(data)
     if ceiling is not None:
         lines += [
             "",

@@ -568,9 +568,13 @@ def stage_speed(
 
 
 def run_experiment(
-    spec: ExperimentSpec | str | Path, out: str | Path | None = None, progress: bool = True
+    spec: ExperimentSpec | str | Path,
+    out: str | Path | None = None,
+    progress: bool = True,
+    command: str | None = None,
 ) -> Path:
     """Run (or continue) every stage of a spec into `out` (default runs/NAME); return report.md's path.
+    `command`: the command line that runs it again (the report builds its continue command from it).
 
     The plan (the spec and its folder), then the stages in order, each timed by the clock: the shared
     inputs (1-3), training (4), evaluation (5), speed and sweeps (6), the tokenizer's ceiling (7); then
@@ -579,10 +583,10 @@ def run_experiment(
         spec = load_spec(spec)
     out = Path(out) if out is not None else Path("runs") / spec.name
     with folder_lock(out):  # one writer per experiment folder; its stages lock their own subfolders
-        return _run_stages(spec, out, progress)
+        return _run_stages(spec, out, progress, command)
 
 
-def _run_stages(spec: ExperimentSpec, out: Path, progress: bool) -> Path:
+def _run_stages(spec: ExperimentSpec, out: Path, progress: bool, command: str | None) -> Path:
     """`run_experiment`'s stages, in its locked folder."""
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "spec.json", asdict(spec))
@@ -613,6 +617,7 @@ def _run_stages(spec: ExperimentSpec, out: Path, progress: bool) -> Path:
     results = dict(
         training=trained, curves=curves, curves_per_seed=per_seed, ceiling=ceiling, speed=speed, sweeps=sweeps
     )
+    results["command"] = command
     return _write_report(spec, inputs, out, clock, results)
 
 
@@ -739,6 +744,7 @@ def _write_report(
         "tokenizer": tokenizer_summary(inputs.tokenizer),
         "tokens": {k: str(v.relative_to(out)) for k, v in inputs.tokens.items()},
         "train_views": _token_views(inputs.tokens["train"]),
+        "data_sizes": _data_sizes(inputs.tokens),
         "sampling": {
             r.name: asdict(SampleSettings.for_method(r.method, **sample_settings(spec, r))) for r in spec.runs
         },
@@ -790,3 +796,9 @@ def tokenizer_summary(path: Path) -> dict:
 
 def _token_views(path: Path) -> list[str]:
     return list(TokenFile.open(path).meta["views"])
+
+
+def _data_sizes(tokens: dict[str, Path]) -> dict[str, int]:
+    """Images per split and the number of classes (the report's 'images per class')."""
+    files = {split: TokenFile.open(path) for split, path in tokens.items()}
+    return {split: len(f) for split, f in files.items()} | {"classes": files["train"].num_classes}

@@ -9,6 +9,7 @@ naming the table and key, before any work starts.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import sys
 import typing
@@ -128,6 +129,9 @@ class ExperimentSpec:
     claims: list[ClaimSpec] = field(default_factory=list)
     # [run, against] pairs judged (final FID, class accuracy) beside every run against the baseline
     contrasts: list[list[str]] = field(default_factory=list)
+    # [expected]: where a single run lands, measured (RUN = {class_accuracy = [lo, hi], fid = [lo, hi]},
+    # measured = "the command, date, seeds"); the report says whether this run is inside it
+    expected: dict[str, Any] = field(default_factory=dict)
 
 
 def spec_seeds(spec: ExperimentSpec) -> list[int]:
@@ -288,6 +292,7 @@ def check_spec(spec: ExperimentSpec, source: str) -> None:
     _check_seeds(spec, source)
     _check_contrasts(spec, source)
     _check_claims(spec, source)
+    _check_expected(spec, source)
 
 
 def _check_data(spec: ExperimentSpec, source: str) -> None:
@@ -486,6 +491,31 @@ def _check_sweeps(spec: ExperimentSpec, source: str) -> None:
             raise ClusterarError(
                 f"{source} sweep {s.param!r}: a CTF stage-2 setting, but {not_ctf} are not CTF"
             )
+
+
+def _check_expected(spec: ExperimentSpec, source: str) -> None:
+    """[expected]: `measured` (text) and, per run, [lo, hi] ranges of class_accuracy and fid."""
+    runs = {r.name for r in spec.runs}
+    for key, value in spec.expected.items():
+        where = f"{source} [expected] {key}"
+        if key == "measured":
+            if not isinstance(value, str):
+                raise ClusterarError(f"{where} must be text (the command, date and seeds), got {value!r}")
+            continue
+        if key not in runs:
+            raise ClusterarError(f"{where}: no run is named {key!r}; runs: {', '.join(sorted(runs))}")
+        if not isinstance(value, dict) or not value or set(value) - {"class_accuracy", "fid"}:
+            raise ClusterarError(
+                f"{where} must be {{class_accuracy = [lo, hi], fid = [lo, hi]}}, got {value!r}"
+            )
+        for metric, r in value.items():
+            ok = isinstance(r, list) and len(r) == 2 and all(_is_number(x) for x in r) and r[0] <= r[1]
+            if not ok:
+                raise ClusterarError(f"{where}.{metric} must be [lo, hi] with lo <= hi, got {r!r}")
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_seeds(spec: ExperimentSpec, source: str) -> None:
