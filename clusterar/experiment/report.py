@@ -268,10 +268,19 @@ def _expected_said(data: dict) -> list[str]:
                     f"{run} {_WORDS[key][0]} {scale * lo:.{nd}f}-{scale * hi:.{nd}f}{unit} "
                     f"(this run: {scale * v:.{nd}f}{unit}, {where})"
                 )
-    source = f" (measured: {expected['measured']})" if expected.get("measured") else ""
+    n = expected.get("runs")
+    source = f"{n} runs" if n else "runs"
+    source += f", measured by `{expected['measured']}`" if expected.get("measured") else ""
+    doubt = (
+        f"A further run falls outside the min..max of {n} with chance {2 / (n + 1):.0%} on each number, so "
+        "only"
+        if n
+        else "Only"
+    )
     return [
-        f"- **Expected range**: a single run of this spec lands in{source}: " + "; ".join(parts) + ". A run "
-        "outside it on several numbers points to a broken install or a changed setting, not an unlucky seed."
+        f"- **Expected range**: single runs of this spec landed in ({source}): " + "; ".join(parts) + f". "
+        f"{doubt} a run far outside on several numbers points to a broken install or a changed setting "
+        "rather than an unlucky seed."
     ]
 
 

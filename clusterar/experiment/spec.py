@@ -129,8 +129,8 @@ class ExperimentSpec:
     claims: list[ClaimSpec] = field(default_factory=list)
     # [run, against] pairs judged (final FID, class accuracy) beside every run against the baseline
     contrasts: list[list[str]] = field(default_factory=list)
-    # [expected]: where a single run lands, measured (RUN = {class_accuracy = [lo, hi], fid = [lo, hi]},
-    # measured = "the command, date, seeds"); the report says whether this run is inside it
+    # [expected]: where single runs landed, measured (RUN = {class_accuracy = [lo, hi], fid = [lo, hi]},
+    # runs = N, measured = "the command, date, seeds"); the report says whether this run is inside
     expected: dict[str, Any] = field(default_factory=dict)
 
 
@@ -494,13 +494,20 @@ def _check_sweeps(spec: ExperimentSpec, source: str) -> None:
 
 
 def _check_expected(spec: ExperimentSpec, source: str) -> None:
-    """[expected]: `measured` (text) and, per run, [lo, hi] ranges of class_accuracy and fid."""
+    """[expected]: `measured` (text), `runs` (how many runs the ranges span) and, per run, [lo, hi] ranges
+    of class_accuracy and fid."""
     runs = {r.name for r in spec.runs}
     for key, value in spec.expected.items():
         where = f"{source} [expected] {key}"
         if key == "measured":
             if not isinstance(value, str):
                 raise ClusterarError(f"{where} must be text (the command, date and seeds), got {value!r}")
+            continue
+        if key == "runs":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ClusterarError(
+                    f"{where} must be the number of runs the ranges span (>= 2), got {value!r}"
+                )
             continue
         if key not in runs:
             raise ClusterarError(f"{where}: no run is named {key!r}; runs: {', '.join(sorted(runs))}")
