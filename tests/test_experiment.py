@@ -15,7 +15,7 @@ import torch
 
 from clusterar.cli import main
 from clusterar.errors import ClusterarError
-from clusterar.experiment import check_spec, load_spec, parse_spec, run_experiment
+from clusterar.experiment import check_spec, load_spec, parse_spec, render_report, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,24 @@ def test_rerun_reuses_every_stage_and_refuses_changed_training(quick, capsys, mo
         run_experiment(spec, quick, progress=False)
 
 
+def test_the_report_puts_a_run_against_the_expected_range(quick):
+    """A spec's [expected] ranges (where single runs landed) come first in the report, this run's numbers
+    marked inside or outside, with the chance that a further run falls outside the range of N."""
+    data = json.loads((quick / "report.json").read_text())
+    final = data["curves"]["baseline"][-1]
+    acc, fid = final["class_accuracy"], final["fid"]
+    data["spec"]["expected"] = {
+        "runs": 5,
+        "measured": "a bench",
+        "baseline": {"class_accuracy": [acc - 0.01, acc + 0.01], "fid": [fid + 1.0, fid + 2.0]},
+    }
+    first = render_report(data, quick).split("## Setup")[0]
+    line = next(x for x in first.splitlines() if x.startswith("- **Expected range**"))
+    assert f"baseline class accuracy {100 * (acc - 0.01):.1f}-{100 * (acc + 0.01):.1f}%" in line
+    assert f"(this run: {100 * acc:.1f}%, inside)" in line and f"(this run: {fid:.2f}, **outside**)" in line
+    assert "5 runs, measured by `a bench`" in line and "chance 33%" in line
+
+
 def test_a_copied_experiment_folder_reuses_all_its_work(quick, tmp_path, capsys, monkeypatch):
     """Records keep the paths inside the experiment folder relative to it: a copy elsewhere (another disk,
     a colleague's machine) reruns without training or evaluating anything again, and is not refused."""
@@ -191,6 +209,10 @@ def _with(**changes):
         ),
         ({"runs__0__start_head": "lsq"}, "start_head applies to a run with `start`"),
         ({"runs__1__start_head": "median"}, "start_head must be one of mean, lsq"),
+        ({"expected": {"nope": {"fid": [1.0, 2.0]}}}, "no run is named 'nope'"),
+        ({"expected": {"base": {"fid": [2.0, 1.0]}}}, "must be \\[lo, hi\\] with lo <= hi"),
+        ({"expected": {"base": {"is": [1.0, 2.0]}}}, "must be \\{class_accuracy"),
+        ({"expected": {"runs": 1}}, "number of runs the ranges span"),
     ],
 )
 def test_bad_specs_are_refused_before_any_work(changes, message):
