@@ -2,6 +2,11 @@
 
     python benchmarks/bench_demo.py [--variants NAME,NAME...] [--out runs/bench-demo] [--no-write]
     python benchmarks/bench_demo.py --seeds 1,2,3,4     # the spread of single demo runs
+    python benchmarks/bench_demo.py --plan              # the folder planner's prediction against the demo
+
+With `--plan`, the probes of `clusterar experiment --data` (clusterar/experiment/plan.py) are timed on the
+demo's MNIST digits and their prediction for the demo's spec is set stage by stage beside the wall time of
+the shipped demo's run in OUT/demo (run it first), in the section "plan" of RESULTS.md.
 
 With `--seeds`, the shipped demo is run once more per listed seed, each from an empty folder of its own
 (`OUT/seed-S`: its tokenizer, clusters and models all drawn with that seed), beside the seed-0 run in
@@ -182,11 +187,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names; demo always runs")
     p.add_argument("--seeds", help="comma-separated seeds: run the shipped demo once per seed (and seed 0)")
+    p.add_argument(
+        "--plan", action="store_true", help="the folder planner's prediction against the demo's run"
+    )
     p.add_argument("--out", default="runs/bench-demo")
     p.add_argument("--no-write", action="store_true", help="print, do not write RESULTS.md")
     args = p.parse_args()
     if args.seeds:
         return main_seeds(args)
+    if args.plan:
+        return main_plan(args)
     names = ["demo"] + [n for n in args.variants.split(",") if n and n != "demo"]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
@@ -233,6 +243,71 @@ def main_seeds(args: argparse.Namespace) -> None:
             "demo-spread",
             "The demo's spread: one run per seed",
             f"python benchmarks/bench_demo.py --seeds {args.seeds}",
+            body,
+        )
+
+
+def main_plan(args: argparse.Namespace) -> None:
+    """`--plan`: the planner's stage-by-stage prediction for the demo beside the demo's measured stages."""
+    from clusterar.experiment.plan import MARGIN, Folder, measure, stages
+
+    base = tomllib.loads((SPECS_DIR / "demo.toml").read_text())
+    demo = Path(args.out) / "demo"
+    if not (demo / "timings.jsonl").exists():
+        sys.exit(f"{demo} holds no demo run: run `python benchmarks/bench_demo.py --variants demo` first")
+    actual = json.loads((demo / "timings.jsonl").read_text().splitlines()[0])
+    mnist = Folder("mnist", 4500, 500, 10)
+    evals = round(base["train"]["epochs"] / base["eval"]["every_epochs"])
+    sweep = sum(len(s["values"]) for s in base.get("sweeps", [])) * base["eval"]["samples"]
+    rows = [  # three probes in a row: their spread is the machine's noise
+        stages(
+            mnist,
+            measure(mnist, base["device"], base),
+            base,
+            base["train"]["epochs"],
+            1,
+            base["eval"]["samples"],
+            evals,
+            sweep,
+        )
+        for _ in range(3)
+    ]
+    measured = {
+        "tokenizer": actual["tokenizer"],
+        "training": actual["training"],
+        "sampling": actual["evaluation"] + actual["speed_and_sweeps"],
+        "rest": actual["tokens"] + actual["clusters"] + actual["ceiling"],
+    }
+    lines = [
+        "| stage | predicted (3 probes), s | demo's run, s | predicted / measured |",
+        "|---|---:|---:|---:|",
+    ]
+    for stage, seconds in measured.items():
+        got = [r[stage] for r in rows]
+        lines.append(
+            f"| {stage} | {min(got):.0f}-{max(got):.0f} | {seconds:.0f} | "
+            f"{min(got) / seconds:.2f}-{max(got) / seconds:.2f}x |"
+        )
+    totals = [MARGIN * sum(r.values()) for r in rows]
+    lines.append(
+        f"| **total, with the margin {MARGIN}** | {min(totals):.0f}-{max(totals):.0f} | "
+        f"{actual['total_this_invocation']:.0f} | {min(totals) / actual['total_this_invocation']:.2f}-"
+        f"{max(totals) / actual['total_this_invocation']:.2f}x |"
+    )
+    body = (
+        "What `clusterar experiment --data folder:PATH` predicts for a plan, checked on the one run whose stages "
+        "are known: the probes (a tokenizer step on the data, a transformer step, a sampled image; "
+        "clusterar/experiment/plan.py) timed three times on the demo's MNIST digits, their prediction for the "
+        f"demo's spec beside the stages of the shipped demo's run in `{demo}` (timings.jsonl, its first "
+        "invocation). The probes and the run were not measured at the same moment: read the ratios with the "
+        "machine's noise in mind.\n\n" + "\n".join(lines)
+    )
+    print(body)
+    if not args.no_write:
+        write_section(
+            "plan",
+            "Planning a folder experiment: predicted against measured",
+            "python benchmarks/bench_demo.py --plan",
             body,
         )
 
