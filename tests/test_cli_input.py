@@ -89,6 +89,8 @@ BAD_NUMBERS = [
     (["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--lr", "nan"], "--lr"),
     (["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--threads", "0"], "--threads"),
     (["sample", "run", "--out", "o", "--seed", "-1"], "--seed"),
+    (["experiment", "--data", "folder:d", "--minutes", "0"], "--minutes"),
+    (["experiment", "demo", "--epochs", "0"], "--epochs"),
     # a float field without a check of its own: NaN or inf is named as itself, not blamed on --lr later
     (
         ["train", "--tokens", "t", "--tokenizer", "t", "--steps", "4", "--cluster-weight", "nan"],

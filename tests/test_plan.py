@@ -113,3 +113,23 @@ def test_folder_experiment_says_whether_to_trust_it_and_its_continue_command_wor
     assert main(["experiment", "--data", f"folder:{data}", "--out", str(out), "--check"]) == 0
     assert "plan: reusing" in capsys.readouterr().out
     assert (out / "spec.toml").read_text() == spec_text
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["experiment"], "give a SPEC (a spec file or shipped name) or --data folder:PATH"),
+        (["experiment", "demo", "--data", "folder:x"], "one of the two"),
+        (["experiment", "demo", "--minutes", "5"], "--minutes and --inception go with --data"),
+        (["experiment", "--data", "folder:{flat}"], "no train/ and val/ split folders"),
+    ],
+)
+def test_experiment_refusals_are_one_line(tmp_path, capsys, argv, words):
+    for name in ("a", "b"):
+        (tmp_path / "flat" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "flat" / name / "x.png")
+    argv = [a.format(flat=tmp_path / "flat") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not (tmp_path / "runs").exists()
