@@ -8,6 +8,7 @@ spec `quick` (tiny models on the digits set) instead. See clusterar/specs/demo.t
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from .experiment import load_spec, run_experiment
@@ -19,5 +20,5 @@ def run_demo(
     spec = load_spec("quick" if quick else "demo")
     if device is not None:
         spec.device = device
-    command = "clusterar demo" + (" --quick" if quick else "") + f" --out {out}"
+    command = "clusterar demo" + (" --quick" if quick else "") + f" --out {shlex.quote(str(out))}"
     return run_experiment(spec, out, progress=progress, command=command)

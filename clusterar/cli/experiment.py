@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,9 +45,8 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         print(f"{source}: valid ({len(spec.runs)} runs, {len(spec.sweeps)} sweeps)")
         return
     out = args.out or f"runs/{spec.name}"
-    run_experiment(
-        spec, out, progress=not args.no_progress, command=f"clusterar experiment {source} --out {out}"
-    )
+    command = f"clusterar experiment {shlex.quote(str(source))} --out {shlex.quote(str(out))}"
+    run_experiment(spec, out, progress=not args.no_progress, command=command)
 
 
 def shipped_specs() -> list[str]:
