@@ -249,9 +249,9 @@ def main_seeds(args: argparse.Namespace) -> None:
 
 def main_plan(args: argparse.Namespace) -> None:
     """`--plan`: the planner's stage-by-stage prediction for the demo beside the demo's measured stages."""
-    from clusterar.experiment.plan import MARGIN, Folder, measure, stages
+    from clusterar.experiment.plan import MARGIN, Folder, base_spec, measure, stages
 
-    base = tomllib.loads((SPECS_DIR / "demo.toml").read_text())
+    base = base_spec()
     demo = Path(args.out) / "demo"
     if not (demo / "timings.jsonl").exists():
         sys.exit(f"{demo} holds no demo run: run `python benchmarks/bench_demo.py --variants demo` first")

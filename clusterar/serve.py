@@ -117,7 +117,8 @@ class SampleServer:
         pipe, n = self.models[r.model], r.n
         with self.lock:
             t0 = time.perf_counter()
-            tokens = pipe.sample_tokens([r.label] * n, r.seed, settings=r.settings)
+            # eager: each request runs on its own thread, and CUDA graphs would be recorded again per thread
+            tokens = pipe.sample_tokens([r.label] * n, r.seed, settings=r.settings, compile=False)
             images = pipe.decode(tokens.ids).numpy()
             seconds = time.perf_counter() - t0
         scale = max(1, 64 // pipe.image_size)

@@ -36,9 +36,13 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     if args.device is not None:
         spec.device = args.device
     if args.epochs is not None:
-        if spec.train.get("steps"):
+        own = [r.name for r in spec.runs for t in (r.train, r.refiner) if {"epochs", "steps"} & set(t)]
+        if spec.train.get("steps") or own:
+            where = (
+                f"runs {', '.join(sorted(set(own)))} set their own budget" if own else "it budgets in steps"
+            )
             raise ClusterarError(
-                f"--epochs: {source} budgets its runs in steps; change its [train] steps instead"
+                f"--epochs sets every run's epochs, but in {source} {where}; edit the spec instead"
             )
         spec.train["epochs"] = args.epochs  # a constant-schedule run trains on from its checkpoint
     if args.check:
@@ -46,6 +50,7 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         return
     out = args.out or f"runs/{spec.name}"
     command = f"clusterar experiment {shlex.quote(str(source))} --out {shlex.quote(str(out))}"
+    command += f" --device {args.device}" if args.device is not None else ""
     run_experiment(spec, out, progress=not args.no_progress, command=command)
 
 

@@ -202,9 +202,9 @@ def plan(folder: Folder, rates: Rates, minutes: float, base: dict) -> dict:
 
 
 def _name(data: str) -> str:
-    stem = "".join(
-        c if c.isalnum() or c in "._-" else "-" for c in Path(data[len("folder:") :]).resolve().name
-    )
+    """The experiment's name from the folder's: ASCII letters, digits, '.', '_' and '-' (a spec name)."""
+    name = Path(data[len("folder:") :]).resolve().name
+    stem = "".join(c if (c.isascii() and c.isalnum()) or c in "._-" else "-" for c in name)
     return f"folder-{stem or 'data'}"[:64]
 
 
@@ -234,10 +234,16 @@ def plan_experiment(
     """The spec file of a folder experiment: OUT/spec.toml as planned before (reused: the same runs), else
     a new plan for `minutes` (default 30) measured on `device`."""
     path = data[len("folder:") :] if data.startswith("folder:") else data
-    folder = read_folder(path)
+    folder = read_folder(str(Path(path).expanduser().resolve()))  # the plan works from any folder
     out_dir = Path(out) if out is not None else Path("runs") / _name(folder.data)
     spec_file = out_dir / PLAN_FILE
     if spec_file.exists():
+        planned = tomllib.loads(spec_file.read_text()).get("data")
+        if planned != folder.data:
+            raise ClusterarError(
+                f"{spec_file} plans an experiment on {planned}, not {folder.data}; choose another --out "
+                "(that folder is left as it is)"
+            )
         print(f"plan: reusing {spec_file} (delete it to plan again; `--epochs N` trains the runs on)")
         return spec_file
     base = base_spec()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..compare import MAX_FALSE_SEPARATION, MIN_SEEDS, false_separation, fmt_spread, values
+from ..train import TrainConfig
 from ..viz import image_grid, plot_image_panels, plot_series
 
 
@@ -140,6 +141,8 @@ def _header(data: dict) -> list[str]:
     ]
 
 
+DEFAULT_SCHEDULE = TrainConfig.schedule  # a spec's [train] without `schedule`
+
 # Held-out accuracy of the feature classifier from which its features tell the classes apart well enough
 # for FID and class accuracy to be read (below LOW_ACCURACY the metrics also warn).
 GOOD_EXTRACTOR = 0.9
@@ -162,8 +165,13 @@ def _trust(data: dict) -> list[str]:
     head = (
         f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
         if doubts
-        else "**Yes, within the spread it states**: enough seeds, a feature extractor that tells the classes "
-        "apart, and a baseline that has converged."
+        else "**Yes, within the spread it states**: enough seeds and a feature extractor that tells the classes "
+        "apart"
+        + (
+            ", and a baseline that has converged."
+            if data.get("convergence")
+            else " (no baseline run to judge convergence by)."
+        )
     )
     return ["## Can this comparison be trusted?", "", head, "", *lines, ""]
 
@@ -193,7 +201,7 @@ def _extractor_said(data: dict) -> tuple[str, str | None]:
     if acc is None:
         return f"**Feature extractor**: {_extractor_name(spec)}.", None
     sizes = data.get("data_sizes", {})
-    per_class = f"about {sizes['train'] // max(1, sizes['classes'])}" if sizes else "its"
+    per_class = f"about {sizes['train'] // max(1, sizes['classes'])}" if sizes else "its few"
     if acc >= GOOD_EXTRACTOR:
         return (
             f"**Feature extractor**: the classifier behind FID and class accuracy reads {pct(acc)} of held-out "
@@ -216,23 +224,34 @@ def _convergence_said(data: dict) -> tuple[str, str | None]:
         return "**Convergence**: no baseline run to judge it by.", None
     if conv["converged"]:
         return f"**Convergence**: the baseline `{conv['run']}` has converged (see Verdicts).", None
-    epochs = max((cs[-1]["epoch"] for cs in data["curves"].values()), default=0)
-    train = data["spec"]["train"]
-    if data.get("command") and train.get("schedule") == "constant":
-        more = f"`{data['command']} --epochs {_ep(2 * epochs)}`"
-        todo = (
-            f"train the same runs on to {_ep(2 * epochs)} epochs with {more} (on the constant schedule the "
-            "longer runs equal runs trained that long from the start; finished evaluations are kept)"
-        )
-    else:
-        todo = (
-            f"its {train.get('schedule', 'cosine')} schedule ended at epoch {_ep(epochs)} and cannot be extended "
-            'exactly: run the spec with more `epochs` (or `schedule = "constant"`) into a new folder'
-        )
     return (
         f"**Convergence**: the baseline `{conv['run']}` **has not converged**: these are models still learning, "
-        f"and the ranking may change. To go on, {todo}.",
+        f"and the ranking may change. To go on, {_train_on(data)}.",
         "the models have not converged",
+    )
+
+
+def _train_on(data: dict) -> str:
+    """How to train the runs further: the exact command where `clusterar experiment --epochs` does it (a
+    constant schedule budgeted in epochs), else what to change in the spec."""
+    train = data["spec"]["train"]
+    schedule = train.get("schedule", DEFAULT_SCHEDULE)
+    if schedule != "constant":
+        return (
+            f"note that its {schedule} schedule cannot be extended exactly: run the spec with more `epochs` (or "
+            '`schedule = "constant"`) into a new folder'
+        )
+    if "epochs" not in train:
+        return (
+            "raise `steps` in the spec's [train] and run it again: on the constant schedule the runs train on"
+        )
+    more = _ep(2 * train["epochs"])
+    command = data.get("command") or ""
+    if not command.startswith("clusterar experiment "):
+        return f"raise `epochs` in the spec's [train] (to {more}, say) and run it again: the runs train on"
+    return (
+        f"train the same runs on to {more} epochs with `{command} --epochs {more}` (on the constant schedule "
+        "the longer runs equal runs trained that long from the start; finished evaluations are kept)"
     )
 
 
@@ -261,13 +280,15 @@ def _expected_said(data: dict) -> list[str]:
     for run, r in ranges.items():
         final = data["curves"][run][-1]
         for key, scale, unit, nd in (("class_accuracy", 100, "%", 1), ("fid", 1, "", 2)):
-            if key in r and final.get(key) is not None:
+            got = values(final, key)  # one value per seed: each is a single run
+            if key in r and got is not None:
                 lo, hi = r[key]
-                v = final[key]
-                where = "inside" if lo <= v <= hi else "**outside**"
+                marks = [
+                    f"{scale * v:.{nd}f}{unit}, {'inside' if lo <= v <= hi else '**outside**'}" for v in got
+                ]
                 parts.append(
                     f"{run} {_WORDS[key][0]} {scale * lo:.{nd}f}-{scale * hi:.{nd}f}{unit} "
-                    f"(this run: {scale * v:.{nd}f}{unit}, {where})"
+                    f"(this run: {'; '.join(marks)})"
                 )
     n = expected.get("runs")
     source = f"{n} runs" if n else "runs"
@@ -558,7 +579,7 @@ def verdict_text(v: dict) -> str:
     if kind.startswith("suggestive"):
         return (
             f"{ahead} ahead of {behind} on final {metric}: *suggestive* only ({better} is better; {r_ahead} "
-            f"against {r_behind}; {chance}: more seeds would resolve it)"
+            f"against {r_behind}; {chance}: more seeds would tell)"
         )
     return f"**{ahead} beats {behind}** on final {metric} ({better} is better; {r_ahead} against {r_behind}; {chance})"
 

@@ -219,7 +219,11 @@ class BatchWriter:
         self.pending: list[Future] = []
 
     def submit(self, images: np.ndarray, lo: int, out: Path, part: Path) -> None:
+        """Queue a batch; with one batch already queued, wait for the older one first, so that at most one
+        batch waits (memory stays bounded when drawing outruns writing)."""
         self._raise_done()
+        while len(self.pending) > 1:
+            self.pending.pop(0).result()
         self.pending.append(self.pool.submit(self._write, images, lo, out, part))
 
     def _write(self, images: np.ndarray, lo: int, out: Path, part: Path) -> None:

@@ -193,7 +193,7 @@ def ensure_cache(model: GPT, batch: int, device: torch.device) -> None:
 
 
 @dataclass(frozen=True)
-class Draw:
+class PickSettings:
     """How a step turns its logits into a token: guidance, the draw order, temperature, top-k / top-p.
 
     Frozen and hashable: a compiled step is specialised on these numbers (a new value recompiles once)."""
@@ -206,7 +206,7 @@ class Draw:
 
 
 def pick(
-    logits: torch.Tensor, d: Draw, u: torch.Tensor, draw_order: torch.Tensor | None
+    logits: torch.Tensor, d: PickSettings, u: torch.Tensor, draw_order: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Last-position logits [R, V] -> (token ids [B], invalid flag, guided logits [B, V]), with no host sync.
 
@@ -223,7 +223,7 @@ def token_step(
     tok: torch.Tensor,
     input_pos: torch.Tensor,
     length: int | None,
-    d: Draw,
+    d: PickSettings,
     u: torch.Tensor,
     draw_order: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,7 +241,7 @@ def compiled(fn, model: GPT, compile: bool | str, graphs: bool = True):
     `fn` traces without graph breaks). False returns `fn` itself."""
     if not compile:
         return fn
-    key = (fn.__name__, "reduce-overhead" if compile is True and graphs else str(compile))
+    key = (fn, "reduce-overhead" if compile is True and graphs else str(compile))
     cache = model.__dict__.setdefault("_clusterar_compiled", {})
     if key not in cache:
         if compile is True:
@@ -296,7 +296,7 @@ def generate(
     device = labels.device
     b, n = labels.shape[0], c.seq_len
     batched = cfg_scale != 1.0 if null_batch is None else null_batch
-    d = Draw(cfg_scale, batched, temperature, top_k, top_p)
+    d = PickSettings(cfg_scale, batched, temperature, top_k, top_p)
     cond = torch.cat([labels, torch.full_like(labels, c.null_class)]) if batched else labels
     # every step's uniform numbers at once, in the order the steps use them: the same ids as drawing them
     # step by step from `generator` (on a CPU; on CUDA the generator's stream is laid out differently)
