@@ -113,6 +113,11 @@ def test_folder_experiment_says_whether_to_trust_it_and_its_continue_command_wor
     assert main(["experiment", "--data", f"folder:{data}", "--out", str(out), "--check"]) == 0
     assert "plan: reusing" in capsys.readouterr().out
     assert (out / "spec.toml").read_text() == spec_text
+    # ... and a plan for another folder is refused, the folder left as it is
+    other = colour_folder(tmp_path / "other", per_class=(3, 1))
+    assert main(["experiment", "--data", f"folder:{other}", "--out", str(out), "--check"]) == 2
+    assert "plans an experiment on folder:" in capsys.readouterr().err
+    assert (out / "spec.toml").read_text() == spec_text
 
 
 @pytest.mark.parametrize(
