@@ -79,6 +79,7 @@ def test_folder_experiment_says_whether_to_trust_it_and_its_continue_command_wor
         )
         == 0
     )
+    assert "can the comparison be trusted? Not yet: one seed per run" in capsys.readouterr().out
     spec_text = (out / "spec.toml").read_text()
     assert spec_text.startswith("# Planned by `clusterar experiment --data folder:")
     report = (out / "report.md").read_text()

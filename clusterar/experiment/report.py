@@ -156,24 +156,27 @@ def extractor_accuracy(data: dict) -> float | None:
 
 def _trust(data: dict) -> list[str]:
     """The first screen: can this comparison be trusted, in plain words, and what to run next."""
-    doubts, lines = [], []
-    for text, doubt in (_seeds_said(data), _extractor_said(data), _convergence_said(data)):
-        lines.append(f"- {text}")
-        if doubt:
-            doubts.append(doubt)
-    lines += _ceiling_said(data) + _expected_said(data)
-    head = (
-        f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
-        if doubts
-        else "**Yes, within the spread it states**: enough seeds and a feature extractor that tells the classes "
-        "apart"
-        + (
-            ", and a baseline that has converged."
-            if data.get("convergence")
-            else " (no baseline run to judge convergence by)."
-        )
+    said = [_seeds_said(data), _extractor_said(data), _convergence_said(data)]
+    lines = [f"- {text}" for text, _ in said] + _ceiling_said(data) + _expected_said(data)
+    return ["## Can this comparison be trusted?", "", trust_headline(data), "", *lines, ""]
+
+
+def trust_headline(data: dict) -> str:
+    """The answer in one line (also printed at the end of `clusterar experiment`)."""
+    doubts = [
+        doubt for _, doubt in (_seeds_said(data), _extractor_said(data), _convergence_said(data)) if doubt
+    ]
+    if doubts:
+        return f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
+    judged = (
+        ", and a baseline that has converged."
+        if data.get("convergence")
+        else " (no baseline run to judge convergence by)."
     )
-    return ["## Can this comparison be trusted?", "", head, "", *lines, ""]
+    return (
+        "**Yes, within the spread it states**: enough seeds and a feature extractor that tells the classes apart"
+        + judged
+    )
 
 
 def _seeds_said(data: dict) -> tuple[str, str | None]:

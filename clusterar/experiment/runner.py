@@ -41,7 +41,7 @@ from ..tokenizer import TOKENIZER_FILE, load_tokenizer, resolve_tokenizer_path, 
 from ..tokens import TokenFile
 from ..train import BUDGET_FIELDS, CHECKPOINT, SESSION_FIELDS, SNAPSHOT_DIR, train, validation_loss
 from ..train.tokenizer import train_tokenizer
-from .report import fmt, pct, plot_report, render_report
+from .report import fmt, pct, plot_report, render_report, trust_headline
 from .spec import (
     ExperimentSpec,
     RunSpec,
@@ -762,6 +762,8 @@ def _write_report(
     report = out / "report.md"
     write_text_atomic(report, render_report(data, out))
     print(f"report: {report}")
+    plain = trust_headline(data).replace("**", "").replace(" What each means, and what to run next:", "")
+    print(f"can the comparison be trusted? {plain} (what to run next: the report's first section)")
     return report
 
 
