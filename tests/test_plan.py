@@ -73,6 +73,8 @@ def test_folder_experiment_says_whether_to_trust_it_and_its_continue_command_wor
 ):
     monkeypatch.setattr(plan_module, "base_spec", quick_base)
     data, out = colour_folder(tmp_path / "colours"), tmp_path / "exp"
+    assert main(["experiment", "--data", f"folder:{data}", "--out", str(out), "--check"]) == 0
+    assert "not written (--check)" in capsys.readouterr().out and not out.exists()  # a check writes nothing
     assert (
         main(
             ["experiment", "--data", f"folder:{data}", "--minutes", "0.1", "--out", str(out), "--no-progress"]

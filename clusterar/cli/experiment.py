@@ -27,12 +27,12 @@ def cmd_experiment(args: argparse.Namespace) -> None:
             "folder), one of the two"
         )
     if args.data is not None:
-        source = plan_experiment(args.data, args.minutes, args.out, args.device, args.inception)
+        plan = (args.data, args.minutes, args.out, args.device, args.inception)
+        source, spec = plan_experiment(*plan, write=not args.check)
     elif args.minutes is not None or args.inception is not None:
         raise ClusterarError("--minutes and --inception go with --data; a spec file sets its own budget")
     else:
-        source = args.spec
-    spec = load_spec(source)
+        source, spec = args.spec, load_spec(args.spec)
     if args.device is not None:
         spec.device = args.device
     if args.epochs is not None:

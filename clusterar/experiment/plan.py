@@ -30,7 +30,7 @@ from ..runtime import autocast, pick_device
 from ..sample import generate
 from ..tokenizer import VQModel, vq_preset
 from ..train.tokenizer import TokenizerRun, TokenizerTrainConfig
-from .spec import SPECS_DIR, tomllib
+from .spec import SPECS_DIR, ExperimentSpec, load_spec, parse_spec, tomllib
 
 PLAN_FILE = "spec.toml"
 MIN_EPOCHS = 3  # three evaluations, the fewest the convergence test reads
@@ -229,10 +229,16 @@ def write_plan(d: dict, folder: Folder, rates: Rates, path: Path) -> None:
 
 
 def plan_experiment(
-    data: str, minutes: float | None, out: str | None, device: str | None, inception: str | None
-) -> Path:
-    """The spec file of a folder experiment: OUT/spec.toml as planned before (reused: the same runs), else
-    a new plan for `minutes` (default 30) measured on `device`."""
+    data: str,
+    minutes: float | None,
+    out: str | None,
+    device: str | None,
+    inception: str | None,
+    write: bool = True,
+) -> tuple[Path, ExperimentSpec]:
+    """A folder experiment's spec file and spec: OUT/spec.toml as planned before (reused: the same runs),
+    else a new plan for `minutes` (default 30) measured on `device`, checked, then written unless `write`
+    is False (`--check`)."""
     path = data[len("folder:") :] if data.startswith("folder:") else data
     folder = read_folder(str(Path(path).expanduser().resolve()))  # the plan works from any folder
     out_dir = Path(out) if out is not None else Path("runs") / _name(folder.data)
@@ -245,18 +251,21 @@ def plan_experiment(
                 "(that folder is left as it is)"
             )
         print(f"plan: reusing {spec_file} (delete it to plan again; `--epochs N` trains the runs on)")
-        return spec_file
+        return spec_file, load_spec(spec_file)
     base = base_spec()
     rates = measure(folder, device or base["device"], base)
     d = plan(folder, rates, 30.0 if minutes is None else minutes, base)
     if inception is not None:
         d["eval"] |= {"inception": inception, "extractor": "inception"}
     p = d["plan"]
+    spec = parse_spec({k: v for k, v in d.items() if k != "plan"}, str(spec_file))  # refused before written
     print(
         f"plan: {folder.train} train / {folder.val} val images, {folder.classes} classes; "
         f"{d['train']['epochs']} epochs x {len(d['seeds'])} seed(s), about {p['predicted_minutes']:g} minutes "
         f"(measured here: a tokenizer step {rates.tokenizer_step:.2f} s, a transformer step "
-        f"{rates.train_step * 1e3:.0f} ms, {rates.sample * 1e3:.0f} ms per image) -> {spec_file}"
+        f"{rates.train_step * 1e3:.0f} ms, {rates.sample * 1e3:.0f} ms per image) -> "
+        + (str(spec_file) if write else "not written (--check)")
     )
-    write_plan(d, folder, rates, spec_file)
-    return spec_file
+    if write:
+        write_plan(d, folder, rates, spec_file)
+    return spec_file, spec
