@@ -249,6 +249,7 @@ def main_seeds(args: argparse.Namespace) -> None:
 
 def main_plan(args: argparse.Namespace) -> None:
     """`--plan`: the planner's stage-by-stage prediction for the demo beside the demo's measured stages."""
+    from clusterar.data import load_dataset
     from clusterar.experiment.plan import MARGIN, Folder, base_spec, measure, stages
 
     base = base_spec()
@@ -256,7 +257,8 @@ def main_plan(args: argparse.Namespace) -> None:
     if not (demo / "timings.jsonl").exists():
         sys.exit(f"{demo} holds no demo run: run `python benchmarks/bench_demo.py --variants demo` first")
     actual = json.loads((demo / "timings.jsonl").read_text().splitlines()[0])
-    mnist = Folder("mnist", 4500, 500, 10)
+    train, val = (load_dataset("mnist", split) for split in ("train", "val"))
+    mnist = Folder("mnist", len(train), len(val), len(train.class_names))
     evals = round(base["train"]["epochs"] / base["eval"]["every_epochs"])
     sweep = sum(len(s["values"]) for s in base.get("sweeps", [])) * base["eval"]["samples"]
     rows = [  # three probes in a row: their spread is the machine's noise

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks._results import write_section  # noqa: E402
 from benchmarks.bench_sample import build, stage1, stage2, timed  # noqa: E402
-from benchmarks.bench_train import make_data, measure, shape_of  # noqa: E402
+from benchmarks.bench_train import data_for, measure, shape_of  # noqa: E402
 from clusterar.gpt import param_breakdown  # noqa: E402
 from clusterar.methods import TRAIN_METHODS  # noqa: E402
 from clusterar.runtime import cast_weights, pick_device, sampling_dtype  # noqa: E402
@@ -79,10 +79,8 @@ def training(args: argparse.Namespace, chip: dict, budget: Budget) -> list[str]:
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.train_models:
-            k, grid, classes = shape_of(model)
-            d = Path(tmp) / model
-            d.mkdir()
-            files = make_data(d, k, grid, classes, images=max(4 * args.batch, 256))
+            grid = shape_of(model)[1]
+            files = data_for(Path(tmp), model, args.batch)
             for method in TRAIN_METHODS:
                 if not budget.allows(f"training {model} {method}"):
                     continue

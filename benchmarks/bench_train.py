@@ -70,6 +70,14 @@ def make_data(d: Path, k: int, grid: int, classes: int, images: int, seed: int =
     return {"tokens": str(d / "train.safetensors"), "tokenizer": str(d / "tok.safetensors"), "d": str(d)}
 
 
+def data_for(tmp: Path, model: str, batch: int) -> dict[str, str]:
+    """Random token data shaped for `model` in tmp/MODEL, enough for a few epochs at `batch`."""
+    k, grid, classes = shape_of(model)
+    d = tmp / model
+    d.mkdir()
+    return make_data(d, k, grid, classes, images=max(4 * batch, 256))
+
+
 def measure(files: dict, model: str, method: str, args: argparse.Namespace) -> dict:
     clusters = {"iar": "iar", "ctf-coarse": "ctf", "ctf-refiner": "ctf"}.get(method)
     cfg = TrainConfig(
@@ -139,10 +147,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
-            k, grid, classes = shape_of(model)
-            d = Path(tmp) / model
-            d.mkdir()
-            files = make_data(d, k, grid, classes, images=max(4 * args.batch, 256))
+            files = data_for(Path(tmp), model, args.batch)
             rows += [measure(files, model, method, args) for method in args.methods]
     lines = [
         "| model | method | params | tokens/s | vs baseline | s/step | loss after |"

@@ -193,11 +193,8 @@ def plan(folder: Folder, rates: Rates, minutes: float, base: dict) -> dict:
     d["train"].pop("min_lr", None)
     d["eval"] = base["eval"] | {"every_epochs": epochs // 3, "samples": samples}
     d["sweeps"] = []
-    d["plan"] = {
-        "minutes": minutes,
-        "predicted_minutes": round(predict(folder, rates, base, epochs, len(seeds), samples) / 60, 1),
-        "fits": predict(folder, rates, base, epochs, len(seeds), samples) <= budget,
-    }
+    seconds = predict(folder, rates, base, epochs, len(seeds), samples)
+    d["plan"] = {"minutes": minutes, "predicted_minutes": round(seconds / 60, 1), "fits": seconds <= budget}
     return d
 
 

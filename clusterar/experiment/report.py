@@ -156,16 +156,19 @@ def extractor_accuracy(data: dict) -> float | None:
 
 def _trust(data: dict) -> list[str]:
     """The first screen: can this comparison be trusted, in plain words, and what to run next."""
-    said = [_seeds_said(data), _extractor_said(data), _convergence_said(data)]
+    said = _doubts(data)
     lines = [f"- {text}" for text, _ in said] + _ceiling_said(data) + _expected_said(data)
-    return ["## Can this comparison be trusted?", "", trust_headline(data), "", *lines, ""]
+    return ["## Can this comparison be trusted?", "", trust_headline(data, said), "", *lines, ""]
 
 
-def trust_headline(data: dict) -> str:
+def _doubts(data: dict) -> list[tuple[str, str | None]]:
+    """(what the report says, the doubt it raises or None) for the seeds, the extractor and convergence."""
+    return [_seeds_said(data), _extractor_said(data), _convergence_said(data)]
+
+
+def trust_headline(data: dict, said: list[tuple[str, str | None]] | None = None) -> str:
     """The answer in one line (also printed at the end of `clusterar experiment`)."""
-    doubts = [
-        doubt for _, doubt in (_seeds_said(data), _extractor_said(data), _convergence_said(data)) if doubt
-    ]
+    doubts = [doubt for _, doubt in (said or _doubts(data)) if doubt]
     if doubts:
         return f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
     judged = (
