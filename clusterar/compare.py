@@ -273,26 +273,41 @@ def verdict_pairs(
 
 
 def verdicts(pairs: list[tuple[str, str]], curves: dict[str, list[dict]]) -> list[dict]:
-    """Each pair judged on final FID and class accuracy by the range rule (`resolved`), with the chance
-    that the rule separates two runs with no real difference (`false_separation`)."""
+    """Each pair's final models judged on FID and class accuracy (`judge`)."""
+    return [v for run, against in pairs for v in judge(curves[run][-1], curves[against][-1], run, against)]
+
+
+def sweep_verdicts(param: str, per_run: dict[str, list[dict]]) -> list[dict]:
+    """A sampling sweep judged within each run: every swept value against the sweep's first value, on the
+    same final models (`judge`; the names say the values, e.g. 'ctf at stage2=uniform')."""
     out = []
-    for run, against in pairs:
-        for key in ("fid", "class_accuracy"):
-            a, b = values(curves[run][-1], key), values(curves[against][-1], key)
-            if a is None or b is None:
-                continue
-            out.append(
-                {
-                    "run": run,
-                    "against": against,
-                    "metric": key,
-                    "verdict": resolved(a, b, METRICS[key]),
-                    "run_range": [min(a), max(a)],
-                    "against_range": [min(b), max(b)],
-                    "n_seeds": len(a),
-                    "chance": false_separation(len(a), len(b)),  # of a separation with no real difference
-                }
-            )
+    for run, points in per_run.items():
+        first = points[0]
+        for p in points[1:]:
+            out += judge(p, first, f"{run} at {param}={p['value']}", f"{run} at {param}={first['value']}")
+    return out
+
+
+def judge(point: dict, against_point: dict, run: str, against: str) -> list[dict]:
+    """Two aggregated points judged on FID and class accuracy by the range rule (`resolved`), with the
+    chance that the rule separates two runs with no real difference (`false_separation`)."""
+    out = []
+    for key in ("fid", "class_accuracy"):
+        a, b = values(point, key), values(against_point, key)
+        if a is None or b is None:
+            continue
+        out.append(
+            {
+                "run": run,
+                "against": against,
+                "metric": key,
+                "verdict": resolved(a, b, METRICS[key]),
+                "run_range": [min(a), max(a)],
+                "against_range": [min(b), max(b)],
+                "n_seeds": len(a),
+                "chance": false_separation(len(a), len(b)),  # of a separation with no real difference
+            }
+        )
     return out
 
 
@@ -328,10 +343,12 @@ __all__ = [
     "converged",
     "first_epoch_reaching",
     "fmt_spread",
+    "judge",
     "reached_per_seed",
     "resolved",
     "speedup_to_level",
     "spread",
+    "sweep_verdicts",
     "values",
     "verdict_pairs",
     "verdicts",

@@ -17,6 +17,7 @@ from clusterar.compare import (
     reached_per_seed,
     resolved,
     speedup_to_level,
+    sweep_verdicts,
     values,
     verdict_pairs,
     verdicts,
@@ -144,6 +145,21 @@ def test_verdicts_judge_every_run_against_the_reference_and_the_contrasts():
     assert (
         v[0]["run_range"] == [20.0, 21.0] and v[0]["against_range"] == [30.0, 31.0] and v[0]["n_seeds"] == 2
     )
+
+
+def test_sweep_verdicts_judge_each_value_against_the_first_within_a_run():
+    """stage2 = refiner, uniform, frequency on one run: uniform's FID range lies wholly above the refiner's
+    (worse, 3 seeds: resolved), frequency's overlaps it; class accuracy is missing and not judged."""
+    fids = {"refiner": [5.0, 6.0, 7.0], "uniform": [8.0, 9.0, 10.0], "frequency": [6.5, 7.5, 8.5]}
+    points = [
+        aggregate([curve([f], seed=s) for s, f in enumerate(v)], k)[0] | {"value": k} for k, v in fids.items()
+    ]
+    v = sweep_verdicts("stage2", {"ctf": points})
+    assert [(x["run"], x["against"], x["metric"], x["verdict"]) for x in v] == [
+        ("ctf at stage2=uniform", "ctf at stage2=refiner", "fid", "worse"),
+        ("ctf at stage2=frequency", "ctf at stage2=refiner", "fid", "unresolved"),
+    ]
+    assert "**ctf at stage2=refiner beats ctf at stage2=uniform**" in verdict_text(v[0])
 
 
 def test_reached_per_seed_against_the_same_seeds_reference():

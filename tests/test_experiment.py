@@ -16,6 +16,7 @@ import torch
 from clusterar.cli import main
 from clusterar.errors import ClusterarError
 from clusterar.experiment import check_spec, load_spec, parse_spec, render_report, run_experiment
+from clusterar.experiment.report import verdict_text
 
 
 @pytest.fixture(scope="module")
@@ -327,6 +328,7 @@ def test_two_seeds_on_a_labelled_colour_folder(tmp_path, monkeypatch, shapes):
         "eval": {"every_steps": 2, "samples": 12, "batch_size": 12},
         "runs": [{"name": "base", "method": "baseline"}, {"name": "iar", "method": "iar", "clusters": "b"}],
         "claims": [{"run": "iar", "speedup": 2.0, "text": "IAR needs half the epochs"}],
+        "sweeps": [{"param": "temperature", "values": [1.0, 0.5], "runs": ["base"]}],
     }
     spec = parse_spec(d, "two-seeds.toml")
     report = run_experiment(spec, tmp_path / "exp", progress=False).read_text()
@@ -362,6 +364,13 @@ def test_two_seeds_on_a_labelled_colour_folder(tmp_path, monkeypatch, shapes):
     assert set(data["ceiling"]) == {"tokenizer", "real"} and "*tokenizer (val reconstructions)*" in report
     assert data["convergence"]["run"] == "base"
     assert (tmp_path / "exp" / "curves.png").is_file()
+    # the sweep's second value judged against its first on the same final models, in the report
+    judged = data["sweep_verdicts"]["temperature"]
+    assert [(v["run"], v["against"], v["metric"]) for v in judged] == [
+        ("base at temperature=0.5", "base at temperature=1.0", m) for m in ("fid", "class_accuracy")
+    ]
+    assert "Each value against the sweep's first (1.0)" in report
+    assert all(verdict_text(v) in report for v in judged)
 
 
 def test_constant_schedule_runs_extend_and_equal_a_straight_run(quick, tmp_path, monkeypatch, capsys):

@@ -501,6 +501,14 @@ def _sweeps(data: dict, out: Path) -> list[str]:
                 for c in cs
             ]
             lines.append(f"| {run} | " + " | ".join(cells) + " |")
+        judged = data.get("sweep_verdicts", {}).get(param, [])
+        if judged and len(_seeds(data)) > 1:
+            lines += [
+                "",
+                f"Each value against the sweep's first ({swept[0]}), by the rule of the Verdicts above:",
+                "",
+            ]
+            lines += [f"- {verdict_text(v)}." for v in judged]
         if (out / f"sweep-{param}.png").exists():
             lines += ["", f"![sweep of {param}](sweep-{param}.png)"]
     return lines

@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..compare import aggregate, check_claim, comparison_table, convergence, verdict_pairs, verdicts
+from ..compare import (
+    aggregate,
+    check_claim,
+    comparison_table,
+    convergence,
+    sweep_verdicts,
+    verdict_pairs,
+    verdicts,
+)
 from ..convert import convert
 from ..data import load_dataset, to_uint8
 from ..errors import ClusterarError
@@ -756,7 +764,7 @@ def _write_report(
         **results,
         "timings": timings,
     }
-    data |= _comparison(spec, data["curves"], data["curves_per_seed"], data["speed"])
+    data |= _comparison(spec, data["curves"], data["curves_per_seed"], data["speed"], data["sweeps"])
     write_json(out / "report.json", data)
     plot_report(data, out)
     report = out / "report.md"
@@ -772,14 +780,17 @@ def _comparison(
     curves: dict[str, list[dict]],
     per_seed: dict[str, dict[str, list[dict]]],
     speed: dict,
+    sweeps: dict[str, dict[str, list[dict]]],
 ) -> dict[str, Any]:
     """The report's numbers, made by clusterar.compare against the spec's reference run: the comparison
-    table, the verdicts (every run against the reference, and the contrasts), the claims and convergence."""
+    table, the verdicts (every run against the reference, and the contrasts; each sweep's values against
+    its first), the claims and convergence."""
     base = reference_run(spec)
     pairs = verdict_pairs([r.name for r in spec.runs], base, spec.contrasts)
     return {
         "table": comparison_table(spec.runs, base, curves, per_seed, speed),
         "verdicts": verdicts(pairs, curves),
+        "sweep_verdicts": {param: sweep_verdicts(param, per_run) for param, per_run in sweeps.items()},
         "claims": [
             check_claim(per_seed, c.run, claim_against(spec, c), c.speedup) | {"text": c.text}
             for c in spec.claims
