@@ -206,14 +206,13 @@ def reached_per_seed(
     per_seed: dict[str, dict[str, list[dict]]], run: str, reference: str
 ) -> tuple[list[float | None], list[float | None]]:
     """Per seed, the first evaluated epoch at which `run` reached the same seed's final FID of `reference`
-    (None: never; the reference itself reaches it at its final epoch), and the reference's epochs divided
-    by it (the speed-up; None where not reached)."""
+    (None: never), and the epoch at which the reference itself first got there divided by it (the
+    speed-up; None where not reached): `speedup_to_level` with the final point as the level."""
     reached, ups = [], []
     for seed, curve in per_seed[run].items():
-        target = per_seed[reference][seed][-1]
-        e = target["epoch"] if run == reference else first_epoch_reaching(curve, target["fid"])
-        reached.append(e)
-        ups.append(target["epoch"] / e if e else None)
+        r = speedup_to_level(per_seed[reference][seed], curve, tail=1)
+        reached.append(r["epoch"])
+        ups.append(r["speedup"])
     return reached, ups
 
 
@@ -231,7 +230,7 @@ def comparison_table(
 ) -> list[dict]:
     """One row per run: parameters, images/s, final metrics (mean and spread over seeds), and per seed the
     epoch at which the run first reached the same seed's `reference` final FID with the speed-up over the
-    reference's epochs (reached_per_seed), their medians when every seed reached it."""
+    epoch the reference first got there (reached_per_seed), their medians when every seed reached it."""
     rows = []
     for run in runs:
         final = curves[run.name][-1]

@@ -169,6 +169,10 @@ def test_reached_per_seed_against_the_same_seeds_reference():
     }
     assert reached_per_seed(per_seed, "m", "base") == ([1.0, None], [2.0, None])
     assert reached_per_seed(per_seed, "base", "base") == ([2.0, 2.0], [1.0, 1.0])
+    # a reference that got to its final FID before its final epoch counts from there, not from the end
+    per_seed = {"base": {"0": curve([30.0, 20.0, 24.0, 20.0])}, "m": {"0": curve([19.0, 18.0, 17.0, 17.0])}}
+    assert reached_per_seed(per_seed, "m", "base") == ([1.0], [2.0])
+    assert reached_per_seed(per_seed, "base", "base") == ([2.0], [1.0])
 
 
 def test_converged_by_flat_fid_or_rising_loss():

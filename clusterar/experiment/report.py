@@ -419,7 +419,7 @@ def _comparison(data: dict) -> list[str]:
         "embedding and output head), stage 2 CTF's refiner. *Epochs to baseline FID*: the first evaluated "
         "epoch at which the run's FID is at or below the baseline's final FID"
         + (" (each seed against the same seed's baseline)" if len(_seeds(data)) > 1 else "")
-        + ", and the baseline's epochs divided by it "
+        + ", and the epoch at which the baseline itself first got there divided by it "
         + (
             f"(resolution: evaluations {points})."
             if points != "of the final models"
@@ -565,7 +565,7 @@ def _reach(row: dict, points: str) -> str:
     if per is None:
         return "-"
     if row["reference"]:
-        return f"{_ep(row['epochs'])} (reference)"
+        return ", ".join(_ep(e) for e in per) + " (reference)"
     if points == "of the final models":  # only final models evaluated: no finer answer
         return ", ".join(f"by {_ep(e)}" if e is not None else "not reached" for e in per)
     return ", ".join(
