@@ -157,8 +157,12 @@ def extractor_accuracy(data: dict) -> float | None:
 def _trust(data: dict) -> list[str]:
     """The first screen: can this comparison be trusted, in plain words, and what to run next."""
     said = _doubts(data)
+    answer, why = trust_headline(data, said)
+    headline = f"**{answer}**: {why}" + (
+        " What each means, and what to run next:" if any(doubt for _, doubt in said) else ""
+    )
     lines = [f"- {text}" for text, _ in said] + _ceiling_said(data) + _expected_said(data)
-    return ["## Can this comparison be trusted?", "", trust_headline(data, said), "", *lines, ""]
+    return ["## Can this comparison be trusted?", "", headline, "", *lines, ""]
 
 
 def _doubts(data: dict) -> list[tuple[str, str | None]]:
@@ -166,19 +170,19 @@ def _doubts(data: dict) -> list[tuple[str, str | None]]:
     return [_seeds_said(data), _extractor_said(data), _convergence_said(data)]
 
 
-def trust_headline(data: dict, said: list[tuple[str, str | None]] | None = None) -> str:
-    """The answer in one line (also printed at the end of `clusterar experiment`)."""
+def trust_headline(data: dict, said: list[tuple[str, str | None]] | None = None) -> tuple[str, str]:
+    """The answer and its reason in plain text (the report's first line, also printed at the end of
+    `clusterar experiment`)."""
     doubts = [doubt for _, doubt in (said or _doubts(data)) if doubt]
     if doubts:
-        return f"**Not yet**: {'; '.join(doubts)}. What each means, and what to run next:"
+        return "Not yet", f"{'; '.join(doubts)}."
     judged = (
         ", and a baseline that has converged."
         if data.get("convergence")
         else " (no baseline run to judge convergence by)."
     )
-    return (
-        "**Yes, within the spread it states**: enough seeds and a feature extractor that tells the classes apart"
-        + judged
+    return "Yes, within the spread it states", (
+        "enough seeds and a feature extractor that tells the classes apart" + judged
     )
 
 

@@ -770,8 +770,8 @@ def _write_report(
     report = out / "report.md"
     write_text_atomic(report, render_report(data, out))
     print(f"report: {report}")
-    plain = trust_headline(data).replace("**", "").replace(" What each means, and what to run next:", "")
-    print(f"can the comparison be trusted? {plain} (what to run next: the report's first section)")
+    answer, why = trust_headline(data)
+    print(f"can the comparison be trusted? {answer}: {why} (what to run next: the report's first section)")
     return report
 
 
